@@ -1,0 +1,117 @@
+"""One settings object for the whole service, read from the environment.
+
+With nothing set, vidsim runs embedded: SQLite and a filesystem Celery broker under
+``VIDSIM_DATA_DIR``. With ``DATABASE_URL`` / ``REDIS_URL`` it runs on Postgres and Redis.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A well-formed development secret (Standard Webhooks: "whsec_" + base64 of 24-64 bytes).
+# It is public, so it is refused outside development.
+DEV_WEBHOOK_SECRET = "whsec_dmlkc2ltLWRldmVsb3BtZW50LW9ubHktc2VjcmV0IQ=="
+
+# Standard Webhooks' retry schedule, in seconds after the previous attempt.
+STANDARD_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VIDSIM_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".vidsim")
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "VIDSIM_DATABASE_URL")
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "VIDSIM_REDIS_URL")
+    )
+
+    # Webhooks. Several secrets may be given comma-separated while rotating: every
+    # delivery is signed with each, so receivers holding either one accept it.
+    webhook_secret: str = DEV_WEBHOOK_SECRET
+    callback_allow_private: bool = False
+    callback_timeout_s: float = 15.0
+    callback_max_attempts: int = 10
+    callback_retry_schedule: Annotated[tuple[float, ...], NoDecode] = STANDARD_RETRY_SCHEDULE
+    outbox_sweep_interval_s: float = 5.0
+
+    # Retrieval.
+    default_k: int = 5
+    max_k: int = 100
+
+    # Decoding limits (applied in a throwaway child process).
+    frame_fps: float = 1.0
+    max_frames: int = 64
+    decode_timeout_s: float = 120.0
+    decode_memory_mb: int = 4096
+    max_video_seconds: float = 4 * 3600
+    max_video_pixels: int = 4096 * 2160
+    max_video_streams: int = 16
+    max_download_bytes: int = 2 * 1024**3
+    # Where file:// or plain-path videos may be read from (empty: anywhere).
+    media_roots: Annotated[tuple[Path, ...], NoDecode] = ()
+
+    # Celery.
+    visibility_timeout_s: int = 3600
+    task_max_attempts: int = 3
+    torch_threads: int = 0  # 0: let torch decide
+
+    @field_validator("callback_retry_schedule", "media_roots", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret_in_production(self) -> Settings:
+        if self.env == "production" and DEV_WEBHOOK_SECRET in self.webhook_secrets:
+            raise ValueError(
+                "VIDSIM_WEBHOOK_SECRET is the public development secret; "
+                "set a real one (whsec_ + base64 of 24-64 random bytes) in production"
+            )
+        return self
+
+    @property
+    def webhook_secrets(self) -> list[str]:
+        return [s.strip() for s in self.webhook_secret.split(",") if s.strip()]
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            # Accept the common postgres:// spellings and use psycopg 3.
+            url = self.database_url
+            for prefix in ("postgres://", "postgresql://"):
+                if url.startswith(prefix):
+                    return "postgresql+psycopg://" + url[len(prefix) :]
+            return url
+        return f"sqlite:///{(self.data_dir / 'vidsim.db').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker server is configured (filesystem broker)."""
+        return not self.redis_url
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def media_dir(self) -> Path:
+        return self.data_dir / "media"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,189 @@
+"""The video encoder: a per-frame torchvision backbone, temporal aggregation, and a
+Barlow Twins projector. This module knows nothing of training, serving, Celery or the
+database: it is an ``nn.Module``, its config, and checkpoint load/save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    backbone: str = "resnet18"  # any torchvision classification model with an .fc head
+    frame_size: int = 224  # frames are square, frame_size x frame_size
+    embed_dim: int = 4096  # projector output (the specification's video embedding)
+    projector_hidden: int = 4096
+    # Which vector serves retrieval: the backbone representation after temporal pooling,
+    # or the projector output. Decided by the retrieval benchmark (see README).
+    serve: Literal["representation", "projection"] = "representation"
+
+    @property
+    def representation_dim(self) -> int:
+        return _backbone_dim(self.backbone)
+
+    @property
+    def output_dim(self) -> int:
+        return self.representation_dim if self.serve == "representation" else self.embed_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _backbone_dim(name: str) -> int:
+    return {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}.get(name) or (
+        _build_backbone(name)[1]
+    )
+
+
+def _build_backbone(name: str) -> tuple[nn.Module, int]:
+    net = torchvision.models.get_model(name, weights=None)
+    if not hasattr(net, "fc"):
+        raise ValueError(f"backbone {name!r} has no .fc head; use a ResNet-style model")
+    dim = int(net.fc.in_features)
+    net.fc = nn.Identity()
+    return net, dim
+
+
+class TemporalPool(nn.Module):
+    """Mixes neighbouring frames with a residual temporal convolution, then pools the
+    valid frames (mean and max, projected back to the frame dimension)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mix = nn.Conv1d(dim, dim, kernel_size=3, padding=1, groups=8, bias=False)
+        self.norm = nn.LayerNorm(dim)
+        self.merge = nn.Linear(2 * dim, dim)
+        nn.init.zeros_(self.mix.weight)  # starts as identity: pooling of frame features
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D) frame features, mask: (B, T) True for real frames
+        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
+        x = self.norm(x)
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        mean = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        peak = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+        return self.merge(torch.cat([mean, peak], dim=-1))  # (B, D)
+
+
+class VideoEncoder(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone, dim = _build_backbone(config.backbone)
+        self.temporal = TemporalPool(dim)
+        h, e = config.projector_hidden, config.embed_dim
+        self.projector = nn.Sequential(
+            nn.Linear(dim, h, bias=False),
+            nn.BatchNorm1d(h),
+            nn.ReLU(inplace=True),
+            nn.Linear(h, h, bias=False),
+            nn.BatchNorm1d(h),
+            nn.ReLU(inplace=True),
+            nn.Linear(h, e, bias=False),
+        )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1))
+
+    def represent(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """frames: (B, T, 3, H, W) floats in [0, 1]; mask: (B, T) bool. Returns (B, D)."""
+        b, t = frames.shape[:2]
+        if mask is None:
+            mask = torch.ones(b, t, dtype=torch.bool, device=frames.device)
+        x = (frames - self.mean) / self.std
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # (B*T, 3, H, W)
+        feats = self.backbone(x).view(b, t, -1).float()  # (B, T, D)
+        return self.temporal(feats, mask)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The training output: projector embedding, (B, embed_dim)."""
+        return self.projector(self.represent(frames, mask))
+
+    @torch.inference_mode()
+    def embed(self, clips: list[np.ndarray], *, bf16: bool = False) -> np.ndarray:
+        """Serving: L2-normalised vectors for clips of uint8 frames, each (T, H, W, 3).
+
+        Clips of different lengths share one forward pass, padded and masked.
+        Returns float32 (len(clips), output_dim).
+        """
+        if not clips:
+            return np.zeros((0, self.config.output_dim), dtype=np.float32)
+        self.eval()
+        device = self.mean.device
+        t_max = max(len(c) for c in clips)
+        size = self.config.frame_size
+        frames = torch.zeros(len(clips), t_max, 3, size, size, device=device)
+        mask = torch.zeros(len(clips), t_max, dtype=torch.bool, device=device)
+        for i, clip in enumerate(clips):
+            x = torch.from_numpy(np.ascontiguousarray(clip)).to(device)  # (T, H, W, 3) uint8
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+            frames[i, : len(clip)] = x
+            mask[i, : len(clip)] = True
+        use_bf16 = bf16 and device.type == "cpu"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 or device.type == "cuda"):
+            rep = self.represent(frames, mask)
+            out = rep if self.config.serve == "representation" else self.projector(rep)
+        return F.normalize(out.float(), dim=-1).cpu().numpy()
+
+
+def initial_encoder(config: EncoderConfig, seed: int = 0) -> VideoEncoder:
+    """A deterministic, untrained encoder: the same weights on every machine."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = VideoEncoder(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return _for_inference(model)
+
+
+def _for_inference(model: VideoEncoder) -> VideoEncoder:
+    model.backbone.to(memory_format=torch.channels_last)  # faster convolutions on CPU
+    return model.eval()
+
+
+def save_checkpoint(
+    path: Path, model: VideoEncoder, *, extra: dict[str, Any] | None = None
+) -> Path:
+    """Writes {config, state_dict, extra} to a temporary name, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": model.config.to_dict(), "state_dict": model.state_dict(), **(extra or {})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str = "cpu") -> tuple[VideoEncoder, dict[str, Any]]:
+    """Loads a checkpoint written by :func:`save_checkpoint`; returns (model, payload)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model = VideoEncoder(EncoderConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return _for_inference(model), payload

@@ -1,0 +1,66 @@
+"""The Celery application: JSON messages over Redis (or a filesystem broker when
+embedded), late acknowledgement, one message prefetched at a time, and a hard time limit
+under the broker's visibility timeout on every task."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from app.config import get_settings
+
+QUEUES = ("events", "embed", "callbacks", "maintenance", "train")
+
+# Hard limits (seconds) per queue; all must stay below the visibility timeout, or a
+# long task would be redelivered and run twice in parallel (celery#5935).
+TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 1800, "train": 3000}
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("vidsim", include=["workers.tasks"])
+    transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.embedded:
+        folder = (settings.data_dir / "broker").resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        broker = "filesystem://"
+        transport_options.update(data_folder_in=str(folder), data_folder_out=str(folder))
+    else:
+        broker = settings.redis_url
+    app.conf.update(
+        broker_url=broker,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # Postgres holds results, not the result backend
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,  # bounded by our own attempt counter
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="maintenance",
+        task_routes={
+            "vidsim.video_selected": {"queue": "events"},
+            "vidsim.serve_event": {"queue": "events"},
+            "vidsim.embed_video": {"queue": "embed"},
+            "vidsim.deliver_callback": {"queue": "callbacks"},
+            "vidsim.train": {"queue": "train"},
+        },
+        timezone="UTC",
+        beat_schedule={
+            "sweep-outbox": {
+                "task": "vidsim.sweep_outbox",
+                "schedule": settings.outbox_sweep_interval_s,
+                "options": {"expires": max(settings.outbox_sweep_interval_s * 2, 1.0)},
+            },
+        },
+        beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+celery_app = make_celery()

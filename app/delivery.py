@@ -1,0 +1,143 @@
+"""The callback outbox: every recommendation gets one signed delivery, attempted now and
+retried on a schedule kept in the database. Workers claim a row with a lease, so a
+delivery is never attempted twice at once, even when the sweeper enqueues it again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app import callbacks
+from app.config import Settings
+from app.models import Delivery, DeliveryAttempt, Recommendation, utcnow
+
+logger = logging.getLogger(__name__)
+
+_WEBHOOK_NS = uuid.UUID("6f1d8a52-3c1e-4f0e-9a57-6a1f4b8de0c1")
+
+
+def webhook_id_for(event_id: str) -> str:
+    """Stable per event: a receiver drops duplicates by it (Standard Webhooks ``webhook-id``)."""
+    return f"msg_{uuid.uuid5(_WEBHOOK_NS, event_id).hex}"
+
+
+def create_delivery(session: Session, rec: Recommendation, *, url: str, body: dict) -> Delivery:
+    delivery = Delivery(
+        recommendation_id=rec.id,
+        url=url,
+        webhook_id=webhook_id_for(rec.event_id),
+        body=json.dumps(body, separators=(",", ":"), sort_keys=True),
+        status="pending",
+        next_attempt_at=utcnow(),
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery
+
+
+def claim(session: Session, delivery_id: int, *, lease_s: float) -> Delivery | None:
+    """Takes a due delivery for one attempt, or returns None if it is not due, finished,
+    or leased by another worker. Commit right after, before the HTTP call."""
+    now = utcnow()
+    taken = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.status == "pending",
+            Delivery.next_attempt_at <= now,
+            or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
+        )
+        .values(lease_until=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not taken:
+        return None
+    return session.get(Delivery, delivery_id, populate_existing=True)
+
+
+def attempt(delivery: Delivery, *, settings: Settings) -> callbacks.DeliveryResult:
+    """One HTTP attempt, outside any transaction."""
+    return callbacks.deliver(
+        url=delivery.url,
+        msg_id=delivery.webhook_id,
+        body=delivery.body.encode(),
+        secrets=settings.webhook_secrets,
+        allow_private=settings.callback_allow_private,
+        timeout_s=settings.callback_timeout_s,
+    )
+
+
+def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult, *, settings: Settings) -> Delivery:
+    """Stores the attempt and moves the delivery on: delivered, disabled (410), scheduled
+    again, or dead after the last attempt of the schedule."""
+    delivery = session.get_one(Delivery, delivery_id, with_for_update=True)
+    delivery.attempts += 1
+    session.add(
+        DeliveryAttempt(
+            delivery_id=delivery.id,
+            attempt=delivery.attempts,
+            status_code=result.status_code,
+            error=result.error,
+            duration_ms=result.duration_ms,
+        )
+    )
+    delivery.last_status_code, delivery.last_error, delivery.lease_until = (
+        result.status_code,
+        result.error,
+        None,
+    )
+    if result.ok:
+        delivery.status, delivery.delivered_at, delivery.next_attempt_at = "delivered", utcnow(), None
+    elif result.disable:
+        delivery.status, delivery.next_attempt_at = "disabled", None
+    else:
+        delay = None
+        if delivery.attempts < settings.callback_max_attempts:
+            delay = callbacks.next_delay_s(
+                delivery.attempts,
+                schedule=settings.callback_retry_schedule,
+                retry_after_s=result.retry_after_s,
+            )
+        if delay is None:
+            delivery.status, delivery.next_attempt_at = "dead", None
+        else:
+            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    logger.info(
+        "delivery %d attempt %d -> %s (%s)",
+        delivery.id,
+        delivery.attempts,
+        delivery.status,
+        result.error or result.status_code,
+    )
+    session.flush()
+    return delivery
+
+
+def due(session: Session, *, limit: int = 500, now: datetime | None = None) -> list[int]:
+    """Deliveries whose next attempt is due and which no worker holds."""
+    now = now or utcnow()
+    return list(
+        session.scalars(
+            select(Delivery.id)
+            .where(
+                Delivery.status == "pending",
+                Delivery.next_attempt_at <= now,
+                or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
+            )
+            .order_by(Delivery.next_attempt_at)
+            .limit(limit)
+        )
+    )
+
+
+def replay(session: Session, delivery_id: int) -> Delivery:
+    """Operator action: send a delivery again now, whatever its state (same webhook id)."""
+    delivery = session.get_one(Delivery, delivery_id)
+    delivery.status, delivery.next_attempt_at, delivery.lease_until = "pending", utcnow(), None
+    session.flush()
+    return delivery

@@ -1,0 +1,38 @@
+"""Copy-detection edits in the style of the VSC22 challenge, as ffmpeg filter chains.
+
+Used to make demo queries and the retrieval benchmark's queries from library videos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Edit:
+    name: str
+    vf: str | None = None
+    crf: int = 23
+    fps: float | None = None
+
+
+EDITS: dict[str, Edit] = {
+    e.name: e
+    for e in (
+        Edit("reencode_low_quality", "scale=trunc(iw/4)*2:trunc(ih/4)*2", crf=40),
+        Edit("crop", "crop=iw*0.75:ih*0.75:iw*0.1:ih*0.15"),
+        Edit("hflip", "hflip"),
+        Edit("brightness_contrast", "eq=brightness=0.18:contrast=1.3:saturation=1.4"),
+        Edit("grayscale", "hue=s=0"),
+        Edit("blur", "gblur=sigma=4"),
+        Edit("noise", "noise=alls=25:allf=t"),
+        Edit("overlay_shapes", "drawbox=x=iw*0.05:y=ih*0.6:w=iw*0.5:h=ih*0.25:color=red@0.8:t=fill,"
+             "drawbox=x=iw*0.7:y=ih*0.05:w=iw*0.2:h=ih*0.2:color=yellow@0.7:t=fill"),
+        Edit("letterbox", "scale=trunc(iw*0.7/2)*2:trunc(ih*0.7/2)*2,"
+             "pad=trunc(iw/0.7/2)*2:trunc(ih/0.7/2)*2:(ow-iw)/2:(oh-ih)/2:black"),
+        Edit("rotate", "rotate=0.12:fillcolor=black"),
+        Edit("speed_up", "setpts=0.75*PTS"),
+        Edit("frame_rate", None, fps=8),
+        Edit("combined", "crop=iw*0.85:ih*0.85,hflip,eq=brightness=0.1:saturation=0.6", crf=32),
+    )
+}  # fmt: skip

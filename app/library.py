@@ -1,0 +1,186 @@
+"""Registering videos: local files, globs, folders and http(s) URLs become rows.
+
+The same content (by SHA-256) is registered once, whatever its path or URL.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import video as video_io
+from app.callbacks import CallbackBlocked, check_url
+from app.config import Settings
+from app.models import Video
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv"}
+
+
+class SourceError(ValueError):
+    """A source that cannot be registered; str() is the readable reason."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    video_id: int
+    uri: str
+    created: bool
+    status: str
+    error: str | None
+
+
+def expand_sources(items: list[str]) -> Iterator[str]:
+    """Files as given, globs expanded, folders walked for video files, URLs untouched."""
+    for item in items:
+        if item.startswith(("http://", "https://")):
+            yield item
+            continue
+        path = Path(_local_path(item)) if item.startswith("file:") else Path(item)
+        if path.is_dir():
+            for found in sorted(path.rglob("*")):
+                if found.is_file() and found.suffix.lower() in VIDEO_SUFFIXES:
+                    yield str(found)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise SourceError(f"{item}: no file matches")
+            yield from matches
+        else:
+            yield str(path)
+
+
+def _local_path(uri: str) -> str:
+    return unquote(urlparse(uri).path) if uri.startswith("file:") else uri
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_local(uri: str, *, settings: Settings, restrict: bool) -> Path:
+    """The file a path or file:// URI names. With ``restrict`` (URIs from events, which are
+    untrusted) it must lie inside the configured media roots."""
+    path = Path(_local_path(uri)).expanduser().resolve()
+    if restrict:
+        roots = [Path(r).resolve() for r in (settings.media_roots or (settings.media_dir,))]
+        if not any(path.is_relative_to(root) for root in roots):
+            raise SourceError(f"{uri}: outside the allowed media roots")
+    if not path.is_file():
+        raise SourceError(f"{uri}: file not found")
+    return path
+
+
+def download(url: str, *, settings: Settings) -> Path:
+    """Streams a URL into the media folder with a byte cap, named by content hash."""
+    try:
+        check_url(url, allow_private=settings.callback_allow_private)
+    except CallbackBlocked as exc:
+        raise SourceError(f"{url}: {exc}") from None
+    settings.media_dir.mkdir(parents=True, exist_ok=True)
+    suffix = Path(urlparse(url).path).suffix.lower()
+    suffix = suffix if suffix in VIDEO_SUFFIXES else ".mp4"
+    fd, tmp_name = tempfile.mkstemp(dir=settings.media_dir, suffix=".part")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            httpx.stream("GET", url, timeout=30.0, follow_redirects=False) as resp,
+        ):
+            if resp.status_code != 200:
+                raise SourceError(f"{url}: HTTP {resp.status_code}")
+            for chunk in resp.iter_bytes(1 << 16):
+                size += len(chunk)
+                if size > settings.max_download_bytes:
+                    raise SourceError(f"{url}: larger than {settings.max_download_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        final = settings.media_dir / f"{digest.hexdigest()}{suffix}"
+        os.replace(tmp_name, final)
+        return final
+    except httpx.HTTPError as exc:
+        raise SourceError(f"{url}: download failed ({exc.__class__.__name__}: {exc})") from None
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def register(
+    session: Session,
+    source: str,
+    *,
+    settings: Settings,
+    in_library: bool = True,
+    collection: str | None = None,
+    restrict_to_media_roots: bool = False,
+) -> Registered:
+    """Adds one video (or finds it again). A video that cannot be probed is still
+    recorded, with status 'failed' and the reason, so operators can see it."""
+    existing = session.scalar(select(Video).where(Video.uri == source))
+    if existing is not None:
+        return _registered(existing, created=False, promote=in_library)
+    if source.startswith(("http://", "https://")):
+        path = download(source, settings=settings)
+        uri = source
+    else:
+        path = resolve_local(source, settings=settings, restrict=restrict_to_media_roots)
+        uri = path.as_uri()
+        existing = session.scalar(select(Video).where(Video.uri == uri))
+        if existing is not None:
+            return _registered(existing, created=False, promote=in_library)
+    content_hash = file_sha256(path)
+    existing = session.scalar(select(Video).where(Video.content_hash == content_hash))
+    if existing is not None:
+        return _registered(existing, created=False, promote=in_library)
+
+    row = Video(
+        uri=uri,
+        local_path=str(path),
+        content_hash=content_hash,
+        in_library=in_library,
+        collection=collection,
+        size_bytes=path.stat().st_size,
+        status="registered",
+    )
+    try:
+        info = video_io.probe(path, limits=decode_limits(settings))
+        row.duration_s, row.width, row.height = info.duration_s, info.width, info.height
+    except video_io.VideoError as exc:
+        row.status, row.error = "failed", exc.reason
+    session.add(row)
+    session.flush()
+    logger.info("registered video %d %s (%s)", row.id, uri, row.status)
+    return _registered(row, created=True, promote=in_library)
+
+
+def _registered(row: Video, *, created: bool, promote: bool) -> Registered:
+    if promote and not row.in_library:
+        row.in_library = True  # a query-only video later added to the library
+    return Registered(row.id, row.uri, created, row.status, row.error)
+
+
+def decode_limits(settings: Settings) -> video_io.DecodeLimits:
+    return video_io.DecodeLimits(
+        timeout_s=settings.decode_timeout_s,
+        memory_mb=settings.decode_memory_mb,
+        max_seconds=settings.max_video_seconds,
+        max_pixels=settings.max_video_pixels,
+        max_streams=settings.max_video_streams,
+        max_bytes=settings.max_download_bytes,
+    )

@@ -1,0 +1,300 @@
+"""The one place that composes an answer: event -> query video -> embedding -> search ->
+recommendation -> outbox delivery.
+
+Functions here take a session and never commit; they return what the caller (a Celery
+task, the demo) must enqueue next once it has committed. No function waits on another
+piece of work: an event whose video is not embedded yet is parked, and served again by
+the embedding step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import delivery as outbox
+from app import library
+from app import video as video_io
+from app.config import Settings
+from app.events import InvalidEvent, VideoSelected, parse_event
+from app.models import Embedding, Event, ModelVersion, Recommendation, Video, utcnow
+from app.registry import active_model, embed_clips
+from app.search import search_library, vector_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to enqueue after commit: an embedding of ``embed_video_id`` (then serve the
+    event again), or the first attempt of ``delivery_id``."""
+
+    event_id: str
+    embed_video_id: int | None = None
+    delivery_id: int | None = None
+
+
+def accept_event(session: Session, raw: Any, *, settings: Settings, fallback_id: str) -> Outcome:
+    """Records a published event once (by event id) and serves it if it can be served now.
+    A malformed event is recorded as failed with its reason (and answered with an error
+    callback if it names a usable callback URL)."""
+    try:
+        event = parse_event(raw, max_k=settings.max_k)
+    except InvalidEvent as exc:
+        return _reject(session, raw, str(exc), fallback_id=fallback_id, settings=settings)
+    if session.get(Event, event.event_id) is None:
+        try:
+            with session.begin_nested():
+                session.add(
+                    Event(
+                        event_id=event.event_id,
+                        payload=event.model_dump(exclude_none=True),
+                        video_id=event.video_id,
+                        k=event.k,
+                        callback_url=event.callback_url,
+                        status="received",
+                    )
+                )
+        except IntegrityError:
+            logger.info("event %s already recorded by another worker", event.event_id)
+    return serve_event(session, event.event_id, settings=settings)
+
+
+def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outcome:
+    """Answers a recorded event, idempotently: an event already answered gets its
+    existing delivery back, never a second recommendation."""
+    ev = session.get_one(Event, event_id)
+    existing = session.scalar(select(Recommendation).where(Recommendation.event_id == event_id))
+    if existing is not None:
+        return _existing_outcome(session, existing)
+    event = VideoSelected.model_validate(ev.payload)
+
+    try:
+        query_video = _query_video(session, ev, event, settings=settings)
+    except library.SourceError as exc:
+        return _answer(session, ev, error=str(exc), settings=settings)
+    if query_video.status == "failed":
+        return _answer(session, ev, query=query_video, error=f"video {query_video.id}: {query_video.error}", settings=settings)
+
+    model = active_model(session)
+    emb = session.scalar(
+        select(Embedding).where(Embedding.video_id == query_video.id, Embedding.model_version_id == model.id)
+    )
+    if emb is None:
+        ev.status = "embedding"
+        return Outcome(event_id, embed_video_id=query_video.id)
+
+    started = time.perf_counter()
+    matches, index_version = search_library(
+        session,
+        model,
+        vector_of(emb),
+        k=ev.k,
+        exclude={query_video.id},
+        collection=event.collection,
+    )
+    results = [
+        {"video_id": m.video_id, "uri": m.uri, "score": round(m.score, 6), "rank": rank}
+        for rank, m in enumerate(matches, start=1)
+    ]
+    return _answer(
+        session,
+        ev,
+        query=query_video,
+        model=model,
+        index_version=index_version,
+        results=results,
+        search_ms=(time.perf_counter() - started) * 1000,
+        settings=settings,
+    )
+
+
+def _query_video(session: Session, ev: Event, event: VideoSelected, *, settings: Settings) -> Video:
+    if event.video_id is not None:
+        video = session.get(Video, event.video_id)
+        if video is None:
+            raise library.SourceError(f"unknown video id {event.video_id}")
+        return video
+    assert event.video_uri is not None
+    registered = library.register(
+        session,
+        event.video_uri,
+        settings=settings,
+        in_library=False,
+        restrict_to_media_roots=True,
+    )
+    ev.video_id = registered.video_id
+    return session.get_one(Video, registered.video_id)
+
+
+def _answer(
+    session: Session,
+    ev: Event,
+    *,
+    settings: Settings,
+    query: Video | None = None,
+    model: ModelVersion | None = None,
+    index_version: int | None = None,
+    results: list[dict[str, Any]] | None = None,
+    error: str | None = None,
+    search_ms: float | None = None,
+) -> Outcome:
+    """Stores the one recommendation of an event and its outbox delivery."""
+    rec = Recommendation(
+        event_id=ev.event_id,
+        query_video_id=query.id if query else None,
+        model_version_id=model.id if model else None,
+        index_version_id=index_version,
+        results={"items": results or []},
+        error=error,
+        search_ms=search_ms,
+    )
+    try:
+        with session.begin_nested():
+            session.add(rec)
+            session.flush()
+    except IntegrityError:
+        # Served concurrently by another worker (a redelivered message): keep theirs.
+        theirs = session.scalars(select(Recommendation).where(Recommendation.event_id == ev.event_id)).one()
+        return _existing_outcome(session, theirs)
+    ev.status, ev.error, ev.completed_at = ("failed" if error else "served"), error, utcnow()
+    if error:
+        logger.warning("event %s failed: %s", ev.event_id, error)
+    body = callback_body(ev, rec, query=query, model=model)
+    if not ev.callback_url:
+        return Outcome(ev.event_id)
+    delivery = outbox.create_delivery(session, rec, url=ev.callback_url, body=body)
+    return Outcome(ev.event_id, delivery_id=delivery.id)
+
+
+def callback_body(
+    ev: Event, rec: Recommendation, *, query: Video | None, model: ModelVersion | None
+) -> dict[str, Any]:
+    """The callback contract (README, "Callback contract")."""
+    return {
+        "type": "video.recommendations",
+        "event_id": ev.event_id,
+        "query": {"video_id": query.id, "uri": query.uri} if query else None,
+        "results": rec.results.get("items", []),
+        "model_version": model.name if model else None,
+        "model_trained": model.trained if model else None,
+        "index_version": rec.index_version_id,
+        "error": rec.error,
+    }
+
+
+def _existing_outcome(session: Session, rec: Recommendation) -> Outcome:
+    delivery = session.scalar(select(outbox.Delivery).where(outbox.Delivery.recommendation_id == rec.id))
+    pending = delivery is not None and delivery.status == "pending"
+    return Outcome(rec.event_id, delivery_id=delivery.id if pending and delivery else None)
+
+
+def _reject(session: Session, raw: Any, reason: str, *, fallback_id: str, settings: Settings) -> Outcome:
+    fields = raw if isinstance(raw, dict) else {}
+    event_id = fields.get("event_id")
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= 200:
+        event_id = fallback_id
+    callback_url = fields.get("callback_url")
+    callback_url = callback_url if isinstance(callback_url, str) and len(callback_url) <= 2048 else ""
+    ev = session.get(Event, event_id)
+    if ev is None:
+        ev = Event(
+            event_id=event_id,
+            payload={"raw": repr(raw)[:2000]},
+            k=0,
+            callback_url=callback_url,
+            status="failed",
+            error=reason,
+        )
+        session.add(ev)
+        session.flush()
+    elif session.scalar(select(Recommendation).where(Recommendation.event_id == event_id)) is not None:
+        return Outcome(event_id)
+    logger.warning("rejected event %s: %s", event_id, reason)
+    return _answer(session, ev, error=reason, settings=settings)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    video_id: int
+    ok: bool
+    frames: int = 0
+    error: str | None = None
+    decode_s: float = 0.0
+    embed_s: float = 0.0
+
+
+def embed_video(session: Session, video_id: int, *, settings: Settings) -> Embedded:
+    """Decodes (in a sandboxed child), embeds and stores one video for the active model.
+    Skips work already done; records a readable error on the video when it is unusable."""
+    video = session.get(Video, video_id)
+    if video is None:
+        return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
+    model = active_model(session)
+    if session.scalar(
+        select(Embedding.id).where(Embedding.video_id == video_id, Embedding.model_version_id == model.id)
+    ):
+        return Embedded(video_id, ok=True)
+    if video.status == "failed":
+        return Embedded(video_id, ok=False, error=video.error)
+    frame_size = int(model.config.get("frame_size", 224))
+    started = time.perf_counter()
+    try:
+        sample = video_io.sample_frames(
+            video.local_path or video.uri,
+            fps=settings.frame_fps,
+            size=frame_size,
+            max_frames=settings.max_frames,
+            limits=library.decode_limits(settings),
+        )
+    except video_io.VideoError as exc:
+        video.status, video.error = "failed", exc.reason
+        logger.warning("video %d failed to decode: %s", video_id, exc.reason)
+        return Embedded(video_id, ok=False, error=exc.reason)
+    decoded = time.perf_counter()
+    vector = embed_clips(model, [sample.frames])[0]
+    done = time.perf_counter()
+    try:
+        with session.begin_nested():
+            session.add(
+                Embedding(
+                    video_id=video_id,
+                    model_version_id=model.id,
+                    vector=vector.astype("float32").tobytes(),
+                    dim=int(vector.shape[0]),
+                    frames=len(sample.frames),
+                )
+            )
+    except IntegrityError:
+        pass  # embedded concurrently by a redelivered message; theirs is equivalent
+    info = sample.info
+    video.status, video.error = "ready", None
+    video.duration_s, video.width, video.height = info.duration_s, info.width, info.height
+    logger.info(
+        "embedded video %d: %d frames, decode %.2fs, embed %.2fs",
+        video_id,
+        len(sample.frames),
+        decoded - started,
+        done - decoded,
+    )
+    return Embedded(video_id, True, len(sample.frames), None, decoded - started, done - decoded)
+
+
+def videos_to_embed(session: Session, *, limit: int | None = None) -> list[int]:
+    """Library videos without an embedding for the active model (the backfill)."""
+    model = active_model(session)
+    done = select(Embedding.video_id).where(Embedding.model_version_id == model.id)
+    stmt = (
+        select(Video.id)
+        .where(Video.in_library, Video.enabled, Video.status != "failed", Video.id.not_in(done))
+        .order_by(Video.id)
+    )
+    if limit:
+        stmt = stmt.limit(limit)
+    return list(session.scalars(stmt))

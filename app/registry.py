@@ -1,0 +1,118 @@
+"""Model versions: which encoder is active, and loading it once per process."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.encoder import EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
+from app.models import ModelVersion
+
+logger = logging.getLogger(__name__)
+
+INITIAL_MODEL_NAME = "init-resnet18-seed0"
+
+
+def active_model(session: Session) -> ModelVersion:
+    """The active model version; on a fresh install, a deterministic untrained one."""
+    model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
+    if model is not None:
+        return model
+    existing = session.scalar(select(ModelVersion).where(ModelVersion.name == INITIAL_MODEL_NAME))
+    if existing is None:
+        config = EncoderConfig()
+        existing = ModelVersion(
+            name=INITIAL_MODEL_NAME,
+            config=config.to_dict(),
+            checkpoint_path=None,
+            dim=config.output_dim,
+            trained=False,
+            data_summary={"note": "untrained: deterministic initialisation (seed 0)"},
+        )
+        session.add(existing)
+        session.flush()
+    activate(session, existing.id)
+    logger.warning(
+        "no trained encoder is active: serving the untrained %s (train one with `vidsim train`)",
+        INITIAL_MODEL_NAME,
+    )
+    return existing
+
+
+def activate(session: Session, model_id: int) -> ModelVersion:
+    """Makes ``model_id`` the one active version."""
+    session.execute(update(ModelVersion).where(ModelVersion.is_active).values(is_active=False))
+    session.flush()
+    model = session.get_one(ModelVersion, model_id)
+    model.is_active = True
+    session.flush()
+    return model
+
+
+def register_model(
+    session: Session,
+    *,
+    name: str,
+    checkpoint_path: Path,
+    config: EncoderConfig,
+    parent_id: int | None = None,
+    data_summary: dict | None = None,
+    metrics: dict | None = None,
+) -> ModelVersion:
+    model = ModelVersion(
+        name=name,
+        config=config.to_dict(),
+        checkpoint_path=str(checkpoint_path),
+        dim=config.output_dim,
+        trained=True,
+        parent_id=parent_id,
+        data_summary=data_summary or {},
+        metrics=metrics or {},
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def encoder_for(model: ModelVersion) -> VideoEncoder:
+    """The encoder of a model version, loaded once per process."""
+    return _load(model.id, model.checkpoint_path, json.dumps(model.config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_id: int, checkpoint_path: str | None, config_json: str) -> VideoEncoder:
+    config = EncoderConfig.from_dict(json.loads(config_json))
+    if checkpoint_path is None:
+        encoder = initial_encoder(config)
+    else:
+        encoder, _ = load_checkpoint(Path(checkpoint_path))
+    if encoder.config.output_dim != config.output_dim:
+        raise ValueError(
+            f"model {model_id}: checkpoint gives {encoder.config.output_dim}-d vectors, "
+            f"registry says {config.output_dim}"
+        )
+    if torch.cuda.is_available():
+        encoder = encoder.cuda()
+    logger.info("loaded encoder for model %d (%s)", model_id, checkpoint_path or "untrained")
+    return encoder
+
+
+def embed_clips(model: ModelVersion, clips: list[np.ndarray]) -> np.ndarray:
+    """(N, dim) float32 L2-normalised vectors, one forward pass for all clips."""
+    return encoder_for(model).embed(clips, bf16=_cpu_has_bf16())
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    # bf16 autocast on CPUs with native support is ~1.6x faster for the same ranking.
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -1,0 +1,147 @@
+"""The results page: each event's query frames beside its recommended videos, with
+thumbnails, scores and the callback delivery history. Static HTML, files beside it."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import video as video_io
+from app.config import Settings
+from app.library import decode_limits
+from app.models import Delivery, DeliveryAttempt, Event, Recommendation, Video
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResultCard:
+    rank: int
+    video_id: int
+    uri: str
+    score: float
+    thumb: str | None
+    expected: bool = False
+
+
+@dataclass
+class EventCard:
+    event_id: str
+    status: str
+    error: str | None
+    query_uri: str | None
+    query_frames: list[str]
+    results: list[ResultCard]
+    deliveries: list[dict] = field(default_factory=list)
+    note: str | None = None
+
+
+def _save_jpeg(frame: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frame).save(path, quality=85)
+
+
+def _frames(video: Video, *, settings: Settings, count: int, out: Path, stem: str) -> list[str]:
+    """Writes up to ``count`` evenly spaced frames of a video as JPEGs; relative paths."""
+    existing = sorted(out.glob(f"{stem}-*.jpg"))
+    if len(existing) >= count:
+        return [f"thumbs/{p.name}" for p in existing[:count]]
+    try:
+        sample = video_io.sample_frames(
+            video.local_path or video.uri, fps=1.0, size=160, max_frames=count, limits=decode_limits(settings)
+        )
+    except video_io.VideoError as exc:
+        logger.warning("no thumbnails for video %d: %s", video.id, exc.reason)
+        return []
+    names = []
+    for i, frame in enumerate(sample.frames[:count]):
+        name = f"{stem}-{i}.jpg"
+        _save_jpeg(frame, out / name)
+        names.append(f"thumbs/{name}")
+    return names
+
+
+def write_results_page(
+    session: Session,
+    out_dir: Path,
+    *,
+    settings: Settings,
+    event_ids: list[str] | None = None,
+    limit: int = 50,
+    expected: dict[str, int] | None = None,
+    notes: dict[str, str] | None = None,
+    title: str = "vidsim recommendations",
+) -> Path:
+    """Writes ``out_dir/index.html`` for the given events (default: the latest ``limit``).
+    ``expected`` marks a known right answer per event (the demo's edited copies)."""
+    thumbs = out_dir / "thumbs"
+    stmt = select(Event).order_by(Event.received_at.desc()).limit(limit)
+    if event_ids is not None:
+        stmt = select(Event).where(Event.event_id.in_(event_ids))
+    events = list(session.scalars(stmt))
+    if event_ids is not None:
+        order = {e: i for i, e in enumerate(event_ids)}
+        events.sort(key=lambda e: order.get(e.event_id, 0))
+    cards = []
+    for ev in events:
+        rec = session.scalar(select(Recommendation).where(Recommendation.event_id == ev.event_id))
+        query = session.get(Video, ev.video_id) if ev.video_id else None
+        query_frames = _frames(query, settings=settings, count=6, out=thumbs, stem=f"v{query.id}") if query else []
+        results = []
+        for item in (rec.results.get("items", []) if rec else []):
+            video = session.get(Video, item["video_id"])
+            thumb = _frames(video, settings=settings, count=6, out=thumbs, stem=f"v{video.id}") if video else []
+            results.append(
+                ResultCard(
+                    rank=item["rank"],
+                    video_id=item["video_id"],
+                    uri=item["uri"],
+                    score=item["score"],
+                    thumb=thumb[len(thumb) // 2] if thumb else None,
+                    expected=bool(expected and expected.get(ev.event_id) == item["video_id"]),
+                )
+            )
+        deliveries = []
+        if rec is not None:
+            delivery = session.scalar(select(Delivery).where(Delivery.recommendation_id == rec.id))
+            if delivery is not None:
+                attempts = session.scalars(
+                    select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery.id).order_by(DeliveryAttempt.attempt)
+                )
+                deliveries = [
+                    {
+                        "attempt": a.attempt,
+                        "at": a.attempted_at.strftime("%H:%M:%S"),
+                        "status": a.status_code,
+                        "error": a.error,
+                        "ms": round(a.duration_ms, 1),
+                    }
+                    for a in attempts
+                ]
+        cards.append(
+            EventCard(
+                event_id=ev.event_id,
+                status=ev.status,
+                error=ev.error,
+                query_uri=query.uri if query else None,
+                query_frames=query_frames,
+                results=results,
+                deliveries=deliveries,
+                note=(notes or {}).get(ev.event_id),
+            )
+        )
+    env = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape())
+    env.filters["basename"] = lambda uri: html.unescape(str(uri).rsplit("/", 1)[-1])
+    page = env.get_template("results.html").render(title=title, cards=cards)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "index.html"
+    path.write_text(page)
+    return path

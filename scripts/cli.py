@@ -1,0 +1,340 @@
+"""The ``vidsim`` command: everything an operator does, one verb each."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.config import get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+library_app = typer.Typer(no_args_is_help=True, help="Register and manage library videos.")
+index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the vector index.")
+deliveries_app = typer.Typer(no_args_is_help=True, help="Inspect and replay callback deliveries.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+app.add_typer(library_app, name="library")
+app.add_typer(index_app, name="index")
+app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(db_app, name="db")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err = Console(stderr=True)
+
+
+class Fail(Exception):
+    """A readable failure: message, then how to fix it."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
+def _session():  # type: ignore[no-untyped-def]
+    from app.db import migrate, session_scope
+
+    migrate()  # cheap when current; a fresh embedded install needs its schema
+    return session_scope()
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+    queries: Annotated[int, typer.Option(help="How many edited queries to publish.")] = 8,
+) -> None:
+    """Build a demo library from real footage, embed it, publish events, receive the
+    signed callbacks, and write a results page. Needs no servers."""
+    from scripts.demo import run_demo
+
+    run_demo(data_dir=data_dir, max_queries=queries, console=console)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to REVISION."""
+    from app.db import migrate
+
+    migrate(revision)
+    console.print(f"database at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION ('base' for an empty database)."""
+    from app.db import downgrade
+
+    downgrade(revision)
+    console.print(f"database at {revision}")
+
+
+@library_app.command("add")
+def library_add(
+    sources: Annotated[list[str], typer.Argument(help="Files, globs, folders or http(s) URLs.")],
+    collection: Annotated[str | None, typer.Option(help="Collection (tenant) to file them under.")] = None,
+) -> None:
+    """Register videos in the library (the same content is registered once)."""
+    from rich.progress import track
+
+    from app.library import SourceError, expand_sources, register
+
+    settings = get_settings()
+    try:
+        items = list(expand_sources(sources))
+    except SourceError as exc:
+        raise Fail(str(exc), "check the path or glob") from None
+    added = failed = 0
+    for item in track(items, description="registering", console=err, disable=len(items) < 3):
+        try:
+            with _session() as session:
+                got = register(session, item, settings=settings, collection=collection)
+        except SourceError as exc:
+            err.print(f"[red]skipped[/red] {exc}")
+            failed += 1
+            continue
+        label = "added" if got.created else "known"
+        if got.status == "failed":
+            label, failed = "[red]failed[/red]", failed + 1
+        else:
+            added += got.created
+        console.print(f"{label} {got.video_id} {got.uri}" + (f" ({got.error})" if got.error else ""))
+    console.print(f"{added} added, {len(items) - added - failed} already known, {failed} failed")
+
+
+@library_app.command("list")
+def library_list(limit: int = 50) -> None:
+    """The most recently registered videos with their status."""
+    from sqlalchemy import select
+
+    from app.models import Video
+
+    with _session() as session:
+        rows = session.scalars(select(Video).order_by(Video.id.desc()).limit(limit)).all()
+        table = Table("id", "status", "library", "enabled", "duration", "uri", "error")
+        for v in rows:
+            table.add_row(
+                str(v.id), v.status, str(v.in_library), str(v.enabled),
+                f"{v.duration_s:.1f}s" if v.duration_s else "", v.uri, v.error or "",
+            )  # fmt: skip
+    console.print(table)
+
+
+@library_app.command("disable")
+def library_disable(video_id: int) -> None:
+    """Stop recommending a video (it stays recorded)."""
+    from app.models import Video
+
+    with _session() as session:
+        video = session.get(Video, video_id)
+        if video is None:
+            raise Fail(f"unknown video id {video_id}", "see `vidsim library list`")
+        video.enabled = False
+    console.print(f"video {video_id} disabled")
+
+
+@app.command()
+def backfill(
+    limit: Annotated[int | None, typer.Option(help="At most this many videos.")] = None,
+    inline: Annotated[bool, typer.Option(help="Embed here instead of enqueueing tasks.")] = False,
+) -> None:
+    """Embed every library video that the active model has not embedded yet."""
+    from app import recommend
+
+    settings = get_settings()
+    with _session() as session:
+        ids = recommend.videos_to_embed(session, limit=limit)
+    if not inline:
+        from workers.tasks import embed_video
+
+        for video_id in ids:
+            embed_video.delay(video_id)
+        console.print(f"enqueued {len(ids)} embedding tasks on the 'embed' queue")
+        return
+    from rich.progress import track
+
+    failed = 0
+    for video_id in track(ids, description="embedding", console=err):
+        with _session() as session:
+            result = recommend.embed_video(session, video_id, settings=settings)
+        if not result.ok:
+            failed += 1
+            err.print(f"[red]video {video_id}[/red]: {result.error}")
+    console.print(f"embedded {len(ids) - failed} videos, {failed} failed")
+
+
+@index_app.command("rebuild")
+def index_rebuild(dtype: Annotated[str, typer.Option(help="f32, f16 or i8 storage.")] = "f16") -> None:
+    """Build a new index from the active model's embeddings and switch to it."""
+    from app import search
+    from app.registry import active_model
+
+    with _session() as session:
+        try:
+            version = search.rebuild_index(session, active_model(session), settings=get_settings(), dtype=dtype)
+        except search.RebuildBusy as exc:
+            raise Fail(str(exc), "wait for it to finish, then run again") from None
+        console.print(
+            f"index version {version.id}: {version.size} videos, {version.dim}-d {version.dtype}, "
+            f"{version.build_seconds:.2f}s -> {version.path}"
+        )
+
+
+@index_app.command("status")
+def index_status() -> None:
+    """The active model and index versions."""
+    from sqlalchemy import func, select
+
+    from app.models import Embedding, IndexVersion
+    from app.registry import active_model
+
+    with _session() as session:
+        model = active_model(session)
+        embedded = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id))
+        idx = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
+        console.print(f"model {model.id} {model.name} ({'trained' if model.trained else 'untrained'}, {model.dim}-d): {embedded} embeddings")
+        if idx is None:
+            console.print("no index built yet: searches are exact over the embeddings (`vidsim index rebuild`)")
+        else:
+            console.print(f"index {idx.id}: {idx.size} vectors, {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M:%S}, {embedded - idx.size} newer embeddings searched exactly")
+
+
+@app.command()
+def publish(
+    video: Annotated[str, typer.Option(help="A library video id, or a video URI/path.")],
+    callback_url: Annotated[str, typer.Option(help="Where vidsim POSTs the answer.")],
+    event_id: Annotated[str | None, typer.Option(help="Idempotency key (default: random).")] = None,
+    k: Annotated[int | None, typer.Option(help="How many videos to recommend.")] = None,
+    collection: Annotated[str | None, typer.Option(help="Recommend only from this collection.")] = None,
+) -> None:
+    """Publish a video-selected event, as the chat app does."""
+    from workers.publish import publish_video_selected
+
+    target = {"video_id": int(video)} if video.isdigit() else {"video_uri": video}
+    sent = publish_video_selected(callback_url=callback_url, event_id=event_id, k=k, collection=collection, **target)
+    console.print(f"published event {sent}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "events,embed,callbacks,maintenance",
+    concurrency: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
+    pool: Annotated[str | None, typer.Option(help="prefork, solo or threads (GPU workers: solo).")] = None,
+    beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one per deployment).")] = False,
+) -> None:
+    """Start a Celery worker (extra options go to `celery worker`)."""
+    from app.db import migrate
+
+    migrate()
+    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "-Q", queues, "--loglevel", "INFO"]
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
+    if pool:
+        args += ["--pool", pool]
+    if beat:
+        args += ["--beat"]
+    os.execv(sys.executable, [*args, *ctx.args])
+
+
+@app.command()
+def beat() -> None:
+    """Start the periodic scheduler (the outbox sweeper). Run exactly one."""
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "beat", "--loglevel", "INFO"])
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    status: Annotated[str | None, typer.Option(help="pending, delivered, dead or disabled.")] = None,
+    limit: int = 30,
+) -> None:
+    """Recent callback deliveries and their state."""
+    from sqlalchemy import select
+
+    from app.models import Delivery, Recommendation
+
+    with _session() as session:
+        stmt = select(Delivery, Recommendation.event_id).join(Recommendation).order_by(Delivery.id.desc()).limit(limit)
+        if status:
+            stmt = stmt.where(Delivery.status == status)
+        table = Table("id", "event", "status", "attempts", "last", "next attempt", "url")
+        for d, event_id in session.execute(stmt).all():
+            table.add_row(
+                str(d.id), event_id, d.status, str(d.attempts),
+                d.last_error or str(d.last_status_code or ""),
+                f"{d.next_attempt_at:%H:%M:%S}" if d.next_attempt_at else "", d.url,
+            )  # fmt: skip
+    console.print(table)
+
+
+@deliveries_app.command("replay")
+def deliveries_replay(delivery_id: int) -> None:
+    """Send a delivery again now (same webhook id, so receivers can deduplicate)."""
+    from sqlalchemy.exc import NoResultFound
+
+    from app import delivery as outbox
+    from workers.tasks import deliver_callback
+
+    with _session() as session:
+        try:
+            outbox.replay(session, delivery_id)
+        except NoResultFound:
+            raise Fail(f"unknown delivery id {delivery_id}", "see `vidsim deliveries list`") from None
+    deliver_callback.delay(delivery_id)
+    console.print(f"delivery {delivery_id} queued again")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    events: Annotated[int, typer.Option(help="Warm events to publish.")] = 500,
+    cold: Annotated[int, typer.Option(help="Cold (never seen) 60-s videos to publish.")] = 5,
+) -> None:
+    """Event -> callback latency, warm and cold, beside decode-only time."""
+    from scripts.bench_latency import main as bench_main
+
+    bench_main(events=events, cold=cold, console=console)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("VIDSIM_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except Fail as exc:
+        err.print(f"[red]error:[/red] {exc}" + (f"\n  fix: {exc.fix}" if exc.fix else ""))
+        sys.exit(1)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: one readable line, not a traceback
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        hint = _hint(exc)
+        if hint:
+            err.print(f"  fix: {hint}")
+        if os.environ.get("VIDSIM_DEBUG"):
+            raise
+        sys.exit(1)
+
+
+def _hint(exc: Exception) -> str | None:
+    text = f"{type(exc).__name__} {exc}".lower()
+    if "operationalerror" in text and ("connect" in text or "connection" in text):
+        return "is the database running and DATABASE_URL right? (`docker compose up -d postgres`)"
+    if "redis" in text or "kombu" in text:
+        return "is Redis running and REDIS_URL right? (`docker compose up -d redis`)"
+    return "set VIDSIM_DEBUG=1 for the full traceback"
+
+
+if __name__ == "__main__":
+    main()

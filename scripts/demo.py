@@ -1,0 +1,165 @@
+"""``vidsim demo``: the whole product on one machine with no servers.
+
+Real footage -> library -> Celery worker (embedded broker) embeds it -> index -> events
+published like a chat app would -> signed callbacks received on a local HTTP server ->
+a results page with thumbnails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _configure(data_dir: Path | None) -> Path:
+    """Demo settings go into the environment so the worker process sees them too."""
+    if data_dir is not None:
+        os.environ["VIDSIM_DATA_DIR"] = str(data_dir)
+    os.environ.setdefault("VIDSIM_CALLBACK_ALLOW_PRIVATE", "true")  # the receiver is local
+    os.environ.setdefault("VIDSIM_OUTBOX_SWEEP_INTERVAL_S", "1")
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+    root = get_settings().data_dir.resolve()
+    os.environ.setdefault("VIDSIM_MEDIA_ROOTS", str(root / "demo"))
+    get_settings.cache_clear()
+    return root
+
+
+@contextlib.contextmanager
+def running_worker(log_path: Path, queues: str = "events,embed,callbacks,maintenance") -> Iterator[subprocess.Popen]:
+    """A real Celery worker (solo pool, with the beat scheduler) for the demo's duration."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "--pool", "solo",
+             "--beat", "-Q", queues, "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def run_demo(*, data_dir: Path | None, max_queries: int, console: Console) -> None:
+    root = _configure(data_dir)
+    from sqlalchemy import func, select
+
+    from app.config import get_settings
+    from app.corpus import build_demo_corpus
+    from app.db import migrate, session_scope
+    from app.library import register
+    from app.models import Embedding, Video
+    from app.receiver import CallbackReceiver
+    from app.recommend import videos_to_embed
+    from app.registry import active_model
+    from app.report import write_results_page
+    from app.search import rebuild_index
+    from workers.publish import publish_video_selected
+    from workers.tasks import embed_video
+
+    settings = get_settings()
+    demo_dir = root / "demo"
+    started = time.perf_counter()
+    console.print(f"[bold]vidsim demo[/bold] in {root} ({'embedded: SQLite + filesystem broker' if settings.embedded else 'Redis + ' + settings.sqlalchemy_url.split('@')[-1]})")
+    migrate()
+
+    with console.status("cutting the demo library from real footage..."):
+        corpus = build_demo_corpus(demo_dir, progress=lambda msg: console.log(msg))
+    console.print(f"library: {len(corpus.library)} clips from real footage; queries: {len(corpus.queries)} edited copies")
+
+    path_to_id: dict[Path, int] = {}
+    with session_scope() as session:
+        for path in corpus.library:
+            path_to_id[path] = register(session, str(path), settings=settings).video_id
+        model = active_model(session)
+        if not model.trained:
+            console.print(f"[yellow]note:[/yellow] serving the untrained encoder {model.name} (deterministic initialisation); `vidsim train` makes a trained one")
+        todo = videos_to_embed(session)
+
+    with running_worker(demo_dir / "worker.log"):
+        for video_id in todo:
+            embed_video.delay(video_id)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        with progress:
+            task = progress.add_task("worker embedding the library", total=len(path_to_id))
+            while True:
+                with session_scope() as session:
+                    done = session.scalar(
+                        select(func.count()).select_from(Embedding).join(Video).where(Video.in_library, Embedding.model_version_id == model.id)
+                    ) or 0
+                    failed = session.scalar(select(func.count()).where(Video.in_library, Video.status == "failed")) or 0
+                progress.update(task, completed=done + failed)
+                if done + failed >= len(path_to_id):
+                    break
+                time.sleep(0.5)
+        with session_scope() as session:
+            version = rebuild_index(session, active_model(session), settings=settings)
+        console.print(f"index version {version.id}: {version.size} videos, {version.dim}-d {version.dtype}")
+
+        queries = corpus.queries[:max_queries]
+        bad = demo_dir / "queries" / "not-a-video.mp4"
+        bad.write_bytes(b"this is text, not a video\n" * 10)
+        run = time.strftime("%H%M%S")
+        expected: dict[str, int] = {}
+        notes: dict[str, str] = {}
+        with CallbackReceiver(settings.webhook_secrets[0]) as receiver:
+            for i, q in enumerate(queries):
+                event_id = f"demo-{run}-{i}-{q.edit}"
+                publish_video_selected(event_id=event_id, video_uri=str(q.path), callback_url=receiver.url, k=5)
+                expected[event_id] = path_to_id[q.source]
+                notes[event_id] = f"query: {q.path.name}, an edited copy ({q.edit.replace('_', ' ')}) of library video {path_to_id[q.source]} ({q.source.name})"
+            first_id = path_to_id[corpus.library[0]]
+            known = f"demo-{run}-library-{first_id}"
+            publish_video_selected(event_id=known, video_id=first_id, callback_url=receiver.url, k=5)
+            notes[known] = f"query: library video {first_id} itself (already embedded: served from its stored vector)"
+            broken = f"demo-{run}-broken"
+            publish_video_selected(event_id=broken, video_uri=str(bad), callback_url=receiver.url)
+            notes[broken] = "query: a text file named .mp4 (shows a readable error, and the worker carries on)"
+            wanted = {*expected, known, broken}
+            with console.status(f"waiting for {len(wanted)} signed callbacks..."):
+                got = receiver.wait_for(wanted, timeout_s=600)
+
+    table = Table("event", "query", "top results (video id: score)", "source at")
+    hits = 0
+    for event_id in [*expected, known, broken]:
+        item = got.get(event_id)
+        if item is None:
+            table.add_row(event_id, "", "[red]no callback[/red]", "")
+            continue
+        body = item.payload
+        query = (body.get("query") or {}).get("uri", "")
+        if body.get("error"):
+            table.add_row(event_id, Path(query).name, f"[red]{body['error']}[/red]", "")
+            continue
+        ranks = {r["video_id"]: r["rank"] for r in body["results"]}
+        want = expected.get(event_id)
+        rank = ranks.get(want) if want else None
+        hits += rank == 1
+        top = ", ".join(f"{r['video_id']}: {r['score']:.3f}" for r in body["results"])
+        table.add_row(event_id, Path(query).name, top, "-" if want is None else (f"#{rank}" if rank else "[red]missed[/red]"))
+    console.print(table)
+    console.print(f"edited copies found at rank 1: {hits}/{len(expected)}; callbacks received and verified: {len(got)}/{len(wanted)}")
+
+    with console.status("drawing the results page..."), session_scope() as session:
+        page = write_results_page(
+            session, demo_dir / "report", settings=settings, event_ids=[*expected, known, broken],
+            expected=expected, notes=notes, title="vidsim demo: query frames and recommended videos",
+        )  # fmt: skip
+    console.print(f"results page: [bold]{page}[/bold]  ({time.perf_counter() - started:.0f}s in all)")

@@ -47,7 +47,7 @@ def accept_event(session: Session, raw: Any, *, settings: Settings, fallback_id:
     try:
         event = parse_event(raw, max_k=settings.max_k)
     except InvalidEvent as exc:
-        return _reject(session, raw, str(exc), fallback_id=fallback_id, settings=settings)
+        return _reject(session, raw, str(exc), fallback_id=fallback_id)
     if session.get(Event, event.event_id) is None:
         try:
             with session.begin_nested():
@@ -55,7 +55,6 @@ def accept_event(session: Session, raw: Any, *, settings: Settings, fallback_id:
                     Event(
                         event_id=event.event_id,
                         payload=event.model_dump(exclude_none=True),
-                        video_id=event.video_id,
                         k=event.k,
                         callback_url=event.callback_url,
                         status="received",
@@ -78,9 +77,9 @@ def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outco
     try:
         query_video = _query_video(session, ev, event, settings=settings)
     except library.SourceError as exc:
-        return _answer(session, ev, error=str(exc), settings=settings)
+        return _answer(session, ev, error=str(exc))
     if query_video.status == "failed":
-        return _answer(session, ev, query=query_video, error=f"video {query_video.id}: {query_video.error}", settings=settings)
+        return _answer(session, ev, query=query_video, error=f"video {query_video.id}: {query_video.error}")
 
     model = active_model(session)
     emb = session.scalar(
@@ -111,7 +110,6 @@ def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outco
         index_version=index_version,
         results=results,
         search_ms=(time.perf_counter() - started) * 1000,
-        settings=settings,
     )
 
 
@@ -120,6 +118,7 @@ def _query_video(session: Session, ev: Event, event: VideoSelected, *, settings:
         video = session.get(Video, event.video_id)
         if video is None:
             raise library.SourceError(f"unknown video id {event.video_id}")
+        ev.video_id = video.id
         return video
     assert event.video_uri is not None
     registered = library.register(
@@ -137,7 +136,6 @@ def _answer(
     session: Session,
     ev: Event,
     *,
-    settings: Settings,
     query: Video | None = None,
     model: ModelVersion | None = None,
     index_version: int | None = None,
@@ -195,7 +193,7 @@ def _existing_outcome(session: Session, rec: Recommendation) -> Outcome:
     return Outcome(rec.event_id, delivery_id=delivery.id if pending and delivery else None)
 
 
-def _reject(session: Session, raw: Any, reason: str, *, fallback_id: str, settings: Settings) -> Outcome:
+def _reject(session: Session, raw: Any, reason: str, *, fallback_id: str) -> Outcome:
     fields = raw if isinstance(raw, dict) else {}
     event_id = fields.get("event_id")
     if not isinstance(event_id, str) or not 0 < len(event_id) <= 200:
@@ -217,7 +215,7 @@ def _reject(session: Session, raw: Any, reason: str, *, fallback_id: str, settin
     elif session.scalar(select(Recommendation).where(Recommendation.event_id == event_id)) is not None:
         return Outcome(event_id)
     logger.warning("rejected event %s: %s", event_id, reason)
-    return _answer(session, ev, error=reason, settings=settings)
+    return _answer(session, ev, error=reason)
 
 
 @dataclass(frozen=True)
@@ -298,3 +296,24 @@ def videos_to_embed(session: Session, *, limit: int | None = None) -> list[int]:
     if limit:
         stmt = stmt.limit(limit)
     return list(session.scalars(stmt))
+
+
+def fail_event(session: Session, event_id: str, reason: str, *, raw: Any = None) -> Outcome:
+    """Answers an event with an error when serving it failed for good (an internal error
+    after retries, or a worker process that kept dying), so nothing accepted goes
+    unanswered."""
+    ev = session.get(Event, event_id)
+    if ev is None:  # failed before it was recorded: record it from the message
+        return _reject(session, raw if raw is not None else {"event_id": event_id}, reason, fallback_id=event_id)
+    existing = session.scalar(select(Recommendation).where(Recommendation.event_id == event_id))
+    if existing is not None:
+        return _existing_outcome(session, existing)
+    query = session.get(Video, ev.video_id) if ev.video_id else None
+    return _answer(session, ev, query=query, error=reason)
+
+
+def fail_video(session: Session, video_id: int, reason: str) -> None:
+    """Marks a video unusable with a reason an operator can read."""
+    video = session.get(Video, video_id)
+    if video is not None and video.status != "ready":
+        video.status, video.error = "failed", reason

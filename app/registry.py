@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.encoder import EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
@@ -25,25 +26,29 @@ def active_model(session: Session) -> ModelVersion:
     model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
     if model is not None:
         return model
-    existing = session.scalar(select(ModelVersion).where(ModelVersion.name == INITIAL_MODEL_NAME))
-    if existing is None:
-        config = EncoderConfig()
-        existing = ModelVersion(
-            name=INITIAL_MODEL_NAME,
-            config=config.to_dict(),
-            checkpoint_path=None,
-            dim=config.output_dim,
-            trained=False,
-            data_summary={"note": "untrained: deterministic initialisation (seed 0)"},
-        )
-        session.add(existing)
-        session.flush()
-    activate(session, existing.id)
+    try:
+        with session.begin_nested():  # several workers may start on a fresh install at once
+            initial = session.scalar(select(ModelVersion).where(ModelVersion.name == INITIAL_MODEL_NAME))
+            if initial is None:
+                config = EncoderConfig()
+                initial = ModelVersion(
+                    name=INITIAL_MODEL_NAME,
+                    config=config.to_dict(),
+                    checkpoint_path=None,
+                    dim=config.output_dim,
+                    trained=False,
+                    data_summary={"note": "untrained: deterministic initialisation (seed 0)"},
+                )
+                session.add(initial)
+                session.flush()
+            activate(session, initial.id)
+    except IntegrityError:
+        return session.scalars(select(ModelVersion).where(ModelVersion.is_active)).one()
     logger.warning(
         "no trained encoder is active: serving the untrained %s (train one with `vidsim train`)",
         INITIAL_MODEL_NAME,
     )
-    return existing
+    return initial
 
 
 def activate(session: Session, model_id: int) -> ModelVersion:

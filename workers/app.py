@@ -5,7 +5,7 @@ under the broker's visibility timeout on every task."""
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from app.config import get_settings
 
@@ -40,8 +40,11 @@ def make_celery() -> Celery:
         task_reject_on_worker_lost=True,  # bounded by our own attempt counter
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_queues=[Queue(name) for name in QUEUES],
+        # One direct exchange per queue, so a message lands in exactly one queue.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="maintenance",
+        task_default_exchange="maintenance",
+        task_default_routing_key="maintenance",
         task_routes={
             "vidsim.video_selected": {"queue": "events"},
             "vidsim.serve_event": {"queue": "events"},

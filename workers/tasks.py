@@ -1,5 +1,9 @@
 """Thin task adapters: each takes ids (or the event's JSON), calls one function of app/,
-and enqueues what that function says comes next, after the transaction commits."""
+and enqueues what that function says comes next, after the transaction commits.
+
+Every task retries a failure a few times with backoff (a database restart, a race);
+when a task fails for good, or its process keeps dying, the event or video it was for
+is recorded as failed with the reason, and the event is still answered."""
 
 from __future__ import annotations
 
@@ -20,6 +24,14 @@ from workers.app import TIME_LIMITS, celery_app
 
 logger = logging.getLogger(__name__)
 
+RETRY_POLICY: dict[str, Any] = {
+    "autoretry_for": (Exception,),
+    "max_retries": 3,
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+}
+
 
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
@@ -31,27 +43,22 @@ def _init_worker_process(**_: Any) -> None:
         torch.set_num_threads(threads)
 
 
-def _count_attempt(task: Task) -> int:
-    """How many times this message has started, counted in the database so that a task
-    whose process keeps dying is redelivered a bounded number of times (celery#9082)."""
+def _process_died_too_often(task: Task) -> bool:
+    """Counts, in the database, how often this message started. A message whose process
+    keeps dying (and so is redelivered) is given up after a bounded number (celery#9082).
+    Retries of the task itself carry the same id and count too."""
     task_id = task.request.id or "unknown"
     with session_scope() as session:
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
         stmt = insert(TaskAttempt).values(task_id=task_id, name=task.name, attempts=1, last_started_at=utcnow())
         stmt = stmt.on_conflict_do_update(
-            index_elements=["task_id"],
-            set_={"attempts": TaskAttempt.attempts + 1, "last_started_at": utcnow()},
+            index_elements=["task_id"], set_={"attempts": TaskAttempt.attempts + 1, "last_started_at": utcnow()}
         )
         session.execute(stmt)
-        return int(session.get_one(TaskAttempt, task_id, populate_existing=True).attempts)
-
-
-def _over_attempts(task: Task) -> bool:
-    attempts = _count_attempt(task)
-    limit = get_settings().task_max_attempts
+        attempts = session.get_one(TaskAttempt, task_id, populate_existing=True).attempts
+    limit = get_settings().task_max_attempts + RETRY_POLICY["max_retries"]
     if attempts > limit:
-        logger.error("task %s %s started %d times; giving up", task.name, task.request.id, attempts)
+        logger.error("task %s %s started %d times; giving up", task.name, task_id, attempts)
         return True
     return False
 
@@ -63,41 +70,72 @@ def _after(outcome: recommend.Outcome) -> None:
         deliver_callback.delay(outcome.delivery_id)
 
 
-@celery_app.task(name="vidsim.video_selected", bind=True, time_limit=TIME_LIMITS["events"])
+def _fail_event(event_id: str | None, reason: str, raw: Any = None) -> None:
+    if not event_id:
+        return
+    with session_scope() as session:
+        outcome = recommend.fail_event(session, event_id, reason, raw=raw)
+    _after(outcome)
+
+
+class EventTask(Task):
+    """Answers the event with an error once the task has failed for good."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        event = kwargs.get("event") if isinstance(kwargs.get("event"), dict) else {}
+        event_id = kwargs.get("event_id") or event.get("event_id")
+        _fail_event(event_id, f"internal error: {type(exc).__name__}: {exc}"[:500], raw=event or None)
+
+
+@celery_app.task(name="vidsim.video_selected", base=EventTask, bind=True, time_limit=TIME_LIMITS["events"], **RETRY_POLICY)
 def video_selected(self: Task, event: Any = None, **extra: Any) -> None:
     """The public entry point: the chat app publishes ``event`` (see README)."""
     if event is None and extra:
         event = extra  # a producer that sent the event's fields as keyword arguments
-    if _over_attempts(self):
+    if _process_died_too_often(self):
+        _fail_event(event.get("event_id") if isinstance(event, dict) else None, "the worker process kept dying")
         return
     with session_scope() as session:
-        outcome = recommend.accept_event(
-            session, event, settings=get_settings(), fallback_id=f"invalid-{self.request.id}"
-        )
+        outcome = recommend.accept_event(session, event, settings=get_settings(), fallback_id=f"invalid-{self.request.id}")
     _after(outcome)
 
 
-@celery_app.task(name="vidsim.serve_event", bind=True, time_limit=TIME_LIMITS["events"])
+@celery_app.task(name="vidsim.serve_event", base=EventTask, bind=True, time_limit=TIME_LIMITS["events"], **RETRY_POLICY)
 def serve_event(self: Task, event_id: str) -> None:
-    if _over_attempts(self):
+    if _process_died_too_often(self):
+        _fail_event(event_id, "the worker process kept dying while serving this event")
         return
     with session_scope() as session:
         outcome = recommend.serve_event(session, event_id, settings=get_settings())
     _after(outcome)
 
 
-@celery_app.task(name="vidsim.embed_video", bind=True, time_limit=TIME_LIMITS["embed"])
+class EmbedTask(Task):
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        video_id = kwargs.get("video_id", args[0] if args else None)
+        if video_id is not None:
+            with session_scope() as session:
+                recommend.fail_video(session, video_id, f"embedding failed: {type(exc).__name__}: {exc}"[:500])
+        if kwargs.get("event_id"):
+            serve_event.delay(kwargs["event_id"])  # answers with the video's error
+
+
+@celery_app.task(name="vidsim.embed_video", base=EmbedTask, bind=True, time_limit=TIME_LIMITS["embed"], **RETRY_POLICY)
 def embed_video(self: Task, video_id: int, event_id: str | None = None) -> None:
     """Embeds one video; an event waiting on it is served next (on the events queue)."""
-    if not _over_attempts(self):
+    if _process_died_too_often(self):
+        with session_scope() as session:
+            recommend.fail_video(session, video_id, "the worker process kept dying while embedding this video")
+    else:
         with session_scope() as session:
             recommend.embed_video(session, video_id, settings=get_settings())
     if event_id is not None:
         serve_event.delay(event_id)
 
 
-@celery_app.task(name="vidsim.deliver_callback", time_limit=TIME_LIMITS["callbacks"])
+@celery_app.task(name="vidsim.deliver_callback", time_limit=TIME_LIMITS["callbacks"], **RETRY_POLICY)
 def deliver_callback(delivery_id: int) -> None:
+    """One attempt; failures are rescheduled in the outbox, not by Celery countdowns."""
     settings = get_settings()
     with session_scope() as session:
         delivery = outbox.claim(session, delivery_id, lease_s=settings.callback_timeout_s * 2 + 30)
@@ -110,7 +148,7 @@ def deliver_callback(delivery_id: int) -> None:
 
 @celery_app.task(name="vidsim.sweep_outbox", time_limit=TIME_LIMITS["maintenance"])
 def sweep_outbox() -> int:
-    """Beat: enqueue every delivery whose next attempt is due."""
+    """Beat: enqueue every delivery whose next attempt is due (or whose lease lapsed)."""
     with session_scope() as session:
         ids = outbox.due(session)
     for delivery_id in ids:
@@ -129,7 +167,6 @@ def backfill(limit: int | None = None) -> int:
 
 @celery_app.task(name="vidsim.rebuild_index", time_limit=TIME_LIMITS["maintenance"])
 def rebuild_index() -> int:
-    settings = get_settings()
     with session_scope() as session:
-        version = search.rebuild_index(session, active_model(session), settings=settings)
+        version = search.rebuild_index(session, active_model(session), settings=get_settings())
         return version.id

@@ -131,7 +131,7 @@ def _eligible(session: Session, ids: list[int], collection: str | None) -> dict[
     stmt = select(Video.id, Video.uri).where(Video.id.in_(ids), Video.in_library, Video.enabled)
     if collection is not None:
         stmt = stmt.where(Video.collection == collection)
-    return dict(session.execute(stmt).tuples().all())
+    return {video_id: uri for video_id, uri in session.execute(stmt)}
 
 
 def rebuild_index(session: Session, model: ModelVersion, *, settings: Settings, dtype: str = "f16") -> IndexVersion:

@@ -1,0 +1,164 @@
+"""Event -> callback latency through the real path (Redis, Postgres, a Celery worker, a
+local HTTP receiver), warm (video already embedded) and cold (a 60-s video never seen),
+beside the decode-only and embed-only time of the same frames measured in the same run.
+
+    vidsim bench latency --events 500 --cold 5
+
+Uses DATABASE_URL / REDIS_URL (the Makefile's `bench` target points them at the local
+services, in a database of its own).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+BENCH_DB = "vidsim_bench"
+
+
+def _defaults() -> None:
+    """Point at the local services in databases of the bench's own, unless configured."""
+    if not os.environ.get("DATABASE_URL"):
+        import psycopg
+
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)).fetchone():
+                conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+        os.environ["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{BENCH_DB}"
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/12")
+    os.environ.setdefault("VIDSIM_CALLBACK_ALLOW_PRIVATE", "true")
+    os.environ.setdefault("VIDSIM_DATA_DIR", str(Path(tempfile.gettempdir()) / "vidsim-bench"))
+    os.environ.setdefault("VIDSIM_MEDIA_ROOTS", os.environ["VIDSIM_DATA_DIR"])
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+    return {"n": len(values), "p50": pct(50), "p95": pct(95), "p99": pct(99), "mean": statistics.fmean(values)}
+
+
+def main(*, events: int = 500, cold: int = 5, console: Console | None = None) -> dict[str, dict[str, float]]:
+    console = console or Console()
+    _defaults()
+    from sqlalchemy import func, select
+
+    from app import video as video_io
+    from app.config import get_settings
+    from app.db import migrate, session_scope
+    from app.footage import cut, real_footage, run_ffmpeg
+    from app.library import decode_limits, register
+    from app.models import Embedding
+    from app.receiver import CallbackReceiver
+    from app.registry import active_model, embed_clips
+    from app.search import rebuild_index
+    from scripts.demo import running_worker
+    from workers.publish import publish_video_selected
+    from workers.tasks import embed_video
+
+    settings = get_settings()
+    migrate()
+    work = settings.data_dir.resolve() / "bench"
+    sources = real_footage(work / "sources")
+    library = []
+    for i, footage in enumerate(sources):
+        for j in range(2):
+            dst = work / "library" / f"{footage.name}-{j}.mp4"
+            if not dst.exists():
+                cut(footage.path, dst, start_s=j * 1.5, duration_s=4.0)
+            library.append(dst)
+        if i >= 9:
+            break
+    with session_scope() as session:
+        ids = [register(session, str(p), settings=settings).video_id for p in library]
+
+    cold_videos = []
+    (work / "cold").mkdir(parents=True, exist_ok=True)
+    for i in range(cold):  # distinct 60-s 640x360 videos, looped from real footage
+        dst = work / "cold" / f"cold-{time.time_ns()}-{i}.mp4"
+        src = sources[i % len(sources)].path
+        run_ffmpeg(["-stream_loop", "-1", "-t", "60", "-i", str(src), "-vf", f"scale=640:360,hue=h={37 * i + random.randint(0, 36)}",
+                    "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "26", "-pix_fmt", "yuv420p", str(dst)])  # fmt: skip
+        cold_videos.append(dst)
+
+    results: dict[str, dict[str, float]] = {}
+    with running_worker(work / "worker.log", queues="events,embed,callbacks,maintenance"):
+        with session_scope() as session:
+            model = active_model(session)
+        for video_id in ids:
+            embed_video.delay(video_id)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            with session_scope() as session:
+                done = session.scalar(select(func.count()).where(Embedding.video_id.in_(ids), Embedding.model_version_id == model.id))
+            if done == len(ids):
+                break
+            time.sleep(0.5)
+        with session_scope() as session:
+            rebuild_index(session, model, settings=settings)
+
+        with CallbackReceiver(settings.webhook_secrets[0]) as rx:
+            # Warm-up: the worker process loads the index and its connections once.
+            for _ in range(5):
+                eid = publish_video_selected(video_id=ids[0], callback_url=rx.url)
+                rx.wait_for({eid}, timeout_s=60)
+            warm = []
+            for _ in track(range(events), description="warm events", console=console):
+                sent = time.time()
+                eid = publish_video_selected(video_id=random.choice(ids), callback_url=rx.url)
+                got = rx.wait_for({eid}, timeout_s=60).get(eid)
+                if got is not None:
+                    warm.append((got.at - sent) * 1000)
+            results["warm event -> callback (ms)"] = _percentiles(warm)
+
+            cold_ms = []
+            for path in track(cold_videos, description="cold events", console=console):
+                sent = time.time()
+                eid = publish_video_selected(video_uri=str(path), callback_url=rx.url)
+                got = rx.wait_for({eid}, timeout_s=600).get(eid)
+                if got is not None and not got.payload.get("error"):
+                    cold_ms.append((got.at - sent) * 1000)
+            if cold_ms:
+                results["cold 60-s video event -> callback (ms)"] = _percentiles(cold_ms)
+
+    decode_ms, embed_ms = [], []
+    limits = decode_limits(settings)
+    size = int(model.config.get("frame_size", 224))
+    for path in cold_videos:
+        t0 = time.perf_counter()
+        sample = video_io.sample_frames(path, fps=settings.frame_fps, size=size, max_frames=settings.max_frames, limits=limits)
+        t1 = time.perf_counter()
+        embed_clips(model, [sample.frames])
+        t2 = time.perf_counter()
+        decode_ms.append((t1 - t0) * 1000)
+        embed_ms.append((t2 - t1) * 1000)
+    if decode_ms:
+        results["decode only, same 60-s videos (ms)"] = _percentiles(decode_ms)
+        results["embed only, same frames (ms)"] = _percentiles(embed_ms)
+
+    table = Table("measure", "n", "p50", "p95", "p99", "mean", title="vidsim event -> callback latency")
+    for name, r in results.items():
+        table.add_row(name, str(r["n"]), f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{r['p99']:.1f}", f"{r['mean']:.1f}")
+    console.print(table)
+    cold_key = "cold 60-s video event -> callback (ms)"
+    if cold_key in results and decode_ms:
+        ratio = results[cold_key]["p50"] / results["decode only, same 60-s videos (ms)"]["p50"]
+        console.print(f"cold p50 is {ratio:.2f}x the decode-only p50 (decode + embed + queue + search + callback)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

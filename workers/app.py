@@ -24,7 +24,9 @@ def make_celery() -> Celery:
         folder = (settings.data_dir / "broker").resolve()
         folder.mkdir(parents=True, exist_ok=True)
         broker = "filesystem://"
-        transport_options.update(data_folder_in=str(folder), data_folder_out=str(folder))
+        transport_options.update(
+            data_folder_in=str(folder), data_folder_out=str(folder), control_folder=str(folder / "control")
+        )
     else:
         broker = settings.redis_url
     app.conf.update(

@@ -38,12 +38,12 @@ class Settings(BaseSettings):
     webhook_secret: str = DEV_WEBHOOK_SECRET
     callback_allow_private: bool = False
     callback_timeout_s: float = 15.0
-    callback_max_attempts: int = 10
+    # Seconds to wait before each attempt (the first is immediate); its length is the
+    # number of attempts before a delivery is dead-lettered.
     callback_retry_schedule: Annotated[tuple[float, ...], NoDecode] = STANDARD_RETRY_SCHEDULE
     outbox_sweep_interval_s: float = 5.0
 
-    # Retrieval.
-    default_k: int = 5
+    # Retrieval: the largest k an event may ask for.
     max_k: int = 100
 
     # Decoding limits (applied in a throwaway child process).

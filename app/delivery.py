@@ -96,13 +96,9 @@ def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult,
     elif result.disable:
         delivery.status, delivery.next_attempt_at = "disabled", None
     else:
-        delay = None
-        if delivery.attempts < settings.callback_max_attempts:
-            delay = callbacks.next_delay_s(
-                delivery.attempts,
-                schedule=settings.callback_retry_schedule,
-                retry_after_s=result.retry_after_s,
-            )
+        delay = callbacks.next_delay_s(
+            delivery.attempts, schedule=settings.callback_retry_schedule, retry_after_s=result.retry_after_s
+        )
         if delay is None:
             delivery.status, delivery.next_attempt_at = "dead", None
         else:

@@ -76,6 +76,9 @@ class ModelVersion(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     data_summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # candidate -> warming (library being embedded, its index built) -> active -> retired.
+    # The active one serves; a warming one takes over when its index is ready.
+    status: Mapped[str] = mapped_column(String(16), default="candidate")
     is_active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -122,6 +125,8 @@ class IndexVersion(Base):
     # Embedding ids <= watermark are in the file; later ones are searched exactly.
     embedding_watermark: Mapped[int] = mapped_column(BigInteger)
     build_seconds: Mapped[float] = mapped_column(Float)
+    # How the file was built and is searched (metric, quantisation, shards, calibration).
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     is_active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -53,10 +53,10 @@ def active_model(session: Session) -> ModelVersion:
 
 def activate(session: Session, model_id: int) -> ModelVersion:
     """Makes ``model_id`` the one active version."""
-    session.execute(update(ModelVersion).where(ModelVersion.is_active).values(is_active=False))
+    session.execute(update(ModelVersion).where(ModelVersion.is_active).values(is_active=False, status="retired"))
     session.flush()
     model = session.get_one(ModelVersion, model_id)
-    model.is_active = True
+    model.is_active, model.status = True, "active"
     session.flush()
     return model
 

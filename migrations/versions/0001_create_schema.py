@@ -49,6 +49,7 @@ def upgrade() -> None:
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
             nullable=False,
         ),
+        sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("is_active", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
@@ -142,6 +143,9 @@ def upgrade() -> None:
         sa.Column("dtype", sa.String(length=8), nullable=False),
         sa.Column("embedding_watermark", sa.BigInteger(), nullable=False),
         sa.Column("build_seconds", sa.Float(), nullable=False),
+        sa.Column(
+            "params", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=False
+        ),
         sa.Column("is_active", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(

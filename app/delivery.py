@@ -13,8 +13,9 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app import callbacks
+from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.config import Settings
-from app.models import Delivery, DeliveryAttempt, Recommendation, utcnow
+from app.models import Delivery, DeliveryAttempt, Event, Recommendation, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,11 @@ def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult,
     )
     if result.ok:
         delivery.status, delivery.delivered_at, delivery.next_attempt_at = "delivered", utcnow(), None
+        received_at = session.scalar(
+            select(Event.received_at).join(Recommendation).where(Recommendation.id == delivery.recommendation_id)
+        )
+        if received_at is not None:
+            EVENT_TO_CALLBACK.observe((delivery.delivered_at - received_at).total_seconds())
     elif result.disable:
         delivery.status, delivery.next_attempt_at = "disabled", None
     else:
@@ -103,6 +109,7 @@ def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult,
             delivery.status, delivery.next_attempt_at = "dead", None
         else:
             delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    DELIVERIES.labels("retry" if delivery.status == "pending" else delivery.status).inc()
     logger.info(
         "delivery %d attempt %d -> %s (%s)",
         delivery.id,

@@ -23,6 +23,7 @@ from app import library
 from app import video as video_io
 from app.config import Settings
 from app.events import InvalidEvent, VideoSelected, parse_event
+from app.metrics import EVENTS
 from app.models import Embedding, Event, ModelVersion, Recommendation, Video, utcnow
 from app.registry import active_model, embed_clips
 from app.search import search_library, vector_of
@@ -162,6 +163,7 @@ def _answer(
         theirs = session.scalars(select(Recommendation).where(Recommendation.event_id == ev.event_id)).one()
         return _existing_outcome(session, theirs)
     ev.status, ev.error, ev.completed_at = ("failed" if error else "served"), error, utcnow()
+    EVENTS.labels(ev.status).inc()
     if error:
         logger.warning("event %s failed: %s", ev.event_id, error)
     body = callback_body(ev, rec, query=query, model=model)

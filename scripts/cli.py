@@ -228,11 +228,22 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
     pool: Annotated[str | None, typer.Option(help="prefork, solo or threads (GPU workers: solo).")] = None,
     beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one per deployment).")] = False,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
 ) -> None:
     """Start a Celery worker (extra options go to `celery worker`)."""
+    import shutil
+    import uuid
+
     from app.db import migrate
 
     migrate()
+    port = metrics_port or get_settings().metrics_port
+    if port:
+        # Prefork children write their metrics here; the main process serves the sum.
+        folder = get_settings().data_dir.resolve() / "metrics" / uuid.uuid4().hex[:8]
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        os.environ.update(PROMETHEUS_MULTIPROC_DIR=str(folder), VIDSIM_METRICS_PORT=str(port))
     args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "-Q", queues, "--loglevel", "INFO"]
     if concurrency:
         args += ["--concurrency", str(concurrency)]
@@ -247,6 +258,49 @@ def worker(
 def beat() -> None:
     """Start the periodic scheduler (the outbox sweeper). Run exactly one."""
     os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "beat", "--loglevel", "INFO"])
+
+
+@app.command()
+def status() -> None:
+    """Queues, workers, active model and index, pending deliveries, recent failures."""
+    from app.status import overview
+
+    with _session() as session:
+        o = overview(session)
+    console.print(f"model: {o.model or 'none'}{'' if o.model_trained else ' (untrained)'}; {o.embedded}/{o.library} library videos embedded")
+    if o.warming:
+        console.print(f"warming up (embedding the library, then switching): {', '.join(o.warming)}")
+    console.print(f"index: {o.index or 'none (exact search)'}; {o.index_lag} newer embeddings searched exactly")
+    console.print("events, last hour: " + (", ".join(f"{k} {v}" for k, v in o.events_last_hour.items()) or "none"))
+    console.print("deliveries: " + (", ".join(f"{k} {v}" for k, v in o.deliveries.items()) or "none"))
+    try:
+        from workers.app import celery_app
+        from workers.metrics import queue_depths
+
+        depths = queue_depths()
+        console.print("queues: " + ", ".join(f"{q} {n}" for q, n in depths.items()))
+        replies = celery_app.control.ping(timeout=1.0) or []
+        console.print(f"workers: {len(replies)} answering" + (f" ({', '.join(next(iter(r)) for r in replies)})" if replies else ""))
+    except Exception as exc:
+        console.print(f"[yellow]broker unavailable:[/yellow] {exc}")
+    if o.failures:
+        table = Table("when", "what", "reason", title="recent failures")
+        for f in o.failures:
+            table.add_row(f"{f.at:%Y-%m-%d %H:%M:%S}", f.what, f.reason)
+        console.print(table)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    limit: Annotated[int, typer.Option(help="Events shown.")] = 30,
+) -> None:
+    """Serve the read-only results page: recent events, query frames, recommendations."""
+    from app.webui import serve
+
+    console.print(f"results page on http://{host}:{port}/ (Ctrl-C to stop)")
+    serve(host=host, port=port, limit=limit, settings=get_settings())
 
 
 @deliveries_app.command("list")

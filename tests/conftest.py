@@ -56,8 +56,9 @@ def pytest_configure(config: pytest.Config) -> None:
         VIDSIM_CALLBACK_RETRY_SCHEDULE="0,0.5,0.5,0.5",
         VIDSIM_CALLBACK_TIMEOUT_S="5",
         VIDSIM_TORCH_THREADS="1",
+        # Test runs may share one Redis (CI and developers, several at once): own keys.
+        VIDSIM_BROKER_PREFIX=f"{dbname}:",
     )
-    redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
     from app.config import get_settings
 
     get_settings.cache_clear()
@@ -72,6 +73,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
         get_engine().dispose()
         drop_database(_state["dbname"])
+        client = redis.Redis.from_url(os.environ["REDIS_URL"])
+        for key in client.scan_iter(match=f"{_state['dbname']}:*"):
+            client.delete(key)
+        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -228,6 +228,7 @@ def test_raw_message_from_a_non_python_producer(library, receiver) -> None:  # t
     }  # fmt: skip
     from app.config import get_settings
 
-    redis.Redis.from_url(get_settings().redis_url).lpush("events", json.dumps(message))
+    settings = get_settings()
+    redis.Redis.from_url(settings.redis_url).lpush(settings.broker_prefix + "events", json.dumps(message))
     payload = receiver.wait_for({event_id}, timeout_s=60)[event_id].payload
     assert payload["error"] is None and len(payload["results"]) == 2

@@ -18,7 +18,7 @@ TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 180
 
 def make_celery() -> Celery:
     settings = get_settings()
-    app = Celery("vidsim", include=["workers.tasks"])
+    app = Celery("vidsim", include=["workers.tasks", "workers.metrics", "workers.crawl_tasks"])
     transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.embedded:
         folder = (settings.data_dir / "broker").resolve()
@@ -29,6 +29,8 @@ def make_celery() -> Celery:
         )
     else:
         broker = settings.redis_url
+        if settings.broker_prefix:
+            transport_options["global_keyprefix"] = settings.broker_prefix
     app.conf.update(
         broker_url=broker,
         broker_transport_options=transport_options,

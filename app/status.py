@@ -1,0 +1,77 @@
+"""What an operator asks first: which model and index serve, what is pending, what failed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import Delivery, Embedding, Event, IndexVersion, ModelVersion, Video, utcnow
+
+
+@dataclass
+class Failure:
+    at: datetime
+    what: str
+    reason: str
+
+
+@dataclass
+class Overview:
+    model: str | None
+    model_trained: bool
+    warming: list[str]
+    embedded: int
+    library: int
+    index: str | None
+    index_lag: int  # embeddings newer than the index (searched exactly)
+    events_last_hour: dict[str, int]
+    deliveries: dict[str, int]
+    failures: list[Failure] = field(default_factory=list)
+
+
+def overview(session: Session, *, failures: int = 10) -> Overview:
+    model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
+    warming = [m.name for m in session.scalars(select(ModelVersion).where(ModelVersion.status == "warming"))]
+    library = session.scalar(select(func.count()).where(Video.in_library, Video.enabled)) or 0
+    embedded = 0
+    index_text, lag = None, 0
+    if model is not None:
+        embedded = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id)) or 0
+        idx = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
+        if idx is not None:
+            index_text = f"{idx.id}: {idx.size} vectors, {idx.dim}-d {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M}"
+            lag = session.scalar(
+                select(func.count()).where(
+                    Embedding.model_version_id == model.id, Embedding.id > idx.embedding_watermark
+                )
+            ) or 0
+    since = utcnow() - timedelta(hours=1)
+    events = dict(
+        session.execute(select(Event.status, func.count()).where(Event.received_at >= since).group_by(Event.status)).all()
+    )
+    deliveries = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
+    recent: list[Failure] = []
+    for ev in session.scalars(select(Event).where(Event.status == "failed").order_by(Event.received_at.desc()).limit(failures)):
+        recent.append(Failure(ev.received_at, f"event {ev.event_id}", ev.error or ""))
+    for v in session.scalars(select(Video).where(Video.status == "failed").order_by(Video.updated_at.desc()).limit(failures)):
+        recent.append(Failure(v.updated_at, f"video {v.id}", v.error or ""))
+    for d in session.scalars(
+        select(Delivery).where(Delivery.status.in_(("dead", "disabled"))).order_by(Delivery.id.desc()).limit(failures)
+    ):
+        recent.append(Failure(d.created_at, f"delivery {d.id} ({d.status})", d.last_error or ""))
+    recent.sort(key=lambda f: f.at, reverse=True)
+    return Overview(
+        model=f"{model.id} {model.name}" if model else None,
+        model_trained=bool(model and model.trained),
+        warming=warming,
+        embedded=embedded,
+        library=library,
+        index=index_text,
+        index_lag=lag,
+        events_last_hour=events,
+        deliveries=deliveries,
+        failures=recent[:failures],
+    )

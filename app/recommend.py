@@ -230,13 +230,14 @@ class Embedded:
     embed_s: float = 0.0
 
 
-def embed_video(session: Session, video_id: int, *, settings: Settings) -> Embedded:
-    """Decodes (in a sandboxed child), embeds and stores one video for the active model.
-    Skips work already done; records a readable error on the video when it is unusable."""
+def embed_video(session: Session, video_id: int, *, settings: Settings, model_id: int | None = None) -> Embedded:
+    """Decodes (in a sandboxed child), embeds and stores one video for the active model
+    (or ``model_id``, a model warming up). Skips work already done; records a readable
+    error on the video when it is unusable."""
     video = session.get(Video, video_id)
     if video is None:
         return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
-    model = active_model(session)
+    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session)
     if session.scalar(
         select(Embedding.id).where(Embedding.video_id == video_id, Embedding.model_version_id == model.id)
     ):
@@ -286,9 +287,9 @@ def embed_video(session: Session, video_id: int, *, settings: Settings) -> Embed
     return Embedded(video_id, True, len(sample.frames), None, decoded - started, done - decoded)
 
 
-def videos_to_embed(session: Session, *, limit: int | None = None) -> list[int]:
-    """Library videos without an embedding for the active model (the backfill)."""
-    model = active_model(session)
+def videos_to_embed(session: Session, *, limit: int | None = None, model_id: int | None = None) -> list[int]:
+    """Library videos without an embedding for the active model, or ``model_id`` (the backfill)."""
+    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session)
     done = select(Embedding.video_id).where(Embedding.model_version_id == model.id)
     stmt = (
         select(Video.id)

@@ -121,3 +121,22 @@ def _cpu_has_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def start_rollout(session: Session, model_id: int) -> ModelVersion:
+    """Marks a model to take over: the library gets embedded with it and an index built;
+    the active model keeps serving until then (see :func:`finish_rollout`)."""
+    model = session.get_one(ModelVersion, model_id)
+    if not model.is_active:
+        model.status = "warming"
+    session.flush()
+    return model
+
+
+def warming_models(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.status == "warming")))
+
+
+def finish_rollout(session: Session, model: ModelVersion) -> ModelVersion:
+    """Switches serving to ``model``; call in the transaction that activates its index."""
+    return activate(session, model.id)

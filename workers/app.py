@@ -18,7 +18,7 @@ TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 180
 
 def make_celery() -> Celery:
     settings = get_settings()
-    app = Celery("vidsim", include=["workers.tasks", "workers.metrics", "workers.crawl_tasks"])
+    app = Celery("vidsim", include=["workers.tasks", "workers.metrics"])
     transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.embedded:
         folder = (settings.data_dir / "broker").resolve()
@@ -62,6 +62,11 @@ def make_celery() -> Celery:
                 "task": "vidsim.sweep_outbox",
                 "schedule": settings.outbox_sweep_interval_s,
                 "options": {"expires": max(settings.outbox_sweep_interval_s * 2, 1.0)},
+            },
+            "advance-model-rollouts": {
+                "task": "vidsim.advance_rollouts",
+                "schedule": 30.0,
+                "options": {"expires": 60.0},
             },
         },
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),

@@ -15,10 +15,10 @@ from celery.signals import worker_process_init
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app import delivery as outbox
-from app import recommend, search
+from app import recommend, registry, search
 from app.config import get_settings
 from app.db import session_scope
-from app.models import TaskAttempt, utcnow
+from app.models import ModelVersion, TaskAttempt, utcnow
 from app.registry import active_model
 from workers.app import TIME_LIMITS, celery_app
 
@@ -121,14 +121,15 @@ class EmbedTask(Task):
 
 
 @celery_app.task(name="vidsim.embed_video", base=EmbedTask, bind=True, time_limit=TIME_LIMITS["embed"], **RETRY_POLICY)
-def embed_video(self: Task, video_id: int, event_id: str | None = None) -> None:
-    """Embeds one video; an event waiting on it is served next (on the events queue)."""
+def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id: int | None = None) -> None:
+    """Embeds one video (for the active model, or a model warming up); an event waiting
+    on it is served next (on the events queue)."""
     if _process_died_too_often(self):
         with session_scope() as session:
             recommend.fail_video(session, video_id, "the worker process kept dying while embedding this video")
     else:
         with session_scope() as session:
-            recommend.embed_video(session, video_id, settings=get_settings())
+            recommend.embed_video(session, video_id, settings=get_settings(), model_id=model_id)
     if event_id is not None:
         serve_event.delay(event_id)
 
@@ -157,12 +158,41 @@ def sweep_outbox() -> int:
 
 
 @celery_app.task(name="vidsim.backfill", time_limit=TIME_LIMITS["maintenance"])
-def backfill(limit: int | None = None) -> int:
+def backfill(limit: int | None = None, model_id: int | None = None) -> int:
     with session_scope() as session:
-        ids = recommend.videos_to_embed(session, limit=limit)
+        ids = recommend.videos_to_embed(session, limit=limit, model_id=model_id)
     for video_id in ids:
-        embed_video.delay(video_id)
+        embed_video.delay(video_id, model_id=model_id)
     return len(ids)
+
+
+@celery_app.task(name="vidsim.activate_model", time_limit=TIME_LIMITS["maintenance"])
+def activate_model(model_id: int) -> int:
+    """Starts a model's rollout: embed the library with it; `advance_rollouts` switches
+    serving to it once its index is built. The old model and index serve meanwhile."""
+    with session_scope() as session:
+        registry.start_rollout(session, model_id)
+    return backfill(model_id=model_id)
+
+
+@celery_app.task(name="vidsim.advance_rollouts", time_limit=TIME_LIMITS["maintenance"])
+def advance_rollouts() -> list[int]:
+    """Beat: a warming model whose library is embedded gets its index built, and serving
+    switches to both in one transaction."""
+    switched = []
+    settings = get_settings()
+    with session_scope() as session:
+        warming = [m.id for m in registry.warming_models(session)]
+    for model_id in warming:
+        with session_scope() as session:
+            if recommend.videos_to_embed(session, model_id=model_id, limit=1):
+                continue
+            model = session.get_one(ModelVersion, model_id)
+            search.rebuild_index(session, model, settings=settings)
+            registry.finish_rollout(session, model)
+            switched.append(model_id)
+        logger.info("model %d now serves", model_id)
+    return switched
 
 
 @celery_app.task(name="vidsim.rebuild_index", time_limit=TIME_LIMITS["maintenance"])

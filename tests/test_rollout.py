@@ -1,0 +1,69 @@
+"""Activating a new model: the old model and index keep serving until the library is
+embedded with the new one and its index is built; then both switch at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from media import make_video
+from sqlalchemy import select
+
+from app import recommend, registry
+from app.db import session_scope
+from app.encoder import EncoderConfig, initial_encoder, save_checkpoint
+from app.library import register
+from app.models import IndexVersion, ModelVersion
+from app.search import rebuild_index, search_library, vector_of
+
+
+def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from workers.tasks import advance_rollouts
+
+    folder = data_dir / "rollout"
+    files = [make_video(folder / f"{p}.mp4", seconds=2, pattern=p) for p in ("testsrc2", "mandelbrot", "rgbtestsrc")]
+    with session_scope() as s:
+        ids = [register(s, str(f), settings=settings, collection="rollout").video_id for f in files]
+        old = registry.active_model(s)
+    for video_id in ids:
+        with session_scope() as s:
+            assert recommend.embed_video(s, video_id, settings=settings).ok
+    with session_scope() as s:
+        rebuild_index(s, registry.active_model(s), settings=settings)
+
+    config = EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64)
+    checkpoint = save_checkpoint(tmp_path / "new.pt", initial_encoder(config, seed=1))
+    with session_scope() as s:
+        new = registry.register_model(s, name=f"test-new-{tmp_path.name}", checkpoint_path=checkpoint, config=config)
+        registry.start_rollout(s, new.id)
+        new_id = new.id
+
+    # Warming: nothing embedded with the new model yet, so the old one keeps serving.
+    assert advance_rollouts() == []
+    with session_scope() as s:
+        assert registry.active_model(s).id == old.id
+        assert s.get_one(ModelVersion, new_id).status == "warming"
+
+    with session_scope() as s:
+        todo = recommend.videos_to_embed(s, model_id=new_id)
+    assert set(ids) <= set(todo)
+    for video_id in todo:
+        with session_scope() as s:
+            recommend.embed_video(s, video_id, settings=settings, model_id=new_id)
+
+    assert advance_rollouts() == [new_id]
+    with session_scope() as s:
+        active = registry.active_model(s)
+        index = s.scalars(select(IndexVersion).where(IndexVersion.is_active)).one()
+        assert active.id == new_id and active.status == "active"
+        assert index.model_version_id == new_id and index.dim == config.output_dim
+        assert s.get_one(ModelVersion, old.id).status == "retired"
+        # Serving uses the new model's vectors and index.
+        from app.models import Embedding
+
+        emb = s.scalars(select(Embedding).where(Embedding.video_id == ids[0], Embedding.model_version_id == new_id)).one()
+        matches, used = search_library(s, active, vector_of(emb), k=2, exclude={ids[0]}, collection="rollout")
+        assert used == index.id and len(matches) == 2
+
+    with session_scope() as s:  # leave the shared test database as other tests expect it
+        registry.activate(s, old.id)
+        rebuild_index(s, s.get_one(ModelVersion, old.id), settings=settings)

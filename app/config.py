@@ -46,6 +46,30 @@ class Settings(BaseSettings):
     # Retrieval: the largest k an event may ask for.
     max_k: int = 100
 
+    # Vector index (app/index.py, app/search.py; measured by scripts/bench_index.py).
+    # Build parameters are recorded in each IndexVersion.params; a change applies at the
+    # next rebuild. hnsw: a graph over the vectors stored as index_dtype; hash: a graph
+    # over binary codes (Hamming), candidates re-ranked by exact cosine.
+    index_mode: Literal["hnsw", "hash"] = "hnsw"
+    index_dtype: Literal["f32", "f16", "i8"] = "f16"
+    index_connectivity: int = 16
+    index_expansion_add: int = 128
+    index_expansion_search: int = 64  # search-time: applies to the version being served
+    index_shards: int = 1
+    pca_dim: int | None = None  # learned reduction before indexing (re-ranked like hash)
+    pca_whiten: bool = False
+    hash_bits: int | None = None  # None: one bit per (reduced) dimension
+    hash_rotation: Literal["none", "pca", "itq"] = "itq"
+    # Candidates re-ranked by exact cosine with the float copy kept beside the index
+    # (hash and PCA modes; None: 100 there, 0 otherwise). Search-time.
+    index_rerank: int | None = None
+    index_rerank_dtype: Literal["f32", "f16"] = "f16"
+    index_refresh_s: float = 1.0  # a worker notices a new active index version within this
+    index_keep_versions: int = 3  # index files kept on disk (the active one included)
+    # A result whose calibrated score (app.index.calibrate) reaches this is flagged as a
+    # near-duplicate of the query (precision measured by scripts/bench_index.py).
+    near_duplicate_threshold: float = 0.9
+
     # Decoding limits (applied in a throwaway child process).
     frame_fps: float = 1.0
     max_frames: int = 64

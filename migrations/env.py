@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-
+import app.crawl.models  # noqa: F401  (the crawler's tables, on the same Base)
 from app.db import get_engine
 from app.models import Base
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import get_settings
+from scripts.crawl_cli import crawl_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 library_app = typer.Typer(no_args_is_help=True, help="Register and manage library videos.")
@@ -20,11 +21,14 @@ index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the vector
 deliveries_app = typer.Typer(no_args_is_help=True, help="Inspect and replay callback deliveries.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+model_app = typer.Typer(no_args_is_help=True, help="Model versions: list, activate.")
 app.add_typer(library_app, name="library")
 app.add_typer(index_app, name="index")
 app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
+app.add_typer(model_app, name="model")
+app.add_typer(crawl_app, name="crawl")
 
 console = Console()
 err = Console(stderr=True)
@@ -205,6 +209,132 @@ def index_status() -> None:
             console.print(f"index {idx.id}: {idx.size} vectors, {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M:%S}, {embedded - idx.size} newer embeddings searched exactly")
 
 
+def _train_command(
+    *,
+    preset: str,
+    videos: list[str] | None,
+    name: str | None,
+    steps: int | None,
+    lambd: float | None,
+    init_model_id: int | None,
+    epochs: int | None,
+    activate: bool,
+    queue: bool,
+) -> None:
+    from app import lifecycle
+    from app.library import expand_sources
+
+    overrides = {k: v for k, v in {"steps": steps, "lambd": lambd}.items() if v is not None}
+    files = [Path(p) for p in expand_sources(videos)] if videos else None
+    if queue:
+        from workers.train_tasks import train as train_task
+
+        train_task.delay(preset=preset, videos=[str(f) for f in files] if files else None, overrides=overrides,
+                         name=name, init_model_id=init_model_id, epochs=epochs, activate=activate)  # fmt: skip
+        console.print("training enqueued on the 'train' queue")
+        return
+    with _session():
+        pass  # the schema must exist before training registers its result
+    if files is None:
+        files = lifecycle.library_files() if init_model_id else lifecycle.training_files()
+    settings = get_settings()
+    try:
+        model_id = lifecycle.train_model(
+            preset=preset, videos=files, settings=settings, name=name, overrides=overrides,
+            resume=name is not None, init_model_id=init_model_id, epochs=epochs, progress=True,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise Fail(str(exc), "vidsim library add PATH... or vidsim train --videos PATH...") from None
+    console.print(f"model version {model_id} registered (`vidsim model activate {model_id}` to serve it)")
+    if activate:
+        _activate(model_id, inline=settings.embedded)
+
+
+@app.command()
+def train(
+    videos: Annotated[list[str] | None, typer.Option("--videos", help="Files, folders or globs (default: crawled files, else the library).")] = None,
+    preset: Annotated[str, typer.Option(help="cpu-small (minutes on a CPU) or full (the specification, GPUs).")] = "cpu-small",
+    name: Annotated[str | None, typer.Option(help="Run name; an existing run of that name is resumed.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the preset's step budget.")] = None,
+    lambd: Annotated[float | None, typer.Option(help="Barlow Twins off-diagonal weight (spec 0.001, paper 0.0051).")] = None,
+    activate: Annotated[bool, typer.Option(help="Roll the new version out when trained.")] = False,
+    queue: Annotated[bool, typer.Option(help="Run as a Celery task on the 'train' queue.")] = False,
+) -> None:
+    """Pre-train an encoder with Barlow Twins and register it as a model version."""
+    _train_command(preset=preset, videos=videos, name=name, steps=steps, lambd=lambd, init_model_id=None,
+                   epochs=None, activate=activate, queue=queue)  # fmt: skip
+
+
+@app.command()
+def finetune(
+    model_id: Annotated[int | None, typer.Option("--from", help="Model version to start from (default: the active one).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the library (5-10).")] = 5,
+    videos: Annotated[list[str] | None, typer.Option("--videos", help="Default: the library's files.")] = None,
+    preset: Annotated[str, typer.Option(help="Preset for batch size, frames and augmentation.")] = "cpu-small",
+    name: Annotated[str | None, typer.Option(help="Run name; an existing run of that name is resumed.")] = None,
+    activate: Annotated[bool, typer.Option(help="Roll the new version out when trained.")] = False,
+    queue: Annotated[bool, typer.Option(help="Run as a Celery task on the 'train' queue.")] = False,
+) -> None:
+    """Fine-tune a trained model on the company's library."""
+    if model_id is None:
+        from app.registry import active_model
+
+        with _session() as session:
+            model_id = active_model(session).id
+    _train_command(preset=preset, videos=videos, name=name, steps=None, lambd=None, init_model_id=model_id,
+                   epochs=epochs, activate=activate, queue=queue)  # fmt: skip
+
+
+def _activate(model_id: int, *, inline: bool) -> None:
+    from app import lifecycle
+
+    if not inline:
+        from workers.tasks import activate_model
+
+        activate_model.delay(model_id)
+        console.print(f"model {model_id} warming up: workers embed the library with it; it serves once its index is built")
+        return
+    from rich.progress import Progress
+
+    with Progress(console=err) as progress:
+        task = progress.add_task(f"embedding the library with model {model_id}", total=None)
+        index_id = lifecycle.roll_out_here(
+            model_id, settings=get_settings(), progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    console.print(f"model {model_id} now serves, with index version {index_id}")
+
+
+@model_app.command("activate")
+def model_activate(
+    model_id: int,
+    inline: Annotated[bool, typer.Option(help="Embed and index here instead of through workers.")] = False,
+) -> None:
+    """Roll a model version out: the library is embedded with it and an index built; the
+    current model serves until then."""
+    from app.models import ModelVersion
+
+    with _session() as session:
+        if session.get(ModelVersion, model_id) is None:
+            raise Fail(f"unknown model version {model_id}", "see `vidsim model list`")
+    _activate(model_id, inline=inline)
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """Model versions, their state and metrics."""
+    from sqlalchemy import select
+
+    from app.models import ModelVersion
+
+    with _session() as session:
+        table = Table("id", "name", "status", "trained", "dim", "data", "metrics", "created")
+        for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+            data = ", ".join(f"{k} {v}" for k, v in m.data_summary.items() if k in ("videos", "clips", "steps"))
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in m.metrics.items() if isinstance(v, int | float))
+            table.add_row(str(m.id), m.name, m.status, str(m.trained), str(m.dim), data, metrics, f"{m.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
 @app.command()
 def publish(
     video: Annotated[str, typer.Option(help="A library video id, or a video URI/path.")],
@@ -353,6 +483,24 @@ def bench_latency(
     from scripts.bench_latency import main as bench_main
 
     bench_main(events=events, cold=cold, console=console)
+
+
+@bench_app.command("retrieval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_retrieval(ctx: typer.Context) -> None:
+    """Copy-detection benchmark: the trained encoder against baselines on the same data
+    (options: see `python -m scripts.bench_retrieval --help`)."""
+    from scripts.bench_retrieval import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
+@bench_app.command("index", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_index(ctx: typer.Context) -> None:
+    """Index benchmark at scale: recall, latency, memory per storage mode
+    (options: see `python -m scripts.bench_index --help`)."""
+    from scripts.bench_index import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)) or 0)
 
 
 def main() -> None:

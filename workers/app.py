@@ -18,7 +18,7 @@ TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 180
 
 def make_celery() -> Celery:
     settings = get_settings()
-    app = Celery("vidsim", include=["workers.tasks", "workers.metrics"])
+    app = Celery("vidsim", include=["workers.tasks", "workers.train_tasks", "workers.metrics", "workers.crawl_tasks"])
     transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.embedded:
         folder = (settings.data_dir / "broker").resolve()
@@ -35,6 +35,11 @@ def make_celery() -> Celery:
         broker_url=broker,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # Publishing (the chat app's publish_video_selected, and tasks enqueueing the next
+        # step) rides out a broker blip: reconnect and retry for about 35 s before raising
+        # to the caller. Celery's default gives up after about 0.6 s, so a Redis restart
+        # made every event published meanwhile fail (tests/test_faults.py).
+        task_publish_retry_policy={"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -68,10 +73,27 @@ def make_celery() -> Celery:
                 "schedule": 30.0,
                 "options": {"expires": 60.0},
             },
+            "crawl-pipeline": {
+                "task": "vidsim.crawl.pipeline",
+                "schedule": settings.crawl_pipeline_interval_s,
+                # A message that waited a whole period is stale: the next one replaces it.
+                "options": {"expires": settings.crawl_pipeline_interval_s},
+            },
         },
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
         worker_hijack_root_logger=False,
     )
+    if not settings.embedded:
+        # One effective scheduler however many `vidsim beat` run: RedBeat holds a Redis
+        # lock, renewed every tick, that lapses lock_timeout after its holder dies.
+        lock_timeout = settings.beat_lock_timeout_s
+        app.conf.update(
+            beat_scheduler="redbeat.RedBeatScheduler",
+            redbeat_redis_url=settings.redis_url,
+            redbeat_key_prefix=f"{settings.broker_prefix}vidsim:redbeat",
+            redbeat_lock_timeout=lock_timeout,
+            beat_max_loop_interval=max(1, lock_timeout // 5),
+        )
     return app
 
 

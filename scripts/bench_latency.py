@@ -65,7 +65,7 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
     from app.receiver import CallbackReceiver
     from app.registry import active_model, embed_clips
     from app.search import rebuild_index
-    from scripts.demo import running_worker
+    from workers.process import running_worker
     from workers.publish import publish_video_selected
     from workers.tasks import embed_video
 
@@ -95,7 +95,7 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
         cold_videos.append(dst)
 
     results: dict[str, dict[str, float]] = {}
-    with running_worker(work / "worker.log", queues="events,embed,callbacks,maintenance"):
+    with running_worker(work / "worker.log", pool="prefork", beat=False):
         with session_scope() as session:
             model = active_model(session)
         for video_id in ids:

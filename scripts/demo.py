@@ -6,13 +6,8 @@ a results page with thumbnails."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -35,28 +30,6 @@ def _configure(data_dir: Path | None) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def running_worker(log_path: Path, queues: str = "events,embed,callbacks,maintenance") -> Iterator[subprocess.Popen]:
-    """A real Celery worker (solo pool, with the beat scheduler) for the demo's duration."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "--pool", "solo",
-             "--beat", "-Q", queues, "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 def run_demo(*, data_dir: Path | None, max_queries: int, console: Console) -> None:
     root = _configure(data_dir)
     from sqlalchemy import func, select
@@ -71,6 +44,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console) -> No
     from app.registry import active_model
     from app.report import write_results_page
     from app.search import rebuild_index
+    from workers.process import running_worker
     from workers.publish import publish_video_selected
     from workers.tasks import embed_video
 

@@ -3,13 +3,9 @@ live Celery worker process. Nothing is mocked but the outside internet."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+
+from workers.process import running_worker
 
 PG_ADMIN = os.environ.get("VIDSIM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("VIDSIM_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -100,34 +98,8 @@ def session():  # type: ignore[no-untyped-def]
         yield s
 
 
-@contextlib.contextmanager
-def start_worker(log_path: Path, *, queues: str = "events,embed,callbacks,maintenance", beat: bool = True,
-                 pool: str = "solo", extra_env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:  # fmt: skip
-    """A real `celery worker` process; yields once it is consuming."""
-    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "--pool", pool,
-            "-Q", queues, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-            "-n", f"test-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
-    if beat:
-        args.append("--beat")
-    log = open(log_path, "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})},
-                            start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while b"ready." not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+# A real `celery worker` process; yields once it is consuming (shared with the demo).
+start_worker = running_worker
 
 
 @pytest.fixture(scope="session")

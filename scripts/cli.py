@@ -53,12 +53,13 @@ def _session():  # type: ignore[no-untyped-def]
 def demo(
     data_dir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
     queries: Annotated[int, typer.Option(help="How many edited queries to publish.")] = 8,
+    train_steps: Annotated[int, typer.Option(help="Barlow Twins steps to pre-train the demo encoder (0: untrained).")] = 60,
 ) -> None:
-    """Build a demo library from real footage, embed it, publish events, receive the
-    signed callbacks, and write a results page. Needs no servers."""
+    """Build a demo library from real footage, train an encoder on it without labels, embed
+    it, publish events, receive the signed callbacks, and write a results page. Needs no servers."""
     from scripts.demo import run_demo
 
-    run_demo(data_dir=data_dir, max_queries=queries, console=console)
+    run_demo(data_dir=data_dir, max_queries=queries, console=console, train_steps=train_steps)
 
 
 @db_app.command("upgrade")

@@ -30,7 +30,26 @@ def _configure(data_dir: Path | None) -> Path:
     return root
 
 
-def run_demo(*, data_dir: Path | None, max_queries: int, console: Console) -> None:
+def _train_demo_model(library: list[Path], *, steps: int, settings, console: Console):  # type: ignore[no-untyped-def]
+    """Pre-trains a small encoder (Barlow Twins, cpu-small preset) on the demo library and
+    makes it the serving model (nothing is indexed yet, so it takes over at once)."""
+    from app import lifecycle, registry
+    from app.db import session_scope
+    from app.models import ModelVersion
+
+    console.print(f"training an encoder without labels on the demo library (Barlow Twins, {steps} steps)...")
+    model_id = lifecycle.train_model(
+        preset="cpu-small", videos=library, settings=settings, name=f"demo-cpu-small-{steps}",
+        overrides={"steps": steps}, resume=True, progress=True,
+    )  # fmt: skip
+    with session_scope() as session:
+        model = registry.activate(session, model_id)
+        run_dir = settings.checkpoint_dir.resolve() / model.name
+        console.print(f"model {model.id} {model.name} trained: loss curve {run_dir / 'loss.png'}")
+        return session.get_one(ModelVersion, model_id)
+
+
+def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train_steps: int = 60) -> None:
     root = _configure(data_dir)
     from sqlalchemy import func, select
 
@@ -63,8 +82,13 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console) -> No
         for path in corpus.library:
             path_to_id[path] = register(session, str(path), settings=settings).video_id
         model = active_model(session)
-        if not model.trained:
-            console.print(f"[yellow]note:[/yellow] serving the untrained encoder {model.name} (deterministic initialisation); `vidsim train` makes a trained one")
+    if not model.trained and train_steps > 0:
+        model = _train_demo_model(corpus.library, steps=train_steps, settings=settings, console=console)
+    elif not model.trained:
+        console.print(f"[yellow]note:[/yellow] serving the untrained encoder {model.name} (deterministic initialisation)")
+    else:
+        console.print(f"serving trained model {model.id} {model.name}")
+    with session_scope() as session:
         todo = videos_to_embed(session)
 
     with running_worker(demo_dir / "worker.log"):

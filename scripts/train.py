@@ -2,7 +2,8 @@
 
     python -m scripts.train --preset cpu-small --videos /data/library --out runs/small
     python -m scripts.train --preset cpu-small --videos 'clips/*.mp4' --out runs/small --resume
-    python -m scripts.train --preset cpu-small --videos lib/ --out runs/ft --init runs/small/model-step000060.pt --epochs 5
+    python -m scripts.train --preset cpu-small --videos lib/ --out runs/ft --init runs/small/model-step000060.pt \
+        --epochs 5
     torchrun --nproc_per_node=8 -m scripts.train --preset full --videos /data/crawl --out runs/full
 
 Every rank runs this script; rank 0 alone prints and writes files.

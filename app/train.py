@@ -689,7 +689,8 @@ def _train(
         logger.info("initialised from %s (step %s)", init_checkpoint, payload.get("step"))
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)  # the same initial weights on every rank
+            # The same initial weights on every rank; seed 0 gives initial_encoder()'s.
+            torch.manual_seed(config.seed)
             encoder = VideoEncoder(config.encoder)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)

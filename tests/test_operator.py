@@ -75,16 +75,21 @@ def _free_port() -> int:
 
 def test_worker_metrics_endpoint(data_dir: Path, receiver, two_videos: list[Path], settings) -> None:  # type: ignore[no-untyped-def]
     from app.library import register
-    from workers.publish import publish_video_selected
-
     with session_scope() as s:
         video_id = register(s, str(two_videos[0]), settings=settings).video_id
     port = _free_port()
     metrics_dir = data_dir / f"metrics-{uuid.uuid4().hex[:6]}"
     metrics_dir.mkdir()
-    env = {"VIDSIM_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    # Its own broker keys, so that no other worker of this test run takes its messages.
+    env = {"VIDSIM_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+           "VIDSIM_BROKER_PREFIX": f"{settings.broker_prefix}metrics-{uuid.uuid4().hex[:6]}:"}  # fmt: skip
     with start_worker(data_dir / "metrics-worker.log", pool="prefork", beat=False, extra_env=env):
-        event_id = publish_video_selected(video_id=video_id, callback_url=receiver.url)
+        event_id = f"metrics-{uuid.uuid4().hex[:8]}"
+        publish = (
+            "from workers.publish import publish_video_selected as p; "
+            f"p(event_id={event_id!r}, video_id={video_id}, callback_url={receiver.url!r})"
+        )
+        subprocess.run([sys.executable, "-c", publish], env={**os.environ, **env}, check=True, timeout=120)
         receiver.wait_for({event_id}, timeout_s=120)
 
         def scrape() -> dict[str, float]:

@@ -4,8 +4,12 @@ under the broker's visibility timeout on every task."""
 
 from __future__ import annotations
 
+import logging
+from queue import Empty
+
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.transport import redis as kombu_redis
 
 from app.config import get_settings
 
@@ -14,6 +18,31 @@ QUEUES = ("events", "embed", "callbacks", "maintenance", "train")
 # Hard limits (seconds) per queue; all must stay below the visibility timeout, or a
 # long task would be redelivered and run twice in parallel (celery#5935).
 TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 1800, "train": 3000}
+
+
+class _SafeRedisChannel(kombu_redis.Channel):
+    """kombu's Redis channel, except that a message it cannot even parse is dropped with
+    an error in the log instead of killing the worker. Anything that can LPUSH to the
+    events list (a buggy non-Python producer, `redis-cli`) could otherwise stop a worker
+    with one line that is not JSON, or whose body is not base64: kombu raises in the
+    worker's event loop, Celery calls it an "Unrecoverable error" and exits
+    (tests/test_hostile.py). BRPOP has already removed such a message, so dropping it
+    loses nothing a worker could have used."""
+
+    def _brpop_read(self, **options):  # type: ignore[no-untyped-def]
+        try:
+            return super()._brpop_read(**options)
+        except (Empty, *self.connection.connection_errors, *self.connection.channel_errors):
+            raise
+        except Exception as exc:
+            logging.getLogger(__name__).error("dropped a malformed broker message: %s: %s", type(exc).__name__, exc)
+            return True
+
+
+class SafeRedisTransport(kombu_redis.Transport):
+    """The Redis transport with :class:`_SafeRedisChannel` (``broker_transport``)."""
+
+    Channel = _SafeRedisChannel
 
 
 def make_celery() -> Celery:
@@ -31,6 +60,7 @@ def make_celery() -> Celery:
         broker = settings.redis_url
         if settings.broker_prefix:
             transport_options["global_keyprefix"] = settings.broker_prefix
+        app.conf.broker_transport = f"{__name__}:SafeRedisTransport"
     app.conf.update(
         broker_url=broker,
         broker_transport_options=transport_options,
@@ -48,7 +78,14 @@ def make_celery() -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,  # bounded by our own attempt counter
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Let a task that is running when the broker connection drops finish its work. With
+        # True, Celery kills it, and as Redis is down at that moment its message cannot be
+        # put back: it waits in Redis's unacked hash for the whole visibility timeout
+        # (an hour), so an event in flight during a Redis restart was answered an hour
+        # late (tests/test_faults.py). Finishing is safe: tasks are idempotent (unique
+        # rows, the outbox lease), and the late redelivery of the message is a no-op.
+        # Celery logs a CPendingDeprecationWarning on each connection loss for this.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # One direct exchange per queue, so a message lands in exactly one queue.
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="maintenance",

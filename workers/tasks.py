@@ -8,15 +8,18 @@ is recorded as failed with the reason, and the event is still answered."""
 from __future__ import annotations
 
 import logging
+import random
+from datetime import datetime
 from typing import Any
 
 from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app import delivery as outbox
 from app import recommend, registry, search
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.db import session_scope
 from app.models import ModelVersion, TaskAttempt, utcnow
 from app.registry import active_model
@@ -24,13 +27,38 @@ from workers.app import TIME_LIMITS, celery_app
 
 logger = logging.getLogger(__name__)
 
+# Postgres unreachable (a restart, a failover) is nobody's fault but the outage's: a
+# task that meets it is retried with capped backoff until the database is back (about
+# 45 minutes at most), not failed after the few quick retries below, meant for other
+# errors. With those alone, a 5-second Postgres restart failed the events in flight, and
+# their failure handlers, needing the database too, could not record or answer them:
+# they were lost (tests/test_faults.py::test_postgres_restarted_mid_stream).
+DATABASE_DOWN = (OperationalError, InterfaceError)
+DATABASE_DOWN_MAX_RETRIES = 100
+DATABASE_DOWN_BACKOFF_MAX_S = 30.0
+
 RETRY_POLICY: dict[str, Any] = {
     "autoretry_for": (Exception,),
+    "dont_autoretry_for": DATABASE_DOWN,  # RetriedTask retries these for longer
     "max_retries": 3,
     "retry_backoff": 1,
     "retry_backoff_max": 30,
     "retry_jitter": True,
 }
+
+
+class RetriedTask(Task):
+    """Base of the tasks with RETRY_POLICY: also retries while Postgres is unreachable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except DATABASE_DOWN as exc:
+            retries = self.request.retries or 0
+            countdown = min(DATABASE_DOWN_BACKOFF_MAX_S, 2.0**retries) * random.uniform(0.5, 1.0)
+            logger.warning("%s: database unavailable (%s); retry %d in %.1f s", self.name, type(exc).__name__,
+                           retries + 1, countdown)  # fmt: skip
+            raise self.retry(exc=exc, countdown=countdown, max_retries=DATABASE_DOWN_MAX_RETRIES) from None
 
 
 @worker_process_init.connect
@@ -56,7 +84,11 @@ def _process_died_too_often(task: Task) -> bool:
         )
         session.execute(stmt)
         attempts = session.get_one(TaskAttempt, task_id, populate_existing=True).attempts
-    limit = get_settings().task_max_attempts + RETRY_POLICY["max_retries"]
+    # Each retry is a new message under the same id, started once if nothing goes wrong:
+    # what is left after those is redeliveries of messages whose process died. The limit
+    # is task_max_attempts starts of the current message, as the README documents (it was
+    # task_max_attempts + max_retries, so a crash loop ran 3 more times than configured).
+    limit = get_settings().task_max_attempts + (task.request.retries or 0)
     if attempts > limit:
         logger.error("task %s %s started %d times; giving up", task.name, task_id, attempts)
         return True
@@ -78,7 +110,7 @@ def _fail_event(event_id: str | None, reason: str, raw: Any = None) -> None:
     _after(outcome)
 
 
-class EventTask(Task):
+class EventTask(RetriedTask):
     """Answers the event with an error once the task has failed for good."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
@@ -110,7 +142,7 @@ def serve_event(self: Task, event_id: str) -> None:
     _after(outcome)
 
 
-class EmbedTask(Task):
+class EmbedTask(RetriedTask):
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         video_id = kwargs.get("video_id", args[0] if args else None)
         if video_id is not None:
@@ -134,12 +166,14 @@ def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id
         serve_event.delay(event_id)
 
 
-@celery_app.task(name="vidsim.deliver_callback", time_limit=TIME_LIMITS["callbacks"], **RETRY_POLICY)
-def deliver_callback(delivery_id: int) -> None:
-    """One attempt; failures are rescheduled in the outbox, not by Celery countdowns."""
+@celery_app.task(name="vidsim.deliver_callback", base=RetriedTask, time_limit=TIME_LIMITS["callbacks"], **RETRY_POLICY)
+def deliver_callback(delivery_id: int, lease: str | None = None) -> None:
+    """One attempt; failures are rescheduled in the outbox, not by Celery countdowns.
+    ``lease``: the token of a sweeper's enqueue (``outbox.take_due``)."""
     settings = get_settings()
+    token = datetime.fromisoformat(lease) if lease else None
     with session_scope() as session:
-        delivery = outbox.claim(session, delivery_id, lease_s=settings.callback_timeout_s * 2 + 30)
+        delivery = outbox.claim(session, delivery_id, lease_s=_delivery_lease_s(settings), token=token)
     if delivery is None:
         return  # not due, done, or held by another worker
     result = outbox.attempt(delivery, settings=settings)
@@ -151,10 +185,15 @@ def deliver_callback(delivery_id: int) -> None:
 def sweep_outbox() -> int:
     """Beat: enqueue every delivery whose next attempt is due (or whose lease lapsed)."""
     with session_scope() as session:
-        ids = outbox.due(session)
-    for delivery_id in ids:
-        deliver_callback.delay(delivery_id)
-    return len(ids)
+        taken = outbox.take_due(session, lease_s=_delivery_lease_s(get_settings()))
+    for delivery_id, lease in taken:
+        deliver_callback.delay(delivery_id, lease=lease.isoformat())
+    return len(taken)
+
+
+def _delivery_lease_s(settings: Settings) -> float:
+    # Longer than one attempt can take (connect and read timeouts, the database).
+    return settings.callback_timeout_s * 2 + 30
 
 
 @celery_app.task(name="vidsim.backfill", time_limit=TIME_LIMITS["maintenance"])

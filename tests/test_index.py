@@ -1,0 +1,391 @@
+"""The index lifecycle and search (app/index.py, app/search.py): versions switched
+atomically under concurrent searches, fresh additions and switches seen by another worker
+process, corrupt versions refused, hash retrieval, shards, calibrated scores. Real
+Postgres (conftest); index files in the test data directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from app import search
+from app.index import (
+    MANIFEST,
+    IndexFileError,
+    IndexParams,
+    IndexVersionFiles,
+    build_version,
+    calibrate,
+    calibration_reference,
+    exact_search,
+    normalise,
+    quantise_i8,
+    shard_of,
+)
+from app.models import Embedding, IndexVersion, ModelVersion, Video
+
+
+def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    return normalise(np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32))
+
+
+def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Clusters of 20 with a shared offset (like real embeddings: all cosines high)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 20), d)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    return normalise(x + 1.5 * np.abs(rng.standard_normal(d)).astype(np.float32))
+
+
+def _add_videos(session, model: ModelVersion, vectors: np.ndarray, *, tag: str) -> list[Video]:  # type: ignore[no-untyped-def]
+    run = uuid.uuid4().hex[:8]
+    videos = [Video(uri=f"test://index/{tag}/{run}/{i}", status="ready") for i in range(len(vectors))]
+    session.add_all(videos)
+    session.flush()
+    session.add_all(
+        Embedding(video_id=v.id, model_version_id=model.id, vector=vec.astype(np.float32).tobytes(), dim=model.dim,
+                  frames=1)
+        for v, vec in zip(videos, vectors, strict=True)
+    )  # fmt: skip
+    session.flush()
+    return videos
+
+
+@pytest.fixture
+def model(session) -> ModelVersion:  # type: ignore[no-untyped-def]
+    from app.registry import active_model
+
+    m = active_model(session)
+    session.commit()
+    return m
+
+
+# ----------------------------------------------------------------------------- files alone
+
+
+def test_version_files_checked_before_they_are_read(tmp_path: Path) -> None:
+    vectors, keys = _unit(300, 64), np.arange(5000, 5300)
+    params = IndexParams(mode="hash", hash_rotation="pca", rerank=50)
+    built = build_version(keys=keys, vectors=vectors, directory=tmp_path / "v1", params=params)
+    assert built.params["mode"] == "hash" and built.dtype == "b1"
+    assert not list(tmp_path.glob("*.tmp")), "the temporary directory is renamed, not left behind"
+    opened = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=64)
+    assert opened.search(vectors[7], 1)[0].key == 5007
+
+    with pytest.raises(IndexFileError, match="holds 64-d"):  # foreign: another model's dimension
+        IndexVersionFiles.view(built.path, sha256=built.sha256, dim=128)
+    with pytest.raises(IndexFileError, match=r"manifest .* is corrupt"):
+        IndexVersionFiles.view(built.path, sha256="0" * 64, dim=64)
+    for name in ("shard-0.usearch", "vectors-0.npy", "keys-0.npy", "background.npy"):
+        target = built.path.parent / name
+        original = target.read_bytes()
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0xFF
+        target.write_bytes(bytes(damaged))
+        with pytest.raises(IndexFileError, match=f"{name} is corrupt"):
+            IndexVersionFiles.view(built.path, sha256=built.sha256, dim=64)
+        target.write_bytes(original)
+    (built.path.parent / "keys-0.npy").unlink()
+    with pytest.raises(IndexFileError, match="missing"):
+        IndexVersionFiles.view(built.path, sha256=built.sha256, dim=64)
+    with pytest.raises(FileExistsError):  # a version directory is never written over
+        build_version(keys=keys, vectors=vectors, directory=tmp_path / "v1", params=params)
+
+
+def test_hash_mode_top1_equals_exact_on_clear_duplicates(tmp_path: Path) -> None:
+    """Binary codes (ITQ) by Hamming distance, then exact re-ranking: a lightly edited copy
+    of a library video finds that video first, as exact search does."""
+    library = _clustered(3000, 256, seed=1)
+    keys = np.arange(3000) * 7 + 11
+    built = build_version(keys=keys, vectors=library, directory=tmp_path / "hash",
+                          params=IndexParams(mode="hash", hash_rotation="itq", rerank=100, exact_below=0))  # fmt: skip
+    opened = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=256)
+    rng = np.random.default_rng(2)
+    rows = rng.choice(3000, 200, replace=False)
+    queries = normalise(library[rows] + 0.005 * rng.standard_normal((200, 256)).astype(np.float32))  # cosine ~0.997
+    for row, q in zip(rows, queries, strict=True):
+        exact = exact_search(keys, library, q, 1)[0]
+        hit = opened.search(q, 1)[0]
+        assert hit.key == exact.key == keys[row]
+        assert hit.score == pytest.approx(exact.score, abs=2e-3)  # a cosine (f16 copy), not a Hamming distance
+    batch_keys, _ = opened.search_batch(queries, 1)
+    assert (batch_keys[:, 0] == keys[rows]).all()
+    graph = (built.path.parent / "shard-0.usearch").stat().st_size
+    assert graph / 3000 < 600  # 256-bit codes + links: what must stay in memory per video
+
+
+def test_shard_merge_equals_unsharded_results(tmp_path: Path) -> None:
+    library, keys = _clustered(2000, 64, seed=3), np.arange(100_000, 102_000)
+    queries = _unit(50, 64, seed=4) * 0.3 + library[:50]
+    versions = {}
+    for shards in (1, 4):
+        params = IndexParams(dtype="f32", shards=shards)
+        built = build_version(keys=keys, vectors=library, directory=tmp_path / f"s{shards}", params=params)
+        versions[shards] = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=64)
+    counts = np.bincount(shard_of(keys, 4), minlength=4)
+    assert (counts > 300).all(), f"keys spread over the shards by hash: {counts}"
+    for q in queries:
+        one, four = versions[1].search(q, 10, exact=True), versions[4].search(q, 10, exact=True)
+        assert (
+            [h.key for h in one]
+            == [h.key for h in four]
+            == [h.key for h in exact_search(keys, library, normalise(q), 10)]
+        )
+        np.testing.assert_allclose([h.score for h in one], [h.score for h in four], atol=1e-6)
+    batch_keys, _ = versions[4].search_batch(queries, 5)
+    for q, row in zip(queries[:5], batch_keys[:5], strict=True):
+        assert row.tolist() == [h.key for h in versions[4].search(q, 5)]
+
+
+def test_i8_pca_and_params() -> None:
+    x = _unit(10, 32)
+    q = quantise_i8(x)
+    assert q.dtype == np.int8 and np.abs(q).max(axis=1).tolist() == [127] * 10
+    assert np.allclose(normalise(q.astype(np.float32)) @ x[0], x @ x[0], atol=0.02)
+    with pytest.raises(ValueError, match="rerank"):
+        IndexParams(mode="hash", rerank=0)
+    with pytest.raises(ValueError, match="rerank"):
+        IndexParams(pca_dim=16)
+    params = IndexParams(pca_dim=16, pca_whiten=True, rerank=20)
+    assert IndexParams.from_dict({**params.to_dict(), "format": "x"}) == params
+
+
+def test_pca_reduced_version_reranks_to_exact_cosines(tmp_path: Path) -> None:
+    library, keys = _clustered(1500, 128, seed=5), np.arange(1500)
+    params = IndexParams(pca_dim=32, pca_whiten=True, rerank=50, dtype="i8")
+    built = build_version(keys=keys, vectors=library, directory=tmp_path / "pca", params=params)
+    opened = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=128)
+    assert opened.manifest["coarse_dim"] == 32
+    for row in (0, 99, 1499):
+        hits = opened.search(library[row], 3)
+        assert hits[0].key == row and hits[0].score == pytest.approx(1.0, abs=2e-3)
+
+
+# ----------------------------------------------------------------------------- with Postgres
+
+
+def test_rebuild_records_params_and_never_overlaps(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    from app.db import session_scope
+
+    _add_videos(session, model, _unit(20, model.dim, seed=6), tag="params")
+    session.commit()
+    version = search.rebuild_index(session, model, settings=settings, dtype="i8")
+    assert version.dtype == "i8"
+    assert version.params["format"] == "vidsim-index/2"
+    assert version.params["connectivity"] == settings.index_connectivity and version.params["bytes"] > 0
+    assert version.params["self_recall"] > 0.5  # the build's own check of its graph
+    assert Path(version.path).name == MANIFEST and Path(version.path).is_file()
+    with session_scope() as other, pytest.raises(search.RebuildBusy):
+        search.rebuild_index(other, model, settings=settings)  # the first holds the lock until commit
+    session.commit()
+
+
+def test_atomic_switch_under_concurrent_searches(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    """Threads search while the index is rebuilt and switched many times: no error, never
+    an empty result, the right top-1 throughout, every version seen whole."""
+    from app.db import session_scope
+
+    vectors = _clustered(300, model.dim, seed=7)
+    videos = _add_videos(session, model, vectors, tag="switch")
+    session.commit()
+    keep_all = settings.model_copy(update={"index_keep_versions": 100})
+    search.rebuild_index(session, model, settings=keep_all)
+    session.commit()
+    stop = threading.Event()
+    errors: list[str] = []
+    used: set[int | None] = set()
+    searches = [0]
+
+    def searcher(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            i = int(rng.integers(0, len(videos)))
+            try:
+                with session_scope() as s:
+                    m = s.get_one(ModelVersion, model.id)
+                    matches, version = search.search_library(s, m, vectors[i], k=5, exclude=set())
+                if not matches or matches[0].video_id != videos[i].id:
+                    errors.append(f"query {i}: {[(x.video_id, round(x.score, 4)) for x in matches]}")
+                used.add(version)
+                searches[0] += 1
+            except Exception as exc:  # the test reports every failure
+                errors.append(repr(exc))
+
+    def watcher() -> None:
+        # A version directory is visible only when whole: its manifest is there.
+        while not stop.is_set():
+            for d in settings.index_dir.iterdir():
+                whole = not d.is_dir() or d.name.endswith(".tmp") or (d / MANIFEST).exists()
+                if not whole and d.exists():  # (not removed meanwhile by the clean-up)
+                    errors.append(f"partial version directory {d}")
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=searcher, args=(s,)) for s in range(3)] + [threading.Thread(target=watcher)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(6):
+            mode = {"mode": "hash", "hash_rotation": "none", "rerank": 50} if i % 2 else {"dtype": "f16"}
+            search.rebuild_index(session, model, settings=keep_all, params=IndexParams(**mode))
+            session.commit()
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert not errors, errors[:5]
+    assert searches[0] > 20 and len(used - {None}) >= 3, (searches, used)
+    assert not search._refused
+
+
+def test_fresh_addition_and_switch_seen_by_another_worker_process(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    """Another process serving searches finds a video embedded after the index was built
+    (no rebuild), then picks up a rebuild without restarting."""
+    vectors = _clustered(60, model.dim, seed=8)
+    videos = _add_videos(session, model, vectors[:50], tag="fresh")
+    session.commit()
+    first = search.rebuild_index(session, model, settings=settings)
+    session.commit()
+    code = (
+        "import json, sys, numpy as np\n"
+        "from app.db import session_scope\nfrom app.models import ModelVersion\nfrom app.search import search_library\n"
+        "for line in sys.stdin:\n"
+        "    with session_scope() as s:\n"
+        f"        m = s.get_one(ModelVersion, {model.id})\n"
+        "        query = np.array(json.loads(line), dtype=np.float32)\n"
+        "        matches, used = search_library(s, m, query, k=3, exclude=set())\n"
+        "    print(json.dumps({'ids': [x.video_id for x in matches], 'used': used}), flush=True)\n"
+    )  # fmt: skip
+    env = {**os.environ, "VIDSIM_INDEX_REFRESH_S": "0.5"}
+    worker = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env, cwd=Path(__file__).parent.parent)  # fmt: skip
+
+    def ask(vector: np.ndarray) -> dict:  # type: ignore[type-arg]
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(json.dumps(vector.tolist()) + "\n")
+        worker.stdin.flush()
+        return json.loads(worker.stdout.readline())
+
+    try:
+        answer = ask(vectors[3])  # the worker opens the index and caches the delta
+        assert answer["used"] == first.id and answer["ids"][0] == videos[3].id
+        fresh = _add_videos(session, model, vectors[50:], tag="fresh-late")
+        session.commit()
+        answer = ask(vectors[55])
+        assert answer["ids"][0] == fresh[5].id and answer["used"] == first.id  # found exactly, no rebuild
+        second = search.rebuild_index(session, model, settings=settings)
+        session.commit()
+        time.sleep(0.6)  # the worker re-reads the active version every 0.5 s here
+        answer = ask(vectors[55])
+        assert answer["used"] == second.id and answer["ids"][0] == fresh[5].id
+    finally:
+        for pipe in (worker.stdin, worker.stdout):
+            if pipe is not None:
+                pipe.close()
+        worker.wait(timeout=30)
+
+
+def test_corrupt_version_refused_and_previous_keeps_serving(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    vectors = _clustered(40, model.dim, seed=9)
+    videos = _add_videos(session, model, vectors, tag="corrupt")
+    session.commit()
+    good = search.rebuild_index(session, model, settings=settings)
+    session.commit()
+    _, used = search.search_library(session, model, vectors[1], k=3, exclude=set())
+    assert used == good.id
+    bad = search.rebuild_index(session, model, settings=settings)
+    session.commit()
+    shard = Path(bad.path).parent / "shard-0.usearch"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for _ in range(2):  # refused once, remembered: not re-checked on every search
+        matches, used = search.search_library(session, model, vectors[1], k=3, exclude=set())
+        assert used == good.id and matches[0].video_id == videos[1].id
+    assert bad.id in search._refused
+    # A worker started now has nothing open to keep serving: it falls back to the newest
+    # older version that passes its checks.
+    code = (
+        "import sys, numpy as np\nfrom app.db import session_scope\nfrom app.models import ModelVersion\n"
+        "from app.search import search_library\nwith session_scope() as s:\n"
+        f"    m = s.get_one(ModelVersion, {model.id})\n"
+        "    query = np.frombuffer(sys.stdin.buffer.read(), np.float32)\n"
+        "    matches, used = search_library(s, m, query, k=1, exclude=set())\n"
+        "print(matches[0].video_id, used)\n"
+    )  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], input=vectors[1].astype(np.float32).tobytes(),
+                         capture_output=True, check=True, cwd=Path(__file__).parent.parent).stdout  # fmt: skip
+    assert out.decode().split() == [str(videos[1].id), str(good.id)]
+
+
+def test_calibrated_scores_flag_near_duplicates_and_disabled_videos_are_excluded(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    library = _unit(300, model.dim, seed=11)
+    query = library[0]
+    near_copy = normalise(query + 0.05 * _unit(1, model.dim, seed=12)[0])  # cosine ~0.999
+    related = normalise(query + 1.0 * _unit(1, model.dim, seed=13)[0])  # cosine ~0.7
+    videos = _add_videos(session, model, np.vstack([library, near_copy, related]), tag="calibrated")
+    session.commit()
+    search.rebuild_index(session, model, settings=settings)
+    session.commit()
+    query_video, copy_video, related_video = videos[0], videos[300], videos[301]
+
+    matches, _ = search.search_library(session, model, query, k=3, exclude={query_video.id})
+    by_id = {m.video_id: m for m in matches}
+    assert [m.video_id for m in matches[:2]] == [copy_video.id, related_video.id]
+    assert by_id[copy_video.id].near_duplicate and by_id[copy_video.id].calibrated > 0.95
+    assert not by_id[related_video.id].near_duplicate and 0 < by_id[related_video.id].calibrated < 0.85
+    assert by_id[copy_video.id].cosine == pytest.approx(float(near_copy @ query), abs=2e-3)
+    # Scores are comparable across queries: the reference is the query's own background.
+    reference = calibration_reference(query, library)
+    assert calibrate(1.0, reference) == pytest.approx(1.0) and calibrate(reference, reference) == 0
+
+    matches, _ = search.search_library(session, model, query, k=3, exclude={query_video.id},
+                                       exclude_near_duplicates=True)  # fmt: skip
+    assert matches[0].video_id == related_video.id and not any(m.near_duplicate for m in matches)
+
+    related_video.enabled = False  # in the index file, but disabled since
+    session.commit()
+    matches, _ = search.search_library(session, model, query, k=5, exclude={query_video.id})
+    assert related_video.id not in {m.video_id for m in matches} and len(matches) == 5
+
+
+def test_index_versions_beyond_the_kept_ones_are_deleted(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    _add_videos(session, model, _unit(10, model.dim, seed=14), tag="cleanup")
+    session.commit()
+    keep_two = settings.model_copy(update={"index_keep_versions": 2})
+    made = []
+    for _ in range(3):
+        made.append(search.rebuild_index(session, model, settings=keep_two))
+        session.commit()
+    assert Path(made[-1].path).exists() and Path(made[-2].path).exists()
+    assert not Path(made[0].path).parent.exists()
+    assert session.scalar(select(IndexVersion).where(IndexVersion.id == made[0].id)) is not None  # history kept
+
+
+def test_model_keeps_its_newest_version_when_another_models_index_is_activated(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    """One index is active across models (schema): activating a warming model's index
+    must not send the serving model to an exact scan of every embedding."""
+    from sqlalchemy import update
+
+    vectors = _unit(5, model.dim, seed=15)
+    videos = _add_videos(session, model, vectors, tag="warming")
+    session.commit()
+    version = search.rebuild_index(session, model, settings=settings)
+    session.commit()
+    session.execute(update(IndexVersion).values(is_active=False))  # as if another model's index took over
+    session.commit()
+    search.invalidate_cache()
+    matches, used = search.search_library(session, model, vectors[2], k=1, exclude=set())
+    assert used == version.id and matches[0].video_id == videos[2].id
+    session.execute(update(IndexVersion).where(IndexVersion.id == version.id).values(is_active=True))
+    session.commit()

@@ -319,6 +319,15 @@ class Stack:
             self._engine.dispose()
             self._engine = None
 
+    def drop_keys(self) -> None:
+        """Deletes this stack's broker keys (its own prefix) from Redis."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        for key in client.scan_iter(match=f"{self.prefix}*"):
+            client.delete(key)
+        client.close()
+
     # -- processes
 
     @contextlib.contextmanager

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from conftest import _pg_url, create_database, drop_database
 from faultkit import Hook, Stack, Supervised, children, publisher_results
 from helpers import wait_until
@@ -49,14 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         s.dispose()
         drop_database(name)
-        _drop_keys(s)
-
-
-def _drop_keys(stack: Stack) -> None:
-    client = redis.Redis.from_url(stack.redis_url)
-    for key in client.scan_iter(match=f"{stack.prefix}*"):
-        client.delete(key)
-    client.close()
+        s.drop_keys()
 
 
 # A test-only sitecustomize for the module's worker, on its PYTHONPATH: production code
@@ -233,6 +225,7 @@ def test_kill_9_pool_processes_while_events_flow(stack: Stack, worker: Supervise
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_kill_9_soak(stack: Stack, worker: Supervised, library: list[int]) -> None:
     """The same for several hundred events, a kill every 0.2-0.8 s."""
     tally = run_kill_9(stack, worker, library, n_events=500, rate=10, every_s=(0.2, 0.8), label="kill -9 soak")
@@ -542,6 +535,7 @@ def _ready_again(stack: Stack) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_kill_9_whole_worker_soak(tmp_path: Path) -> None:
     """SIGKILL the whole worker (main process and pool, as a node loss or a container
     OOM kill does) three times while 300 events flow; a supervisor starts it again.
@@ -578,4 +572,4 @@ def test_kill_9_whole_worker_soak(tmp_path: Path) -> None:
     finally:
         stack.dispose()
         drop_database(name)
-        _drop_keys(stack)
+        stack.drop_keys()

@@ -99,14 +99,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         s.dispose()
         drop_database(name)
-        _drop_keys(s)
-
-
-def _drop_keys(stack: Stack) -> None:
-    client = redis.Redis.from_url(stack.redis_url)
-    for key in client.scan_iter(match=f"{stack.prefix}*"):
-        client.delete(key)
-    client.close()
+        s.drop_keys()
 
 
 @pytest.fixture(scope="module")
@@ -586,13 +579,14 @@ def test_hostile_callback_urls_are_refused_without_connecting(tmp_path: Path) ->
     finally:
         stack.dispose()
         drop_database(name)
-        _drop_keys(stack)
+        stack.drop_keys()
 
 
 # --------------------------------------------------------------------------- soak
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_rss_of_one_worker_process_stays_flat_over_1000_decodes(tmp_path: Path) -> None:
     """One solo-pool worker process embeds 1000 library videos (each decoded in a
     throwaway child, then embedded in the worker): its resident memory, sampled as it
@@ -652,4 +646,4 @@ def test_rss_of_one_worker_process_stays_flat_over_1000_decodes(tmp_path: Path) 
     finally:
         stack.dispose()
         drop_database(name)
-        _drop_keys(stack)
+        stack.drop_keys()

@@ -10,36 +10,22 @@ services, in a database of its own).
 
 from __future__ import annotations
 
-import os
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from scripts.local_services import use_local_services
+
 BENCH_DB = "vidsim_bench"
 
 
 def _defaults() -> None:
-    """Point at the local services in databases of the bench's own, unless configured."""
-    if not os.environ.get("DATABASE_URL"):
-        import psycopg
-
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)).fetchone():
-                conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-        os.environ["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{BENCH_DB}"
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/12")
-    os.environ.setdefault("VIDSIM_CALLBACK_ALLOW_PRIVATE", "true")
-    os.environ.setdefault("VIDSIM_DATA_DIR", str(Path(tempfile.gettempdir()) / "vidsim-bench"))
-    os.environ.setdefault("VIDSIM_MEDIA_ROOTS", os.environ["VIDSIM_DATA_DIR"])
-    from app.config import get_settings
-
-    get_settings.cache_clear()
+    """Point at the local services in a database of the bench's own, unless configured."""
+    use_local_services(BENCH_DB)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

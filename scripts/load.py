@@ -31,7 +31,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -39,24 +38,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from scripts.local_services import use_local_services
+
 LOAD_DB = "vidsim_load"
 
 
 def _defaults() -> None:
     """Point at the local services, in a database and key prefix of the load test's own."""
-    if not os.environ.get("DATABASE_URL"):
-        import psycopg
-
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (LOAD_DB,)).fetchone():
-                conn.execute(f'CREATE DATABASE "{LOAD_DB}"')
-        os.environ["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{LOAD_DB}"
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/12")
-    os.environ.setdefault("VIDSIM_BROKER_PREFIX", "vidsim-load:")
-    os.environ.setdefault("VIDSIM_CALLBACK_ALLOW_PRIVATE", "true")  # the receiver is on 127.0.0.1
-    os.environ.setdefault("VIDSIM_DATA_DIR", str(Path(tempfile.gettempdir()) / "vidsim-load"))
-    os.environ.setdefault("VIDSIM_OUTBOX_SWEEP_INTERVAL_S", "1")
-    os.environ.setdefault("VIDSIM_TORCH_THREADS", "1")
+    use_local_services(LOAD_DB, VIDSIM_OUTBOX_SWEEP_INTERVAL_S="1", VIDSIM_TORCH_THREADS="1")
 
 
 @dataclass

@@ -194,3 +194,56 @@ def test_results_page_in_headless_chromium(data_dir: Path, two_videos: list[Path
         shutil.copy(screenshot, Path(artifacts) / "results-page.png")
     with session_scope() as s:
         assert s.scalar(select(Video).where(Video.id == ids[0])) is not None
+
+
+def test_readme_documents_every_setting() -> None:
+    """Every setting of app/config.py has a row in the README's Configuration tables,
+    under its environment variable, and a literal default there is the real one."""
+    from app.config import Settings
+
+    text = README.read_text()
+    section = text[text.index("\n## Configuration\n") :]
+    section = section[: section.index("\n## ", 1)]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 3:
+            rows[cells[0].strip("`")] = cells[1]
+
+    def env_name(name: str) -> str:
+        alias = Settings.model_fields[name].validation_alias
+        choices = getattr(alias, "choices", [alias] if alias else [])
+        plain = [c for c in choices if isinstance(c, str) and not c.startswith("VIDSIM_")]
+        return plain[0] if plain else f"VIDSIM_{name.upper()}"
+
+    def parse(literal: str, like: object) -> object:
+        if isinstance(like, bool):
+            assert literal in ("true", "false"), literal
+            return literal == "true"
+        if isinstance(like, int | float):
+            return type(like)(literal)
+        if isinstance(like, tuple):
+            return tuple(parse(part, like[0]) if like else part for part in literal.split(","))
+        return literal if isinstance(like, str) else type(like)(literal)  # Path
+
+    expected = {env_name(name): name for name in Settings.model_fields}
+    missing = sorted(set(expected) - set(rows))
+    assert not missing, f"README's Configuration section lacks {missing}"
+    unknown = sorted(set(rows) - set(expected))
+    assert not unknown, f"README documents variables that app/config.py has no setting for: {unknown}"
+
+    checked = 0
+    for variable, name in expected.items():
+        default, cell = Settings.model_fields[name].default, rows[variable]
+        literal = re.match(r"`([^`]*)`", cell)
+        if literal:  # `value`, optionally followed by a remark
+            value = literal.group(1)
+            assert (default is None) == (value == "unset"), f"{variable}: README says {value!r}, default is {default!r}"
+            if default is not None:
+                assert parse(value, default) == default, f"{variable}: README says {value!r}, default is {default!r}"
+        elif cell.startswith("empty"):
+            assert default in ("", ()), f"{variable}: README says empty, default is {default!r}"
+        else:  # descriptive text (the development webhook secret)
+            continue
+        checked += 1
+    assert checked >= len(expected) - 2, f"only {checked} of {len(expected)} defaults are literal"

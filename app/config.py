@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_video_pixels: int = 4096 * 2160
     max_video_streams: int = 16
     max_download_bytes: int = 2 * 1024**3
-    # Where file:// or plain-path videos may be read from (empty: anywhere).
+    # Where file:// or plain-path videos may be read from (empty: the data dir's media/).
     media_roots: Annotated[tuple[Path, ...], NoDecode] = ()
 
     # Celery.
@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     task_max_attempts: int = 3
     torch_threads: int = 0  # 0: let torch decide
     metrics_port: int | None = None  # workers serve Prometheus metrics here when set
+
+    # Logs. Workers write one JSON object per line (ts, level, logger, message, and the
+    # event_id, task and task_id being served) for log shippers; "text" for a terminal.
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
 
     # Crawler (app/crawl). Politeness: one request per host every crawl_host_interval_s
     # at most, or slower when robots.txt asks (Crawl-delay / Request-rate); hosts asking

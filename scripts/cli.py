@@ -375,7 +375,8 @@ def worker(
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         os.environ.update(PROMETHEUS_MULTIPROC_DIR=str(folder), VIDSIM_METRICS_PORT=str(port))
-    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "-Q", queues, "--loglevel", "INFO"]
+    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "-Q", queues]
+    args += ["--loglevel", get_settings().log_level]
     if concurrency:
         args += ["--concurrency", str(concurrency)]
     if pool:
@@ -388,7 +389,8 @@ def worker(
 @app.command()
 def beat() -> None:
     """Start the periodic scheduler (the outbox sweeper). Run exactly one."""
-    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "beat", "--loglevel", "INFO"])
+    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "beat", "--loglevel", get_settings().log_level]
+    os.execv(sys.executable, args)
 
 
 @app.command()

@@ -141,3 +141,33 @@ def test_search_finds_fresh_additions_and_never_disabled_videos(session, setting
     matches, _ = search_library(session, model, near_fresh, k=3, exclude={videos[0].id}, collection="acme")
     ids = {m.video_id for m in matches}
     assert videos[4].id not in ids and videos[0].id not in ids
+
+
+def test_json_log_records_carry_the_bound_event_and_extra_fields() -> None:
+    import io
+    import json
+    import logging
+
+    from app.logs import JsonFormatter, log_context
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("vidsim.test.logs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with log_context(event_id="ev-1", task=None):
+            logger.info("served %d results", 3, extra={"video_id": 7})
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                logger.exception("failed")
+        logger.info("outside")
+    finally:
+        logger.removeHandler(handler)
+    served, failed, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert served["message"] == "served 3 results" and served["level"] == "INFO"
+    assert served["event_id"] == "ev-1" and served["video_id"] == 7 and "task" not in served
+    assert failed["event_id"] == "ev-1" and "ValueError: boom" in failed["exception"]
+    assert "event_id" not in outside

@@ -73,7 +73,8 @@ def test_event_by_library_id_gets_signed_callback(library, receiver, settings) -
     assert len(body["results"]) == 3
     assert [r["rank"] for r in body["results"]] == [1, 2, 3]
     assert query_id not in {r["video_id"] for r in body["results"]}
-    assert set(body["results"][0]) == {"video_id", "uri", "score", "rank"}
+    assert set(body["results"][0]) == {"video_id", "uri", "score", "calibrated", "near_duplicate", "rank"}
+    assert all(isinstance(r["near_duplicate"], bool) and r["calibrated"] <= 1.0 for r in body["results"])
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
     assert body["model_version"] and body["index_version"] is not None
@@ -109,6 +110,25 @@ def test_edited_copy_not_in_library_finds_its_source(library, receiver, data_dir
     other = publish_video_selected(video_id=library["mandelbrot"], callback_url=receiver.url, k=10)
     results = receiver.wait_for({other}, timeout_s=60)[other].payload["results"]
     assert body["query"]["video_id"] not in {r["video_id"] for r in results}
+
+
+def test_worker_logs_follow_one_event_across_tasks(library, receiver, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Worker logs are JSON lines; a cold event's id is a field on the records of every
+    task that worked for it, so one query finds its whole path."""
+    copy = make_video(data_dir / "queries" / f"logged-{uuid.uuid4().hex[:6]}.mp4", seconds=3, pattern="testsrc2")
+    event_id = publish_video_selected(video_uri=str(copy), callback_url=receiver.url)
+    receiver.wait_for({event_id}, timeout_s=120)
+
+    def tasks_logged() -> set[str]:
+        lines = (data_dir / "worker.log").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        return {r["task"] for r in records if r.get("event_id") == event_id}
+
+    wanted = {"vidsim.video_selected", "vidsim.embed_video", "vidsim.serve_event", "vidsim.deliver_callback"}
+    try:
+        wait_until(lambda: wanted <= tasks_logged(), timeout_s=30, what=f"records of {sorted(wanted)} for the event")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; found {sorted(tasks_logged())}") from None
 
 
 def test_same_event_id_twice_gives_one_recommendation(library, receiver) -> None:  # type: ignore[no-untyped-def]

@@ -7,11 +7,15 @@ from __future__ import annotations
 import logging
 from queue import Empty
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging, task_postrun, task_prerun
 from kombu import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from app.config import get_settings
+from app.logs import configure_logging, set_log_context
 
 QUEUES = ("events", "embed", "callbacks", "maintenance", "train")
 
@@ -135,3 +139,25 @@ def make_celery() -> Celery:
 
 
 celery_app = make_celery()
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: Any = None, **_: Any) -> None:
+    """Worker and beat logs in VIDSIM_LOG_FORMAT (JSON by default) instead of Celery's
+    own format; the level is `--loglevel`'s."""
+    settings = get_settings()
+    configure_logging(loglevel or settings.log_level, settings.log_format)
+
+
+@task_prerun.connect
+def _bind_task_to_logs(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+    """Every record a task logs carries the task, and the event it serves when there is one."""
+    kwargs = kwargs or {}
+    event = kwargs.get("event")
+    event_id = kwargs.get("event_id") or (event.get("event_id") if isinstance(event, dict) else None)
+    set_log_context(task=task.name, task_id=task_id, event_id=event_id if isinstance(event_id, str) else None)
+
+
+@task_postrun.connect
+def _unbind_task_from_logs(**_: Any) -> None:
+    set_log_context()

@@ -7,6 +7,7 @@ is recorded as failed with the reason, and the event is still answered."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from datetime import datetime
@@ -21,6 +22,7 @@ from app import delivery as outbox
 from app import recommend, registry, search
 from app.config import Settings, get_settings
 from app.db import session_scope
+from app.logs import log_context
 from app.models import ModelVersion, TaskAttempt, utcnow
 from app.registry import active_model
 from workers.app import TIME_LIMITS, celery_app
@@ -32,7 +34,7 @@ logger = logging.getLogger(__name__)
 # 45 minutes at most), not failed after the few quick retries below, meant for other
 # errors. With those alone, a 5-second Postgres restart failed the events in flight, and
 # their failure handlers, needing the database too, could not record or answer them:
-# they were lost (tests/test_faults.py::test_postgres_restarted_mid_stream).
+# they were lost (tests/test_faults.py::test_redis_and_postgres_restarted_mid_stream).
 DATABASE_DOWN = (OperationalError, InterfaceError)
 DATABASE_DOWN_MAX_RETRIES = 100
 DATABASE_DOWN_BACKOFF_MAX_S = 30.0
@@ -149,7 +151,7 @@ class EmbedTask(RetriedTask):
             with session_scope() as session:
                 recommend.fail_video(session, video_id, f"embedding failed: {type(exc).__name__}: {exc}"[:500])
         if kwargs.get("event_id"):
-            serve_event.delay(kwargs["event_id"])  # answers with the video's error
+            serve_event.delay(event_id=kwargs["event_id"])  # answers with the video's error
 
 
 @celery_app.task(name="vidsim.embed_video", base=EmbedTask, bind=True, time_limit=TIME_LIMITS["embed"], **RETRY_POLICY)
@@ -163,7 +165,7 @@ def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id
         with session_scope() as session:
             recommend.embed_video(session, video_id, settings=get_settings(), model_id=model_id)
     if event_id is not None:
-        serve_event.delay(event_id)
+        serve_event.delay(event_id=event_id)
 
 
 @celery_app.task(name="vidsim.deliver_callback", base=RetriedTask, time_limit=TIME_LIMITS["callbacks"], **RETRY_POLICY)
@@ -176,9 +178,10 @@ def deliver_callback(delivery_id: int, lease: str | None = None) -> None:
         delivery = outbox.claim(session, delivery_id, lease_s=_delivery_lease_s(settings), token=token)
     if delivery is None:
         return  # not due, done, or held by another worker
-    result = outbox.attempt(delivery, settings=settings)
-    with session_scope() as session:
-        outbox.record(session, delivery_id, result, settings=settings)
+    with log_context(event_id=json.loads(delivery.body).get("event_id"), delivery_id=delivery_id):
+        result = outbox.attempt(delivery, settings=settings)
+        with session_scope() as session:
+            outbox.record(session, delivery_id, result, settings=settings)
 
 
 @celery_app.task(name="vidsim.sweep_outbox", time_limit=TIME_LIMITS["maintenance"])

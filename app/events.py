@@ -33,6 +33,8 @@ class VideoSelected(BaseModel):
     k: int = Field(default=5, ge=1)
     callback_url: str = Field(min_length=1, max_length=2048)
     collection: str | None = Field(default=None, max_length=200)
+    # Leave out results flagged as near-duplicates of the query (re-uploads, edits).
+    exclude_near_duplicates: bool = False
 
     @model_validator(mode="after")
     def _one_video(self) -> VideoSelected:

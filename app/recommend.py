@@ -98,9 +98,17 @@ def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outco
         k=ev.k,
         exclude={query_video.id},
         collection=event.collection,
+        exclude_near_duplicates=event.exclude_near_duplicates,
     )
     results = [
-        {"video_id": m.video_id, "uri": m.uri, "score": round(m.score, 6), "rank": rank}
+        {
+            "video_id": m.video_id,
+            "uri": m.uri,
+            "score": round(m.score, 6),
+            "calibrated": None if m.calibrated is None else round(m.calibrated, 4),
+            "near_duplicate": m.near_duplicate,
+            "rank": rank,
+        }
         for rank, m in enumerate(matches, start=1)
     ]
     return _answer(

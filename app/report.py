@@ -30,6 +30,7 @@ class ResultCard:
     score: float
     thumb: str | None
     expected: bool = False
+    near_duplicate: bool = False
 
 
 @dataclass
@@ -105,6 +106,7 @@ def write_results_page(
                     video_id=item["video_id"],
                     uri=item["uri"],
                     score=item["score"],
+                    near_duplicate=bool(item.get("near_duplicate")),
                     thumb=thumb[len(thumb) // 2] if thumb else None,
                     expected=bool(expected and expected.get(ev.event_id) == item["video_id"]),
                 )

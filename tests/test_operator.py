@@ -109,6 +109,26 @@ def test_worker_metrics_endpoint(data_dir: Path, receiver, two_videos: list[Path
     assert samples["vidsim_model_version"] >= 1
 
 
+def test_queue_depth_counts_waiting_messages(settings) -> None:  # type: ignore[no-untyped-def]
+    """Messages on a queue no worker consumes here (`train`) are counted, under the
+    run's broker key prefix."""
+    import redis as redis_client
+
+    from workers.app import celery_app
+    from workers.metrics import queue_depths
+
+    client = redis_client.Redis.from_url(settings.redis_url)
+    key = settings.broker_prefix + "train"
+    client.delete(key)
+    try:
+        for _ in range(3):
+            celery_app.send_task("vidsim.train", kwargs={"preset": "cpu-small"}, queue="train")
+        assert queue_depths()["train"] == 3
+    finally:
+        client.delete(key)
+        client.close()
+
+
 def _python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 

@@ -56,8 +56,8 @@ def queue_depths() -> dict[str, int]:
         return counts
     with celery_app.connection_for_read() as conn:
         client = conn.default_channel.client
-        prefix = settings.broker_prefix
-        return {queue: int(client.llen(prefix + queue)) for queue in QUEUES}
+        # kombu's client adds VIDSIM_BROKER_PREFIX to the key itself.
+        return {queue: int(client.llen(queue)) for queue in QUEUES}
 
 
 class StateCollector(Collector):

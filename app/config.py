@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     index_rerank_dtype: Literal["f32", "f16"] = "f16"
     index_refresh_s: float = 1.0  # a worker notices a new active index version within this
     index_keep_versions: int = 3  # index files kept on disk (the active one included)
+    # Beat rebuilds the index this often when at least index_rebuild_min_new embeddings
+    # are newer than the active build (until then they are searched exactly).
+    index_rebuild_interval_s: float = 600.0
+    index_rebuild_min_new: int = 100
     # A result whose calibrated score (app.index.calibrate) reaches this is flagged as a
     # near-duplicate of the query (precision measured by scripts/bench_index.py).
     near_duplicate_threshold: float = 0.92

@@ -388,6 +388,29 @@ def rebuild_index(
     return version
 
 
+def embeddings_since_index(session: Session, model: ModelVersion) -> tuple[IndexVersion | None, int]:
+    """The model's active index version (None: never built) and how many of its
+    embeddings are newer than that build (searched exactly until the next one)."""
+    version = session.scalar(
+        select(IndexVersion).where(IndexVersion.is_active, IndexVersion.model_version_id == model.id)
+    )
+    watermark = version.embedding_watermark if version is not None else 0
+    newer = session.scalar(
+        select(func.count()).where(Embedding.model_version_id == model.id, Embedding.id > watermark)
+    )
+    return version, int(newer or 0)
+
+
+def refresh_index(session: Session, model: ModelVersion, *, settings: Settings) -> IndexVersion | None:
+    """The periodic rebuild: a new version when at least ``index_rebuild_min_new``
+    embeddings are newer than the active build (or there is none yet and anything to
+    index), else None. Raises RebuildBusy when another rebuild holds the lock."""
+    version, newer = embeddings_since_index(session, model)
+    if newer == 0 or (version is not None and newer < settings.index_rebuild_min_new):
+        return None
+    return rebuild_index(session, model, settings=settings)
+
+
 def _remove_old_versions(session: Session, settings: Settings) -> None:
     """Deletes the files (not the rows: they are history) of all but the newest
     ``index_keep_versions`` versions, and leftovers of builds that died. A worker still

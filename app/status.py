@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import Delivery, Embedding, Event, IndexVersion, ModelVersion, Video, utcnow
+from app.models import Delivery, Embedding, Event, ModelVersion, Video, utcnow
+from app.search import embeddings_since_index
 
 
 @dataclass
@@ -40,14 +41,9 @@ def overview(session: Session, *, failures: int = 10) -> Overview:
     index_text, lag = None, 0
     if model is not None:
         embedded = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id)) or 0
-        idx = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
+        idx, lag = embeddings_since_index(session, model)
         if idx is not None:
             index_text = f"{idx.id}: {idx.size} vectors, {idx.dim}-d {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M}"
-            lag = session.scalar(
-                select(func.count()).where(
-                    Embedding.model_version_id == model.id, Embedding.id > idx.embedding_watermark
-                )
-            ) or 0
     since = utcnow() - timedelta(hours=1)
     events = dict(
         session.execute(select(Event.status, func.count()).where(Event.received_at >= since).group_by(Event.status)).all()

@@ -190,6 +190,33 @@ def test_rebuild_records_params_and_never_overlaps(session, settings, model) -> 
     session.commit()
 
 
+def test_periodic_refresh_folds_in_new_embeddings_and_skips_when_busy(session, settings, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from app.db import session_scope
+    from workers.tasks import refresh_index
+
+    _add_videos(session, model, _unit(6, model.dim, seed=16), tag="refresh-a")
+    session.commit()
+    built = search.rebuild_index(session, model, settings=settings)
+    session.commit()
+    assert search.refresh_index(session, model, settings=settings) is None  # nothing new
+    fresh_vectors = _unit(3, model.dim, seed=17)
+    fresh = _add_videos(session, model, fresh_vectors, tag="refresh-b")
+    session.commit()
+    few = settings.model_copy(update={"index_rebuild_min_new": 4})
+    assert search.refresh_index(session, model, settings=few) is None  # 3 < 4: searched exactly meanwhile
+    assert search.embeddings_since_index(session, model) == (built, 3)
+
+    monkeypatch.setattr("workers.tasks.get_settings", lambda: settings.model_copy(update={"index_rebuild_min_new": 1}))
+    with session_scope() as holder:
+        search.rebuild_index(holder, model, settings=settings)  # holds the rebuild lock until commit
+        assert refresh_index.apply().get() is None  # the beat task skips instead of failing
+    newest, newer = search.embeddings_since_index(session, model)
+    assert newest.id != built.id and newer == 0
+    for video, vector in zip(fresh, fresh_vectors, strict=True):
+        matches, used = search.search_library(session, model, vector, k=1, exclude=set(), settings=settings)
+        assert matches[0].video_id == video.id and used == newest.id  # from the new file, not the delta
+
+
 def test_atomic_switch_under_concurrent_searches(session, settings, model) -> None:  # type: ignore[no-untyped-def]
     """Threads search while the index is rebuilt and switched many times: no error, never
     an empty result, the right top-1 throughout, every version seen whole."""

@@ -114,6 +114,11 @@ def make_celery() -> Celery:
                 "schedule": 30.0,
                 "options": {"expires": 60.0},
             },
+            "refresh-index": {
+                "task": "vidsim.refresh_index",
+                "schedule": settings.index_rebuild_interval_s,
+                "options": {"expires": settings.index_rebuild_interval_s},
+            },
             "crawl-pipeline": {
                 "task": "vidsim.crawl.pipeline",
                 "schedule": settings.crawl_pipeline_interval_s,

@@ -242,3 +242,16 @@ def rebuild_index() -> int:
     with session_scope() as session:
         version = search.rebuild_index(session, active_model(session), settings=get_settings())
         return version.id
+
+
+@celery_app.task(name="vidsim.refresh_index", time_limit=TIME_LIMITS["maintenance"])
+def refresh_index() -> int | None:
+    """Beat's periodic rebuild: folds the embeddings made since the last build into a
+    new version when there are enough of them; skipped while another rebuild runs."""
+    try:
+        with session_scope() as session:
+            version = search.refresh_index(session, active_model(session), settings=get_settings())
+            return version.id if version is not None else None
+    except search.RebuildBusy:
+        logger.info("index refresh skipped: another rebuild is running")
+        return None

@@ -267,3 +267,24 @@ def test_readme_documents_every_setting() -> None:
             continue
         checked += 1
     assert checked >= len(expected) - 2, f"only {checked} of {len(expected)} defaults are literal"
+
+
+def test_readme_lists_every_cli_command() -> None:
+    """The Commands table names every `vidsim` command and subcommand."""
+    import typer
+
+    from scripts.cli import app
+
+    table = README.read_text().split("### Commands", 1)[1].split("\n\n", 2)[1]
+    def named(word: str, row: str) -> bool:  # `vidsim word ...`, or `word ...` after a slash
+        return re.search(rf"`(vidsim )?{word}[` ]", row) is not None
+
+    missing = []
+    for name, command in typer.main.get_command(app).commands.items():  # type: ignore[attr-defined]
+        rows = [row for row in table.splitlines() if named(name, row)]
+        if not rows:
+            missing.append(name)
+        for sub in getattr(command, "commands", {}):
+            if not any(named(sub, row) or f"`vidsim {name} {sub}" in row for row in rows):
+                missing.append(f"{name} {sub}")
+    assert not missing, f"not in README's Commands table: {missing}"

@@ -393,9 +393,7 @@ def _default_client() -> httpx.Client:
         follow_redirects=False,
         trust_env=False,
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=0),
-        cookies=http.cookiejar.CookieJar(
-            policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
-        ),
+        cookies=http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
     )
 
 
@@ -544,17 +542,13 @@ def deliver(
 
         status = response.status_code
         retry_after = (
-            _parse_retry_after(response.headers.get("Retry-After"))
-            if status in _RETRY_AFTER_STATUSES
-            else None
+            _parse_retry_after(response.headers.get("Retry-After")) if status in _RETRY_AFTER_STATUSES else None
         )
         if 200 <= status < 300:
             return result(ok=True, status=status)
         if 300 <= status < 400:
             return result(status=status, error=f"redirect (HTTP {status}) not followed")
-        return result(
-            status=status, error=f"HTTP {status}", retry_after=retry_after, disable=status == 410
-        )
+        return result(status=status, error=f"HTTP {status}", retry_after=retry_after, disable=status == 410)
     return result(error=error)
 
 

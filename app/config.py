@@ -26,12 +26,8 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production"] = "development"
     data_dir: Path = Path(".vidsim")
-    database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("DATABASE_URL", "VIDSIM_DATABASE_URL")
-    )
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "VIDSIM_REDIS_URL")
-    )
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "VIDSIM_DATABASE_URL"))
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "VIDSIM_REDIS_URL"))
 
     # Webhooks. Several secrets may be given comma-separated while rotating: every
     # delivery is signed with each, so receivers holding either one accept it.

@@ -13,8 +13,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app import callbacks
-from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.config import Settings
+from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, utcnow
 
 logger = logging.getLogger(__name__)

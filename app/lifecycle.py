@@ -73,7 +73,9 @@ def train_model(
             if parent.checkpoint_path is None:
                 raise ValueError(f"model {parent.id} ({parent.name}) is untrained: pre-train one first")
             init = Path(parent.checkpoint_path)
-        result = finetune(config, videos, init_checkpoint=init, out_dir=out_dir, epochs=epochs or 5, resume=resume, progress=progress)
+        result = finetune(
+            config, videos, init_checkpoint=init, out_dir=out_dir, epochs=epochs or 5, resume=resume, progress=progress
+        )
     else:
         result = train(config, videos, out_dir=out_dir, resume=resume, progress=progress)
     with session_scope() as session:
@@ -83,9 +85,7 @@ def train_model(
     return model_id
 
 
-def roll_out_here(
-    model_id: int, *, settings: Settings, progress: Callable[[int, int], None] | None = None
-) -> int:
+def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int, int], None] | None = None) -> int:
     """Rolls a model out in this process (no worker): embeds the library with it, builds
     its index and switches serving to both at once. Returns the index version id."""
     with session_scope() as session:

@@ -92,4 +92,3 @@ class CallbackReceiver:
         for item in self.received:
             out.setdefault(item.payload["event_id"], item)
         return out
-

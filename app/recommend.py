@@ -181,9 +181,7 @@ def _answer(
     return Outcome(ev.event_id, delivery_id=delivery.id)
 
 
-def callback_body(
-    ev: Event, rec: Recommendation, *, query: Video | None, model: ModelVersion | None
-) -> dict[str, Any]:
+def callback_body(ev: Event, rec: Recommendation, *, query: Video | None, model: ModelVersion | None) -> dict[str, Any]:
     """The callback contract (README, "Callback contract")."""
     return {
         "type": "video.recommendations",

@@ -97,7 +97,7 @@ def write_results_page(
         query = session.get(Video, ev.video_id) if ev.video_id else None
         query_frames = _frames(query, settings=settings, count=6, out=thumbs, stem=f"v{query.id}") if query else []
         results = []
-        for item in (rec.results.get("items", []) if rec else []):
+        for item in rec.results.get("items", []) if rec else []:
             video = session.get(Video, item["video_id"])
             thumb = _frames(video, settings=settings, count=6, out=thumbs, stem=f"v{video.id}") if video else []
             results.append(
@@ -116,7 +116,9 @@ def write_results_page(
             delivery = session.scalar(select(Delivery).where(Delivery.recommendation_id == rec.id))
             if delivery is not None:
                 attempts = session.scalars(
-                    select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery.id).order_by(DeliveryAttempt.attempt)
+                    select(DeliveryAttempt)
+                    .where(DeliveryAttempt.delivery_id == delivery.id)
+                    .order_by(DeliveryAttempt.attempt)
                 )
                 deliveries = [
                     {

@@ -395,9 +395,7 @@ def embeddings_since_index(session: Session, model: ModelVersion) -> tuple[Index
         select(IndexVersion).where(IndexVersion.is_active, IndexVersion.model_version_id == model.id)
     )
     watermark = version.embedding_watermark if version is not None else 0
-    newer = session.scalar(
-        select(func.count()).where(Embedding.model_version_id == model.id, Embedding.id > watermark)
-    )
+    newer = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id, Embedding.id > watermark))
     return version, int(newer or 0)
 
 

@@ -46,13 +46,19 @@ def overview(session: Session, *, failures: int = 10) -> Overview:
             index_text = f"{idx.id}: {idx.size} vectors, {idx.dim}-d {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M}"
     since = utcnow() - timedelta(hours=1)
     events = dict(
-        session.execute(select(Event.status, func.count()).where(Event.received_at >= since).group_by(Event.status)).all()
+        session.execute(
+            select(Event.status, func.count()).where(Event.received_at >= since).group_by(Event.status)
+        ).all()
     )
     deliveries = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
     recent: list[Failure] = []
-    for ev in session.scalars(select(Event).where(Event.status == "failed").order_by(Event.received_at.desc()).limit(failures)):
+    for ev in session.scalars(
+        select(Event).where(Event.status == "failed").order_by(Event.received_at.desc()).limit(failures)
+    ):
         recent.append(Failure(ev.received_at, f"event {ev.event_id}", ev.error or ""))
-    for v in session.scalars(select(Video).where(Video.status == "failed").order_by(Video.updated_at.desc()).limit(failures)):
+    for v in session.scalars(
+        select(Video).where(Video.status == "failed").order_by(Video.updated_at.desc()).limit(failures)
+    ):
         recent.append(Failure(v.updated_at, f"video {v.id}", v.error or ""))
     for d in session.scalars(
         select(Delivery).where(Delivery.status.in_(("dead", "disabled"))).order_by(Delivery.id.desc()).limit(failures)

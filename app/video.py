@@ -47,9 +47,7 @@ __all__ = ["DecodeLimits", "Sample", "VideoError", "VideoInfo", "probe", "sample
 # Container formats the probe accepts (FFmpeg demuxer names). Anything else is refused
 # before decord sees it: playlist demuxers (hls, concat...) would make FFmpeg open other
 # files or URLs named inside the "video".
-_ALLOWED_FORMATS = (
-    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,mpeg,asf,m4v,h264,hevc,gif"
-)
+_ALLOWED_FORMATS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,mpeg,asf,m4v,h264,hevc,gif"
 _RESULT_FILE = "result.json"
 _FRAMES_FILE = "frames.npy"
 _LOG_FILE = "child.log"
@@ -205,9 +203,7 @@ def _local_path(path: str | Path) -> Path:
     if isinstance(path, str) and _URI_SCHEME.match(path):
         parts = urlsplit(path)
         if parts.scheme.lower() != "file":
-            raise VideoError(
-                f"unsupported URL scheme {parts.scheme!r}: only local paths and file:// URIs"
-            )
+            raise VideoError(f"unsupported URL scheme {parts.scheme!r}: only local paths and file:// URIs")
         if parts.netloc not in ("", "localhost"):
             raise VideoError(f"file:// URI on another host ({parts.netloc!r}) is not supported")
         path = unquote(parts.path)
@@ -315,9 +311,7 @@ def _run_child(request: dict[str, Any], limits: DecodeLimits, *, frames_bytes: i
             )
         if result is not None and result.get("ok"):
             if request["op"] == "sample":
-                result["frames"] = _load_frames(
-                    out / _FRAMES_FILE, request["max_frames"], request["size"]
-                )
+                result["frames"] = _load_frames(out / _FRAMES_FILE, request["max_frames"], request["size"])
             return result
 
         reason = _failure_reason(proc.returncode, result, out, limits)
@@ -335,9 +329,7 @@ def _load_frames(path: Path, max_frames: int, size: int) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             version = fmt.read_magic(f)
-            read_header = (
-                fmt.read_array_header_2_0 if version >= (2, 0) else fmt.read_array_header_1_0
-            )
+            read_header = fmt.read_array_header_2_0 if version >= (2, 0) else fmt.read_array_header_1_0
             shape, fortran_order, dtype = read_header(f)
             if (
                 dtype != np.uint8
@@ -510,9 +502,7 @@ def _clean_message(exc: BaseException, path: str) -> str:
     return _one_line(line, 200)
 
 
-def _child_run(
-    request: dict, limits: DecodeLimits, out: Path, timings: dict[str, float], t: float
-) -> dict:
+def _child_run(request: dict, limits: DecodeLimits, out: Path, timings: dict[str, float], t: float) -> dict:
     path: str = request["path"]
     size_bytes = _check_file(Path(path), limits)
     import av
@@ -591,14 +581,8 @@ def _probe_with_av(av: Any, path: str, limits: DecodeLimits, size_bytes: int):
         raise _Refused(f"not a video: {message}") from None
     with container:
         if len(container.streams) > limits.max_streams:
-            raise _Refused(
-                f"too many streams: {len(container.streams)} (limit {limits.max_streams})"
-            )
-        videos = [
-            s
-            for s in container.streams.video
-            if not s.disposition & av.stream.Disposition.attached_pic
-        ]
+            raise _Refused(f"too many streams: {len(container.streams)} (limit {limits.max_streams})")
+        videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
         if not videos:
             if container.streams.video:
                 raise _Refused("not a video: only a cover image, no video stream")
@@ -660,9 +644,7 @@ def _sample_times(
     """Target times (N,) in seconds from the first frame; N >= 1."""
     start = start_s or 0.0
     if start >= video_end:
-        raise _Refused(
-            f"window starts at {start:g} s, after the end of the video ({video_end:.2f} s)"
-        )
+        raise _Refused(f"window starts at {start:g} s, after the end of the video ({video_end:.2f} s)")
     end = video_end if duration_s is None else min(start + duration_s, video_end)
     span = end - start
     # The small epsilon keeps float noise (e.g. 60.000001 s) from adding a frame.

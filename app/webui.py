@@ -8,7 +8,6 @@ import logging
 import mimetypes
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 from typing import Any
 
 from app.config import Settings
@@ -27,7 +26,9 @@ def make_server(*, host: str, port: int, limit: int, settings: Settings) -> Thre
             path = self.path.split("?", 1)[0]
             if path in ("/", "/index.html"):
                 with render_lock, session_scope() as session:
-                    page = write_results_page(session, out_dir, settings=settings, limit=limit, title="vidsim: recent events")
+                    page = write_results_page(
+                        session, out_dir, settings=settings, limit=limit, title="vidsim: recent events"
+                    )
                 self._send(200, page.read_bytes(), "text/html; charset=utf-8")
             elif path.startswith("/thumbs/"):
                 file = (out_dir / path.lstrip("/")).resolve()
@@ -60,6 +61,3 @@ def serve(*, host: str, port: int, limit: int, settings: Settings) -> None:
         pass
     finally:
         server.server_close()
-
-
-

@@ -13,9 +13,7 @@ target_metadata = Base.metadata
 
 
 def run_migrations_offline() -> None:
-    context.configure(
-        url=str(get_engine().url), target_metadata=target_metadata, literal_binds=True
-    )
+    context.configure(url=str(get_engine().url), target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 

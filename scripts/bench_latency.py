@@ -76,8 +76,11 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
     for i in range(cold):  # distinct 60-s 640x360 videos, looped from real footage
         dst = work / "cold" / f"cold-{time.time_ns()}-{i}.mp4"
         src = sources[i % len(sources)].path
-        run_ffmpeg(["-stream_loop", "-1", "-t", "60", "-i", str(src), "-vf", f"scale=640:360,hue=h={37 * i + random.randint(0, 36)}",
-                    "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "26", "-pix_fmt", "yuv420p", str(dst)])  # fmt: skip
+        hue = 37 * i + random.randint(0, 36)
+        run_ffmpeg([
+            "-stream_loop", "-1", "-t", "60", "-i", str(src), "-vf", f"scale=640:360,hue=h={hue}",
+            "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "26", "-pix_fmt", "yuv420p", str(dst),
+        ])  # fmt: skip
         cold_videos.append(dst)
 
     results: dict[str, dict[str, float]] = {}
@@ -89,7 +92,9 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             with session_scope() as session:
-                done = session.scalar(select(func.count()).where(Embedding.video_id.in_(ids), Embedding.model_version_id == model.id))
+                done = session.scalar(
+                    select(func.count()).where(Embedding.video_id.in_(ids), Embedding.model_version_id == model.id)
+                )
             if done == len(ids):
                 break
             time.sleep(0.5)
@@ -125,7 +130,9 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
     size = int(model.config.get("frame_size", 224))
     for path in cold_videos:
         t0 = time.perf_counter()
-        sample = video_io.sample_frames(path, fps=settings.frame_fps, size=size, max_frames=settings.max_frames, limits=limits)
+        sample = video_io.sample_frames(
+            path, fps=settings.frame_fps, size=size, max_frames=settings.max_frames, limits=limits
+        )
         t1 = time.perf_counter()
         embed_clips(model, [sample.frames])
         t2 = time.perf_counter()

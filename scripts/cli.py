@@ -53,7 +53,9 @@ def _session():  # type: ignore[no-untyped-def]
 def demo(
     data_dir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
     queries: Annotated[int, typer.Option(help="How many edited queries to publish.")] = 8,
-    train_steps: Annotated[int, typer.Option(help="Barlow Twins steps to pre-train the demo encoder (0: untrained).")] = 60,
+    train_steps: Annotated[
+        int, typer.Option(help="Barlow Twins steps to pre-train the demo encoder (0: untrained).")
+    ] = 60,
 ) -> None:
     """Build a demo library from real footage, train an encoder on it without labels, embed
     it, publish events, receive the signed callbacks, and write a results page. Needs no servers."""
@@ -203,11 +205,17 @@ def index_status() -> None:
         model = active_model(session)
         embedded = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id))
         idx = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
-        console.print(f"model {model.id} {model.name} ({'trained' if model.trained else 'untrained'}, {model.dim}-d): {embedded} embeddings")
+        console.print(
+            f"model {model.id} {model.name} ({'trained' if model.trained else 'untrained'}, {model.dim}-d): "
+            f"{embedded} embeddings"
+        )
         if idx is None:
             console.print("no index built yet: searches are exact over the embeddings (`vidsim index rebuild`)")
         else:
-            console.print(f"index {idx.id}: {idx.size} vectors, {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M:%S}, {embedded - idx.size} newer embeddings searched exactly")
+            console.print(
+                f"index {idx.id}: {idx.size} vectors, {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M:%S}, "
+                f"{embedded - idx.size} newer embeddings searched exactly"
+            )
 
 
 def _train_command(
@@ -253,11 +261,18 @@ def _train_command(
 
 @app.command()
 def train(
-    videos: Annotated[list[str] | None, typer.Option("--videos", help="Files, folders or globs (default: crawled files, else the library).")] = None,
-    preset: Annotated[str, typer.Option(help="cpu-small (minutes on a CPU) or full (the specification, GPUs).")] = "cpu-small",
+    videos: Annotated[
+        list[str] | None,
+        typer.Option("--videos", help="Files, folders or globs (default: crawled files, else the library)."),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="cpu-small (minutes on a CPU) or full (the specification, GPUs).")
+    ] = "cpu-small",
     name: Annotated[str | None, typer.Option(help="Run name; an existing run of that name is resumed.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the preset's step budget.")] = None,
-    lambd: Annotated[float | None, typer.Option(help="Barlow Twins off-diagonal weight (spec 0.001, paper 0.0051).")] = None,
+    lambd: Annotated[
+        float | None, typer.Option(help="Barlow Twins off-diagonal weight (spec 0.001, paper 0.0051).")
+    ] = None,
     activate: Annotated[bool, typer.Option(help="Roll the new version out when trained.")] = False,
     queue: Annotated[bool, typer.Option(help="Run as a Celery task on the 'train' queue.")] = False,
 ) -> None:
@@ -268,7 +283,9 @@ def train(
 
 @app.command()
 def finetune(
-    model_id: Annotated[int | None, typer.Option("--from", help="Model version to start from (default: the active one).")] = None,
+    model_id: Annotated[
+        int | None, typer.Option("--from", help="Model version to start from (default: the active one).")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the library (5-10).")] = 5,
     videos: Annotated[list[str] | None, typer.Option("--videos", help="Default: the library's files.")] = None,
     preset: Annotated[str, typer.Option(help="Preset for batch size, frames and augmentation.")] = "cpu-small",
@@ -293,14 +310,18 @@ def _activate(model_id: int, *, inline: bool) -> None:
         from workers.tasks import activate_model
 
         activate_model.delay(model_id)
-        console.print(f"model {model_id} warming up: workers embed the library with it; it serves once its index is built")
+        console.print(
+            f"model {model_id} warming up: workers embed the library with it; it serves once its index is built"
+        )
         return
     from rich.progress import Progress
 
     with Progress(console=err) as progress:
         task = progress.add_task(f"embedding the library with model {model_id}", total=None)
         index_id = lifecycle.roll_out_here(
-            model_id, settings=get_settings(), progress=lambda done, total: progress.update(task, completed=done, total=total)
+            model_id,
+            settings=get_settings(),
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     console.print(f"model {model_id} now serves, with index version {index_id}")
 
@@ -332,7 +353,9 @@ def model_list() -> None:
         for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
             data = ", ".join(f"{k} {v}" for k, v in m.data_summary.items() if k in ("videos", "clips", "steps"))
             metrics = ", ".join(f"{k} {v:.4g}" for k, v in m.metrics.items() if isinstance(v, int | float))
-            table.add_row(str(m.id), m.name, m.status, str(m.trained), str(m.dim), data, metrics, f"{m.created_at:%Y-%m-%d %H:%M}")
+            table.add_row(
+                str(m.id), m.name, m.status, str(m.trained), str(m.dim), data, metrics, f"{m.created_at:%Y-%m-%d %H:%M}"
+            )
     console.print(table)
 
 
@@ -389,7 +412,16 @@ def worker(
 @app.command()
 def beat() -> None:
     """Start the periodic scheduler (the outbox sweeper). Run exactly one."""
-    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "beat", "--loglevel", get_settings().log_level]
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app:celery_app",
+        "beat",
+        "--loglevel",
+        get_settings().log_level,
+    ]
     os.execv(sys.executable, args)
 
 
@@ -400,7 +432,10 @@ def status() -> None:
 
     with _session() as session:
         o = overview(session)
-    console.print(f"model: {o.model or 'none'}{'' if o.model_trained else ' (untrained)'}; {o.embedded}/{o.library} library videos embedded")
+    console.print(
+        f"model: {o.model or 'none'}{'' if o.model_trained else ' (untrained)'}; "
+        f"{o.embedded}/{o.library} library videos embedded"
+    )
     if o.warming:
         console.print(f"warming up (embedding the library, then switching): {', '.join(o.warming)}")
     console.print(f"index: {o.index or 'none (exact search)'}; {o.index_lag} newer embeddings searched exactly")
@@ -413,7 +448,10 @@ def status() -> None:
         depths = queue_depths()
         console.print("queues: " + ", ".join(f"{q} {n}" for q, n in depths.items()))
         replies = celery_app.control.ping(timeout=1.0) or []
-        console.print(f"workers: {len(replies)} answering" + (f" ({', '.join(next(iter(r)) for r in replies)})" if replies else ""))
+        console.print(
+            f"workers: {len(replies)} answering"
+            + (f" ({', '.join(next(iter(r)) for r in replies)})" if replies else "")
+        )
     except Exception as exc:
         console.print(f"[yellow]broker unavailable:[/yellow] {exc}")
     if o.failures:
@@ -507,7 +545,9 @@ def bench_index(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("VIDSIM_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("VIDSIM_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         app(standalone_mode=False)
     except Fail as exc:

@@ -70,12 +70,19 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
     settings = get_settings()
     demo_dir = root / "demo"
     started = time.perf_counter()
-    console.print(f"[bold]vidsim demo[/bold] in {root} ({'embedded: SQLite + filesystem broker' if settings.embedded else 'Redis + ' + settings.sqlalchemy_url.split('@')[-1]})")
+    backend = (
+        "embedded: SQLite + filesystem broker"
+        if settings.embedded
+        else "Redis + " + settings.sqlalchemy_url.split("@")[-1]
+    )
+    console.print(f"[bold]vidsim demo[/bold] in {root} ({backend})")
     migrate()
 
     with console.status("cutting the demo library from real footage..."):
         corpus = build_demo_corpus(demo_dir, progress=lambda msg: console.log(msg))
-    console.print(f"library: {len(corpus.library)} clips from real footage; queries: {len(corpus.queries)} edited copies")
+    console.print(
+        f"library: {len(corpus.library)} clips from real footage; queries: {len(corpus.queries)} edited copies"
+    )
 
     path_to_id: dict[Path, int] = {}
     with session_scope() as session:
@@ -85,7 +92,9 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
     if not model.trained and train_steps > 0:
         model = _train_demo_model(corpus.library, steps=train_steps, settings=settings, console=console)
     elif not model.trained:
-        console.print(f"[yellow]note:[/yellow] serving the untrained encoder {model.name} (deterministic initialisation)")
+        console.print(
+            f"[yellow]note:[/yellow] serving the untrained encoder {model.name} (deterministic initialisation)"
+        )
     else:
         console.print(f"serving trained model {model.id} {model.name}")
     with session_scope() as session:
@@ -94,14 +103,22 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
     with running_worker(demo_dir / "worker.log"):
         for video_id in todo:
             embed_video.delay(video_id)
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
         with progress:
             task = progress.add_task("worker embedding the library", total=len(path_to_id))
             while True:
                 with session_scope() as session:
-                    done = session.scalar(
-                        select(func.count()).select_from(Embedding).join(Video).where(Video.in_library, Embedding.model_version_id == model.id)
-                    ) or 0
+                    done = (
+                        session.scalar(
+                            select(func.count())
+                            .select_from(Embedding)
+                            .join(Video)
+                            .where(Video.in_library, Embedding.model_version_id == model.id)
+                        )
+                        or 0
+                    )
                     failed = session.scalar(select(func.count()).where(Video.in_library, Video.status == "failed")) or 0
                 progress.update(task, completed=done + failed)
                 if done + failed >= len(path_to_id):
@@ -122,7 +139,10 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
                 event_id = f"demo-{run}-{i}-{q.edit}"
                 publish_video_selected(event_id=event_id, video_uri=str(q.path), callback_url=receiver.url, k=5)
                 expected[event_id] = path_to_id[q.source]
-                notes[event_id] = f"query: {q.path.name}, an edited copy ({q.edit.replace('_', ' ')}) of library video {path_to_id[q.source]} ({q.source.name})"
+                notes[event_id] = (
+                    f"query: {q.path.name}, an edited copy ({q.edit.replace('_', ' ')}) "
+                    f"of library video {path_to_id[q.source]} ({q.source.name})"
+                )
             first_id = path_to_id[corpus.library[0]]
             known = f"demo-{run}-library-{first_id}"
             publish_video_selected(event_id=known, video_id=first_id, callback_url=receiver.url, k=5)
@@ -151,9 +171,14 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
         rank = ranks.get(want) if want else None
         hits += rank == 1
         top = ", ".join(f"{r['video_id']}: {r['score']:.3f}" for r in body["results"])
-        table.add_row(event_id, Path(query).name, top, "-" if want is None else (f"#{rank}" if rank else "[red]missed[/red]"))
+        table.add_row(
+            event_id, Path(query).name, top, "-" if want is None else (f"#{rank}" if rank else "[red]missed[/red]")
+        )
     console.print(table)
-    console.print(f"edited copies found at rank 1: {hits}/{len(expected)}; callbacks received and verified: {len(got)}/{len(wanted)}")
+    console.print(
+        f"edited copies found at rank 1: {hits}/{len(expected)}; "
+        f"callbacks received and verified: {len(got)}/{len(wanted)}"
+    )
 
     with console.status("drawing the results page..."), session_scope() as session:
         page = write_results_page(

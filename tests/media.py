@@ -130,9 +130,7 @@ def make_hostile_files(directory: str | Path) -> dict[str, Path]:
     files["text"] = d / "text.mp4"
     files["text"].write_text("This is not a video.\n" * 200)
     files["playlist"] = d / "playlist.mp4"
-    files["playlist"].write_text(
-        f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{whole}\n#EXT-X-ENDLIST\n"
-    )
+    files["playlist"].write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{whole}\n#EXT-X-ENDLIST\n")
 
     files["audio_only"] = d / "audio_only.m4a"
     run_ffmpeg(
@@ -142,9 +140,7 @@ def make_hostile_files(directory: str | Path) -> dict[str, Path]:
     png = d / "png16.mov"
     make_video(png, seconds=0.2, width=16, height=16, codec="png", extra_args=("-f", "mov"))
     files["huge_resolution"] = _patch_png_mov_size(png, d / "huge_resolution.mp4", 16000, 16000)
-    files["huge_resolution_16384"] = _patch_png_mov_size(
-        png, d / "huge_resolution_16384.mp4", 16384, 16384
-    )
+    files["huge_resolution_16384"] = _patch_png_mov_size(png, d / "huge_resolution_16384.mp4", 16384, 16384)
 
     files["long_duration"] = d / "long_duration.mp4"
     run_ffmpeg(

@@ -78,9 +78,7 @@ class Receiver:
         self.requests: list[Seen] = []
         self.stop = threading.Event()
         self.body_bytes_sent = 0
-        self.thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def answer_with(self, **kwargs: object) -> None:
         self.answer = Answer(**kwargs)  # type: ignore[arg-type]
@@ -410,9 +408,7 @@ def test_localhost_name_is_pinned_and_allowed_when_private_allowed(receiver: Rec
     assert not _send(receiver, url=url, allow_private=False).ok
     result = _send(receiver, url=url, allow_private=True)
     assert result.ok, result.error
-    assert {k.lower(): v for k, v in receiver.requests[0].headers.items()}["host"] == (
-        f"localhost:{receiver.port}"
-    )
+    assert {k.lower(): v for k, v in receiver.requests[0].headers.items()}["host"] == f"localhost:{receiver.port}"
 
 
 BLOCKED = [
@@ -480,8 +476,7 @@ def test_block_messages_are_readable(fake_dns: Callable[..., list[str]]) -> None
         "http://10.0.0.1/": "10.0.0.1 is a private address",
         "http://169.254.169.254/": "169.254.169.254 is a link-local (cloud metadata) address",
         "http://2130706433/": "2130706433 (= 127.0.0.1) is a loopback address",
-        "https://hooks.example.com/cb": "hooks.example.com resolves to 10.0.0.5, "
-        "which is a private address",
+        "https://hooks.example.com/cb": "hooks.example.com resolves to 10.0.0.5, which is a private address",
     }
     for url, message in cases.items():
         with pytest.raises(CallbackBlocked) as info:
@@ -489,16 +484,12 @@ def test_block_messages_are_readable(fake_dns: Callable[..., list[str]]) -> None
         assert str(info.value) == message
 
 
-def test_public_name_resolving_to_private_is_blocked(
-    receiver: Receiver, fake_dns: Callable[..., list[str]]
-) -> None:
+def test_public_name_resolving_to_private_is_blocked(receiver: Receiver, fake_dns: Callable[..., list[str]]) -> None:
     fake_dns({"hooks.example.com": ["10.0.0.5"], "mixed.example.com": ["93.184.216.34", "::1"]})
     for host in ("hooks.example.com", "mixed.example.com"):
         with pytest.raises(CallbackBlocked, match=host):
             check_url(f"https://{host}/cb", allow_private=False)
-        result = deliver(
-            url=f"https://{host}/cb", msg_id="m", body=BODY, secrets=[SECRET], allow_private=False
-        )
+        result = deliver(url=f"https://{host}/cb", msg_id="m", body=BODY, secrets=[SECRET], allow_private=False)
         assert result.error is not None and result.error.startswith(f"blocked: {host} resolves")
     # Public answers pass.
     fake_dns({"public.example.com": ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"]})
@@ -521,17 +512,13 @@ def test_unresolvable_name() -> None:
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_connects_to_the_vetted_address_only(
-    scheme: str, fake_dns: Callable[..., list[str]]
-) -> None:
+def test_connects_to_the_vetted_address_only(scheme: str, fake_dns: Callable[..., list[str]]) -> None:
     """DNS rebinding: the name resolves to a public address once, then to 127.0.0.1.
 
     The request must go to the address that was checked, carry the real name in Host and
     (https) in SNI, and the name must not be resolved a second time.
     """
-    lookups = fake_dns(
-        {"rebind.example.com": lambda n: ["93.184.216.34"] if n == 0 else ["127.0.0.1"]}
-    )
+    lookups = fake_dns({"rebind.example.com": lambda n: ["93.184.216.34"] if n == 0 else ["127.0.0.1"]})
     sent: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -614,9 +601,7 @@ def test_https_to_pinned_ip_verifies_the_real_name(
     fake_dns({"hooks.test": ["127.0.0.1"], "evil.test": ["127.0.0.1"]})
     trust = ssl.create_default_context(cafile=str(tls_cert[0]))
     with httpx.Client(verify=trust) as client:
-        good = _send(
-            tls_receiver, url=f"https://hooks.test:{tls_receiver.port}/hook", client=client
-        )
+        good = _send(tls_receiver, url=f"https://hooks.test:{tls_receiver.port}/hook", client=client)
         assert good.ok, good.error
         host = {k.lower(): v for k, v in tls_receiver.requests[0].headers.items()}["host"]
         assert host == f"hooks.test:{tls_receiver.port}"

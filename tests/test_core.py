@@ -22,7 +22,10 @@ def test_migrations_up_down_up_on_postgres() -> None:
     try:
         url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + f"/{name}"
         env = {**os.environ, "DATABASE_URL": url}
-        code = "import sys; from app.db import migrate, downgrade; getattr(sys.modules['app.db'], sys.argv[1])(sys.argv[2])"
+        code = (
+            "import sys; from app.db import migrate, downgrade; "
+            "getattr(sys.modules['app.db'], sys.argv[1])(sys.argv[2])"
+        )
         for step, rev in (("migrate", "head"), ("downgrade", "base"), ("migrate", "head")):
             subprocess.run([sys.executable, "-c", code, step, rev], env=env, check=True)
             engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
@@ -85,7 +88,7 @@ def test_index_round_trip_and_corrupt_file_refused(tmp_path: Path) -> None:
     for i in (0, 57, 199):  # every key is found by an exact self-query
         hit = index.search(vectors[i], 1)[0]
         assert hit.key == keys[i] and hit.score == pytest.approx(1.0, abs=1e-3)
-    assert [h.key for h in exact_search(keys, vectors, vectors[3], 3)][0] == keys[3]
+    assert next(h.key for h in exact_search(keys, vectors, vectors[3], 3)) == keys[3]
 
     data = bytearray(built.path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -118,16 +121,23 @@ def test_search_finds_fresh_additions_and_never_disabled_videos(session, setting
 
     model = active_model(session)
     vectors = _unit(6, model.dim, seed=42)
-    videos = [Video(uri=f"test://search/{i}-{os.getpid()}", status="ready", collection="acme" if i < 5 else "other") for i in range(6)]
+    videos = [
+        Video(uri=f"test://search/{i}-{os.getpid()}", status="ready", collection="acme" if i < 5 else "other")
+        for i in range(6)
+    ]
     session.add_all(videos)
     session.flush()
     for video, vec in zip(videos[:3], vectors[:3], strict=True):
-        session.add(Embedding(video_id=video.id, model_version_id=model.id, vector=vec.tobytes(), dim=model.dim, frames=1))
+        session.add(
+            Embedding(video_id=video.id, model_version_id=model.id, vector=vec.tobytes(), dim=model.dim, frames=1)
+        )
     session.flush()
     version = rebuild_index(session, model, settings=settings)
     session.commit()
     for video, vec in zip(videos[3:], vectors[3:], strict=True):  # after the build
-        session.add(Embedding(video_id=video.id, model_version_id=model.id, vector=vec.tobytes(), dim=model.dim, frames=1))
+        session.add(
+            Embedding(video_id=video.id, model_version_id=model.id, vector=vec.tobytes(), dim=model.dim, frames=1)
+        )
     session.commit()
 
     near_fresh = vectors[4] + 0.05 * vectors[0]

@@ -389,7 +389,8 @@ def test_byte_cap_without_content_length_and_time_cap(site: Site, crawl_settings
         with pytest.raises(FetchError) as slow:
             fetcher.download(site.url("/v/slow2.mp4"), tmp_dir=tmp, timeout_s=1.0)
         elapsed = time.monotonic() - started
-        assert slow.value.code == "timeout" and 0.9 <= elapsed < 5.0, elapsed  # the 1-s cap, with room for a loaded CI machine
+        # the 1-s cap, with room for a loaded CI machine
+        assert slow.value.code == "timeout" and 0.9 <= elapsed < 5.0, elapsed
     assert not list(tmp.glob("*.part"))
 
 

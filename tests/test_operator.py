@@ -30,7 +30,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def vidsim(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "250"}
-    proc = subprocess.run([sys.executable, "-m", "scripts.cli", *args], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
     if check:
         assert proc.returncode == 0, proc.stderr + proc.stdout
     return proc
@@ -75,6 +77,7 @@ def _free_port() -> int:
 
 def test_worker_metrics_endpoint(data_dir: Path, receiver, two_videos: list[Path], settings) -> None:  # type: ignore[no-untyped-def]
     from app.library import register
+
     with session_scope() as s:
         video_id = register(s, str(two_videos[0]), settings=settings).video_id
     port = _free_port()
@@ -159,7 +162,7 @@ def test_readme_signature_verifier_accepts_ours_and_rejects_tampering(settings) 
     body = json.dumps({"event_id": "e1", "results": []}).encode()
     headers = sign(secrets=settings.webhook_secrets, msg_id="msg_1", timestamp=int(time.time()), body=body)
     assert namespace["handle"](headers, body, settings.webhook_secrets[0])["event_id"] == "e1"
-    with pytest.raises(Exception, match="(?i)signature"):
+    with pytest.raises(Exception, match=r"(?i)signature"):
         namespace["handle"](headers, body.replace(b"e1", b"e2"), settings.webhook_secrets[0])
 
 
@@ -276,6 +279,7 @@ def test_readme_lists_every_cli_command() -> None:
     from scripts.cli import app
 
     table = README.read_text().split("### Commands", 1)[1].split("\n\n", 2)[1]
+
     def named(word: str, row: str) -> bool:  # `vidsim word ...`, or `word ...` after a slash
         return re.search(rf"`(vidsim )?{word}[` ]", row) is not None
 

@@ -218,7 +218,10 @@ def test_malformed_event_is_recorded_with_a_reason(library, receiver) -> None:  
     from workers.app import celery_app
 
     event_id = f"bad-{uuid.uuid4().hex[:8]}"
-    celery_app.send_task("vidsim.video_selected", kwargs={"event": {"event_id": event_id, "video_id": "seven", "callback_url": receiver.url}})
+    celery_app.send_task(
+        "vidsim.video_selected",
+        kwargs={"event": {"event_id": event_id, "video_id": "seven", "callback_url": receiver.url}},
+    )
     body = receiver.wait_for({event_id}, timeout_s=60)[event_id].payload
     assert body["error"].startswith("invalid event: video_id")
     celery_app.send_task("vidsim.video_selected", kwargs={"event": "not json at all"})

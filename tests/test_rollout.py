@@ -60,7 +60,9 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         # Serving uses the new model's vectors and index.
         from app.models import Embedding
 
-        emb = s.scalars(select(Embedding).where(Embedding.video_id == ids[0], Embedding.model_version_id == new_id)).one()
+        emb = s.scalars(
+            select(Embedding).where(Embedding.video_id == ids[0], Embedding.model_version_id == new_id)
+        ).one()
         matches, used = search_library(s, active, vector_of(emb), k=2, exclude={ids[0]}, collection="rollout")
         assert used == index.id and len(matches) == 2
 

@@ -124,9 +124,9 @@ def test_short_video_yields_at_least_one_frame(media_dir: Path, clip: Path) -> N
 def _bands(media_dir: Path, name: str, width: int, height: int, *, sar: str = "1") -> Path:
     """Red | green | blue thirds, vertical bands if landscape, horizontal if portrait."""
     if width >= height:
-        boxes = "drawbox=x=0:y=0:w=iw/3:h=ih:color=red:t=fill,drawbox=x=2*iw/3:y=0:w=iw/3:h=ih:color=blue:t=fill"  # noqa: E501
+        boxes = "drawbox=x=0:y=0:w=iw/3:h=ih:color=red:t=fill,drawbox=x=2*iw/3:y=0:w=iw/3:h=ih:color=blue:t=fill"
     else:
-        boxes = "drawbox=x=0:y=0:w=iw:h=ih/3:color=red:t=fill,drawbox=x=0:y=2*ih/3:w=iw:h=ih/3:color=blue:t=fill"  # noqa: E501
+        boxes = "drawbox=x=0:y=0:w=iw:h=ih/3:color=red:t=fill,drawbox=x=0:y=2*ih/3:w=iw:h=ih/3:color=blue:t=fill"
     return make_video(
         media_dir / name,
         seconds=1,
@@ -178,14 +178,12 @@ def test_frames_match_their_timestamps_with_b_frames_and_vfr(media_dir: Path) ->
         width=64,
         height=48,
         pattern="color=c=black",
-        extra_vf="format=yuv420p,geq=lum='16+2*N':cb=128:cr=128,"
-        "setpts='if(lt(N,50),N/25,2+(N-50)/5)/TB'",
+        extra_vf="format=yuv420p,geq=lum='16+2*N':cb=128:cr=128,setpts='if(lt(N,50),N/25,2+(N-50)/5)/TB'",
         extra_args=("-fps_mode", "passthrough", "-bf", "3", "-g", "30"),
     )
     with av.open(str(path)) as container:
         ref = sorted(
-            (float(f.pts * f.time_base), float(f.to_ndarray(format="rgb24").mean()))
-            for f in container.decode(video=0)
+            (float(f.pts * f.time_base), float(f.to_ndarray(format="rgb24").mean())) for f in container.decode(video=0)
         )
     ref_times = np.array([t for t, _ in ref])  # (100,) presentation times
     ref_levels = np.array([level for _, level in ref])  # (100,) grey level of each frame
@@ -285,9 +283,7 @@ def test_hostile_files_cover_the_corpus(hostile: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED_REASONS))
-def test_hostile_file_is_refused_quickly(
-    hostile: dict[str, Path], kind: str, private_tmp: Path
-) -> None:
+def test_hostile_file_is_refused_quickly(hostile: dict[str, Path], kind: str, private_tmp: Path) -> None:
     path = hostile[kind]
     reason = _refusal(lambda p: sample_frames(p, size=32), path)
     assert re.search(EXPECTED_REASONS[kind], reason), reason
@@ -303,18 +299,12 @@ def test_vfr_file_decodes(hostile: dict[str, Path]) -> None:
 
 
 def test_limits_are_configurable(clip: Path) -> None:
-    assert "exceeds limit 1000 bytes" in _refusal(
-        lambda p: probe(p, limits=DecodeLimits(max_bytes=1000)), clip
-    )
+    assert "exceeds limit 1000 bytes" in _refusal(lambda p: probe(p, limits=DecodeLimits(max_bytes=1000)), clip)
     assert _refusal(lambda p: probe(p, limits=DecodeLimits(max_pixels=320 * 239)), clip) == (
         "resolution 320x240 exceeds limit 76480 pixels"
     )
-    assert _refusal(lambda p: probe(p, limits=DecodeLimits(max_seconds=3)), clip) == (
-        "duration 4 s exceeds limit 3 s"
-    )
-    assert _refusal(lambda p: probe(p, limits=DecodeLimits(max_streams=0)), clip) == (
-        "too many streams: 1 (limit 0)"
-    )
+    assert _refusal(lambda p: probe(p, limits=DecodeLimits(max_seconds=3)), clip) == "duration 4 s exceeds limit 3 s"
+    assert _refusal(lambda p: probe(p, limits=DecodeLimits(max_streams=0)), clip) == "too many streams: 1 (limit 0)"
 
 
 def test_missing_path_is_not_found(tmp_path: Path) -> None:
@@ -342,9 +332,7 @@ class _SpyPopen(subprocess.Popen):
         _SpyPopen.started.append(self.pid)
 
 
-def test_timeout_kills_the_child(
-    clip: Path, monkeypatch: pytest.MonkeyPatch, private_tmp: Path
-) -> None:
+def test_timeout_kills_the_child(clip: Path, monkeypatch: pytest.MonkeyPatch, private_tmp: Path) -> None:
     _SpyPopen.started = []
     monkeypatch.setattr(video.subprocess, "Popen", _SpyPopen)
     started = time.monotonic()
@@ -357,17 +345,13 @@ def test_timeout_kills_the_child(
     assert list(private_tmp.iterdir()) == []
 
 
-def test_crashing_decoder_is_reported_as_a_crash(
-    clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_crashing_decoder_is_reported_as_a_crash(clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # No test hook in app.video: a sitecustomize on the child's PYTHONPATH kills it with
     # the signal a decoder bug would raise.
     for sig, call in (("SIGSEGV", sample_frames), ("SIGABRT", probe)):
         hook = tmp_path / sig  # one folder each: a cached .pyc must not be reused
         hook.mkdir()
-        (hook / "sitecustomize.py").write_text(
-            f"import os, signal\nos.kill(os.getpid(), signal.{sig})\n"
-        )
+        (hook / "sitecustomize.py").write_text(f"import os, signal\nos.kill(os.getpid(), signal.{sig})\n")
         monkeypatch.setenv("PYTHONPATH", str(hook))
         assert _refusal(call, clip) == f"decoder crashed (signal {sig})"
 
@@ -375,9 +359,7 @@ def test_crashing_decoder_is_reported_as_a_crash(
 def test_memory_limit_is_enforced_and_reported(clip: Path) -> None:
     # 100 MB of address space is not enough to load PyAV and decord in the child.
     limits = DecodeLimits(memory_mb=100)
-    assert _refusal(lambda p: sample_frames(p, limits=limits), clip) == (
-        "decoder ran out of memory (limit 100 MB)"
-    )
+    assert _refusal(lambda p: sample_frames(p, limits=limits), clip) == "decoder ran out of memory (limit 100 MB)"
 
 
 def test_protocol_looking_relative_path_is_a_plain_file(

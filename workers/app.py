@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from queue import Empty
-
 from typing import Any
 
 from celery import Celery

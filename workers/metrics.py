@@ -107,5 +107,6 @@ def registry() -> CollectorRegistry:
 def _serve_metrics(**_: Any) -> None:
     port = get_settings().metrics_port
     if port:
-        start_http_server(port, addr="0.0.0.0", registry=registry())  # noqa: S104 - scraped from outside
+        # all interfaces: Prometheus scrapes it from outside the container
+        start_http_server(port, addr="0.0.0.0", registry=registry())
         logger.info("metrics on :%d/metrics", port)

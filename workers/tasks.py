@@ -121,7 +121,9 @@ class EventTask(RetriedTask):
         _fail_event(event_id, f"internal error: {type(exc).__name__}: {exc}"[:500], raw=event or None)
 
 
-@celery_app.task(name="vidsim.video_selected", base=EventTask, bind=True, time_limit=TIME_LIMITS["events"], **RETRY_POLICY)
+@celery_app.task(
+    name="vidsim.video_selected", base=EventTask, bind=True, time_limit=TIME_LIMITS["events"], **RETRY_POLICY
+)
 def video_selected(self: Task, event: Any = None, **extra: Any) -> None:
     """The public entry point: the chat app publishes ``event`` (see README)."""
     if event is None and extra:
@@ -130,7 +132,9 @@ def video_selected(self: Task, event: Any = None, **extra: Any) -> None:
         _fail_event(event.get("event_id") if isinstance(event, dict) else None, "the worker process kept dying")
         return
     with session_scope() as session:
-        outcome = recommend.accept_event(session, event, settings=get_settings(), fallback_id=f"invalid-{self.request.id}")
+        outcome = recommend.accept_event(
+            session, event, settings=get_settings(), fallback_id=f"invalid-{self.request.id}"
+        )
     _after(outcome)
 
 

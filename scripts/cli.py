@@ -14,6 +14,7 @@ from rich.table import Table
 
 from app.config import get_settings
 from scripts.crawl_cli import crawl_app
+from workers.process import CELERY
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 library_app = typer.Typer(no_args_is_help=True, help="Register and manage library videos.")
@@ -398,7 +399,7 @@ def worker(
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         os.environ.update(PROMETHEUS_MULTIPROC_DIR=str(folder), VIDSIM_METRICS_PORT=str(port))
-    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "-Q", queues]
+    args = [*CELERY, "worker", "-Q", queues]
     args += ["--loglevel", get_settings().log_level]
     if concurrency:
         args += ["--concurrency", str(concurrency)]
@@ -412,16 +413,7 @@ def worker(
 @app.command()
 def beat() -> None:
     """Start the periodic scheduler (the outbox sweeper). Run exactly one."""
-    args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app:celery_app",
-        "beat",
-        "--loglevel",
-        get_settings().log_level,
-    ]
+    args = [*CELERY, "beat", "--loglevel", get_settings().log_level]
     os.execv(sys.executable, args)
 
 

@@ -30,7 +30,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scripts.local_services import use_local_services
+from workers.process import CELERY
 
 LOAD_DB = "vidsim_load"
 
@@ -114,11 +114,7 @@ def _worker(log_path: Path, *, concurrency: int) -> Iterator[subprocess.Popen]:
     """A prefork worker with the outbox sweeper (beat), consuming once it yields."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app:celery_app",
+        *CELERY,
         "worker",
         "--pool",
         "prefork",

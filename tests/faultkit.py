@@ -40,6 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+CELERY = (PYTHON, "-m", "celery", "-A", "workers.app:celery_app")  # as workers.process.CELERY
 
 
 def free_port() -> int:
@@ -343,11 +344,7 @@ class Stack:
         running as docker-compose.yml's ``restart: unless-stopped`` does. Yields once the
         first one consumes."""
         args = [
-            PYTHON,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app:celery_app",
+            *CELERY,
             "worker",
             "--pool",
             pool,
@@ -367,11 +364,7 @@ class Stack:
     def beat(self, **extra: str) -> Iterator[Supervised]:
         """``celery beat`` (the outbox sweeper), supervised like :meth:`worker`."""
         args = [
-            PYTHON,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app:celery_app",
+            *CELERY,
             "beat",
             "--loglevel",
             "INFO",

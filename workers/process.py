@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ALL_QUEUES = "events,embed,callbacks,maintenance"
+# `celery` on vidsim's app, with this interpreter; add "worker ..." or "beat ...".
+CELERY = (sys.executable, "-m", "celery", "-A", "workers.app:celery_app")
 
 
 @contextlib.contextmanager
@@ -28,7 +30,7 @@ def running_worker(
     """A real ``celery worker`` process (with the beat scheduler unless ``beat=False``);
     yields once it consumes, stops it (SIGTERM, then SIGKILL) on exit."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", "worker", "--pool", pool,
+    args = [*CELERY, "worker", "--pool", pool,
             "-Q", queues, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
             "-n", f"vidsim-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
     if beat:

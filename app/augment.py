@@ -7,7 +7,9 @@ Parameters are drawn once per clip (:meth:`ClipAugment.draw`) and applied to all
 at once with torchvision's functional ops (:meth:`ClipAugment.apply`).
 
 The recipe is Barlow Twins' (itself BYOL's): random resized crop, horizontal flip, colour
-jitter, grayscale, gaussian blur, solarisation; :meth:`ClipAugment.barlow_twins_pair`
+jitter, grayscale, gaussian blur, solarisation; optionally a zoom-out (the frame shrunk,
+each side independently, onto a plain canvas of a random grey, as torchvision's
+``RandomZoomOut`` does for detection), off by default; :meth:`ClipAugment.barlow_twins_pair`
 gives its asymmetric pair of views (blur always / rarely, solarise never / sometimes).
 """
 
@@ -36,6 +38,9 @@ class AugmentParams:
     grayscale: bool
     blur_sigma: float | None  # in output pixels; None = no blur
     solarize: bool
+    # (height, width) fractions of the output the frame shrinks to, its (top, left) as
+    # fractions of the free space, and the canvas grey; None = no zoom-out.
+    zoom_out: tuple[float, float, float, float, float] | None = None
 
 
 class ClipAugment:
@@ -58,6 +63,8 @@ class ClipAugment:
         blur_p: float = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize_p: float = 0.0,
+        zoom_out_p: float = 0.0,
+        zoom_out_range: tuple[float, float] = (0.6, 1.0),
     ) -> None:
         if frame_size < 1:
             raise ValueError(f"frame_size must be >= 1, got {frame_size}")
@@ -78,6 +85,10 @@ class ClipAugment:
         self.blur_sigma = (blur_sigma[0] * factor, blur_sigma[1] * factor)
         self.blur_kernel = max(3, round(23 * factor) | 1)  # odd
         self.solarize_p = solarize_p
+        if not 0 < zoom_out_range[0] <= zoom_out_range[1] <= 1:
+            raise ValueError(f"zoom_out_range must satisfy 0 < min <= max <= 1, got {zoom_out_range}")
+        self.zoom_out_p = zoom_out_p
+        self.zoom_out_range = zoom_out_range
 
     @classmethod
     def barlow_twins_pair(cls, frame_size: int, **overrides: object) -> tuple[ClipAugment, ClipAugment]:
@@ -112,7 +123,13 @@ class ClipAugment:
         grayscale = coin(self.grayscale_p)
         blur_sigma = uniform(*self.blur_sigma) if coin(self.blur_p) else None
         solarize = coin(self.solarize_p)
-        return AugmentParams(crop, flip, jitter, grayscale, blur_sigma, solarize)
+        zoom_out = None
+        if coin(self.zoom_out_p):
+            zoom_out = (
+                uniform(*self.zoom_out_range), uniform(*self.zoom_out_range),
+                uniform(0.0, 1.0), uniform(0.0, 1.0), uniform(0.0, 1.0),
+            )  # fmt: skip
+        return AugmentParams(crop, flip, jitter, grayscale, blur_sigma, solarize, zoom_out)
 
     def apply(self, clip: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Applies ``params`` to every frame of ``clip`` (T, 3, H, W); returns float32
@@ -126,6 +143,8 @@ class ClipAugment:
         x = TF.to_dtype(x, torch.float32, scale=True)
         if params.flip:
             x = TF.horizontal_flip(x)
+        if params.zoom_out is not None:  # before the colour ops: they change the canvas too
+            x = _zoom_out(x, params.zoom_out)
         for name, factor in params.jitter:
             if name == "brightness":
                 x = TF.adjust_brightness(x, factor)
@@ -170,3 +189,18 @@ class ClipAugment:
         else:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _zoom_out(x: torch.Tensor, zoom: tuple[float, float, float, float, float]) -> torch.Tensor:
+    """(T, 3, S, S) float -> the same size: the frames shrunk to (fh * S, fw * S) at
+    (top, left) fractions of the free space, on a canvas of grey ``fill``."""
+    fh, fw, top_f, left_f, fill = zoom
+    size = x.shape[-1]
+    h, w = max(1, round(fh * size)), max(1, round(fw * size))
+    if (h, w) == (size, size):
+        return x
+    small = TF.resize(x, [h, w], antialias=True)  # (T, 3, h, w)
+    canvas = torch.full_like(x, fill)
+    top, left = round(top_f * (size - h)), round(left_f * (size - w))
+    canvas[..., top : top + h, left : left + w] = small
+    return canvas

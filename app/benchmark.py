@@ -61,6 +61,7 @@ __all__ = [
     "System",
     "encoder_system",
     "evaluate",
+    "finetune_on_library",
     "generate",
     "phash_bits",
     "phash_similarity",
@@ -756,6 +757,37 @@ def _systems(checkpoints: dict[str, Path], baselines: Sequence[str], batch_size:
     if "phash" in baselines:
         systems.append(phash_system())
     return systems
+
+
+# --------------------------------------------------------------------------------------
+# Fine-tuning on the library
+# --------------------------------------------------------------------------------------
+
+
+def finetune_on_library(
+    ground_truth_path: Path,
+    out_dir: Path,
+    *,
+    steps: int,
+    preset: str = "cpu-small",
+    init_checkpoint: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Any:
+    """The product's ``vidsim finetune``, inside the benchmark: self-supervised training on
+    the benchmark's **library clips only** (the company's library; never a query, whose
+    edits the encoder must not see), from ``init_checkpoint`` or, without one, from the
+    preset's initial weights (those of the ``untrained`` baseline). Resumes a run already
+    in ``out_dir``. Returns the :class:`app.train.TrainResult`; its ``checkpoint`` is the
+    system to score."""
+    from app.train import TrainConfig, train
+
+    gt = GroundTruth.load(Path(ground_truth_path))
+    videos = [c.path for c in gt.library]
+    queries = {q.path.resolve() for q in gt.queries}
+    assert not queries & {v.resolve() for v in videos}, "a query file is in the library"
+    config = TrainConfig.preset(preset, **{**(overrides or {}), "steps": steps, "epochs": None})
+    return train(config, videos, out_dir=Path(out_dir), resume=True, init_checkpoint=init_checkpoint, progress=progress)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ database: it is an ``nn.Module``, its config, and checkpoint load/save.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -31,14 +32,28 @@ class EncoderConfig:
     # Which vector serves retrieval: the backbone representation after temporal pooling,
     # or the projector output. Decided by the retrieval benchmark (see README).
     serve: Literal["representation", "projection"] = "representation"
+    # Temporal aggregation of the frame features: "conv" (a residual temporal convolution,
+    # then mean and max merged, TemporalPool) or "mean" (the masked mean, no parameters).
+    temporal: Literal["conv", "mean"] = "conv"
+    # Normalisation of the served vectors by statistics of the library (fitted after
+    # training, VideoEncoder.fit_library_norm): "centre" subtracts the library's mean
+    # vector; "centre+whiten" serves [centred, PCA-whitened] halves (each L2-normalised,
+    # together unit length), so a score is the mean of the two cosines. Comparable scores
+    # across queries (micro-AP) need them: a network's raw vectors crowd into a narrow cone.
+    library_norm: Literal["none", "centre", "centre+whiten"] = "none"
 
     @property
     def representation_dim(self) -> int:
         return _backbone_dim(self.backbone)
 
     @property
-    def output_dim(self) -> int:
+    def base_dim(self) -> int:
+        """The dimension of the served vector before library normalisation."""
         return self.representation_dim if self.serve == "representation" else self.embed_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.base_dim * (2 if self.library_norm == "centre+whiten" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,12 +100,27 @@ class TemporalPool(nn.Module):
         return self.merge(torch.cat([mean, peak], dim=-1))  # (B, D)
 
 
+class MeanPool(nn.Module):
+    """The mean of the valid frames' features: (B, T, D), mask (B, T) -> (B, D)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class VideoEncoder(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+    centre: torch.Tensor
+    whiten: torch.Tensor
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
         self.backbone, dim = _build_backbone(config.backbone)
-        self.temporal = TemporalPool(dim)
+        if config.temporal not in ("conv", "mean"):
+            raise ValueError(f"unknown temporal aggregation {config.temporal!r}")
+        self.temporal: nn.Module = TemporalPool(dim) if config.temporal == "conv" else MeanPool()
         h, e = config.projector_hidden, config.embed_dim
         self.projector = nn.Sequential(
             nn.Linear(dim, h, bias=False),
@@ -103,6 +133,14 @@ class VideoEncoder(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1))
+        if config.library_norm not in ("none", "centre", "centre+whiten"):
+            raise ValueError(f"unknown library_norm {config.library_norm!r}")
+        # Library statistics (config.library_norm), set by fit_library_norm: the mean
+        # L2-normalised served vector, and a whitening matrix of the centred ones. Until
+        # fitted (zeros, identity), the normalisation leaves cosine scores unchanged.
+        d = config.base_dim
+        self.register_buffer("centre", torch.zeros(d))
+        self.register_buffer("whiten", torch.eye(d))
 
     def represent(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """frames: (B, T, 3, H, W) floats in [0, 1]; mask: (B, T) bool. Returns (B, D)."""
@@ -144,7 +182,47 @@ class VideoEncoder(nn.Module):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 or device.type == "cuda"):
             rep = self.represent(frames, mask)
             out = rep if self.config.serve == "representation" else self.projector(rep)
-        return F.normalize(out.float(), dim=-1).cpu().numpy()
+        return self._library_normalise(F.normalize(out.float(), dim=-1)).cpu().numpy()
+
+    def _library_normalise(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, base_dim) unit vectors -> (B, output_dim) unit vectors (config.library_norm)."""
+        if self.config.library_norm == "none":
+            return v
+        centred = F.normalize(v - self.centre, dim=-1)
+        if self.config.library_norm == "centre":
+            return centred
+        whitened = F.normalize(centred @ self.whiten, dim=-1)
+        return torch.cat([centred, whitened], dim=-1) / math.sqrt(2.0)
+
+    @torch.no_grad()
+    def fit_library_norm(
+        self, clips: list[np.ndarray], *, shrinkage: float = 0.1, batch_size: int = 8, bf16: bool = False
+    ) -> None:
+        """Fits the library statistics of ``config.library_norm`` on ``clips`` (the
+        library's, decoded as serving decodes them): the mean unit served vector, and the
+        whitening ``(C + eps I)^-1/2`` of the centred ones' covariance ``C``, with ``eps`` =
+        ``shrinkage`` x C's mean eigenvalue over its rank (a small library gives a
+        low-rank C; the shrinkage keeps the directions it did not see)."""
+        self.centre.zero_()
+        self.whiten.copy_(torch.eye(len(self.centre)))
+        if self.config.library_norm == "none" or not clips:
+            return
+        mode = self.config.library_norm
+        object.__setattr__(self.config, "library_norm", "none")  # raw unit vectors, for fitting
+        try:
+            parts = [self.embed(clips[i : i + batch_size], bf16=bf16) for i in range(0, len(clips), batch_size)]
+        finally:
+            object.__setattr__(self.config, "library_norm", mode)
+        v = torch.from_numpy(np.concatenate(parts)).double()  # (N, base_dim)
+        centre = v.mean(0)
+        self.centre.copy_(centre.float())
+        if mode == "centre+whiten":
+            c = F.normalize(v - centre, dim=-1)
+            cov = c.T @ c / len(c)  # (D, D)
+            eigval, eigvec = torch.linalg.eigh(cov)
+            eps = shrinkage * float(eigval.clamp_min(0).sum()) / max(1, min(len(c), len(centre)))
+            inv_sqrt = (eigval.clamp_min(0) + eps).rsqrt()
+            self.whiten.copy_((eigvec * inv_sqrt) @ eigvec.T)
 
 
 def initial_encoder(config: EncoderConfig, seed: int = 0) -> VideoEncoder:
@@ -163,9 +241,7 @@ def _for_inference(model: VideoEncoder) -> VideoEncoder:
     return model.eval()
 
 
-def save_checkpoint(
-    path: Path, model: VideoEncoder, *, extra: dict[str, Any] | None = None
-) -> Path:
+def save_checkpoint(path: Path, model: VideoEncoder, *, extra: dict[str, Any] | None = None) -> Path:
     """Writes {config, state_dict, extra} to a temporary name, then renames it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,5 +261,9 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> tuple[VideoEncoder
     """Loads a checkpoint written by :func:`save_checkpoint`; returns (model, payload)."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     model = VideoEncoder(EncoderConfig.from_dict(payload["config"]))
-    model.load_state_dict(payload["state_dict"])
+    state = dict(payload["state_dict"])
+    # Checkpoints from before library normalisation: not fitted.
+    state.setdefault("centre", torch.zeros_like(model.centre))
+    state.setdefault("whiten", torch.eye(len(model.centre)))
+    model.load_state_dict(state)
     return _for_inference(model), payload

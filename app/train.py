@@ -83,11 +83,16 @@ class TrainConfig:
     grayscale_p: float = 0.2
     blur_p: tuple[float, float] = (1.0, 0.1)  # view 1, view 2
     solarize_p: tuple[float, float] = (0.0, 0.2)
+    zoom_out_p: float = 0.0  # both views: the frame shrunk onto a plain canvas (app.augment)
     # Objective.
     lambd: float = DEFAULT_LAMBD
     # Keep the backbone's batch-norm statistics as they are (the running ones, in eval
     # mode) instead of normalising by each batch's; the affine parameters still train.
     freeze_backbone_bn_stats: bool = False
+    # Leading backbone stages kept as initialised: 0 none, 1 the stem (conv1, bn1), 2 the
+    # stem and layer1, ... 5 the whole backbone. Early layers hold the low-level detail
+    # that tells near-duplicate clips apart; a small library cannot retrain them.
+    freeze_backbone_stages: int = 0
     # Optimisation. batch_size is global (all ranks together).
     batch_size: int = 512
     optimizer: Literal["lars", "adamw"] = "lars"
@@ -112,6 +117,10 @@ class TrainConfig:
     max_loader_failures: int = 3
     checkpoint_every: int = 500
     seed: int = 0
+    # After training, fit the encoder's library normalisation (EncoderConfig.library_norm)
+    # on up to norm_videos of the training videos, decoded as serving decodes them: a
+    # fine-tune on the company's library normalises by that library.
+    norm_videos: int = 2048
 
     @property
     def window_s(self) -> float:
@@ -126,6 +135,7 @@ class TrainConfig:
             "saturation": 0.2 * s,
             "hue": min(0.5, 0.1 * s),
             "grayscale_p": self.grayscale_p,
+            "zoom_out_p": self.zoom_out_p,
         }
         size = self.encoder.frame_size
         return (
@@ -173,23 +183,30 @@ PRESETS: dict[str, TrainConfig] = {
         prefetch_factor=4,
         checkpoint_every=500,
     ),
-    # Minutes on 2 CPU cores: 64 px, 4 frames a window, 150 steps of 16 clips (2.5-4 s a
-    # step measured on a shared 2-core machine). On the demo corpus, switching the
-    # untrained backbone from its initial batch-norm statistics to batch statistics alone
-    # cost more copy-detection recall (0.71 -> 0.55) than a few hundred steps win back,
-    # so the backbone keeps its initial statistics here; crops keep at least half the
-    # frame, as copy edits rarely cut more.
+    # Minutes on 2 CPU cores: 64 px, 4 frames a window, 300 steps of 16 clips (0.6-2 s a
+    # step on a shared 2-core machine). Measured on the retrieval benchmark (README), as a
+    # fine-tune on a small library from the initial weights: the backbone keeps its
+    # initial batch-norm statistics and its stem, layer1 and layer2 (a small library
+    # cannot retrain the low-level filters that tell near-duplicates apart; training them
+    # cost recall), a low learning rate (3e-4 destroyed the initial features faster than
+    # it learned), a 256-d projector (batch 16 cannot estimate a 1024-d correlation
+    # matrix), crops keeping at least half the frame, a zoom-out now and then; served
+    # vectors are centred and whitened by the library's statistics.
     "cpu-small": TrainConfig(
-        encoder=EncoderConfig(backbone="resnet18", frame_size=64, embed_dim=1024, projector_hidden=1024),
+        encoder=EncoderConfig(
+            backbone="resnet18", frame_size=64, embed_dim=256, projector_hidden=1024, library_norm="centre+whiten"
+        ),
         frames=4,
         crop_scale=(0.5, 1.0),
+        zoom_out_p=0.3,
         freeze_backbone_bn_stats=True,
+        freeze_backbone_stages=3,
         batch_size=16,
         optimizer="adamw",
-        lr=3e-4,
+        lr=1e-4,
         weight_decay=1e-4,
         warmup_fraction=0.1,
-        steps=150,
+        steps=300,
         epochs=None,
         num_workers=1,
         prefetch_factor=2,
@@ -723,6 +740,8 @@ def _train(
         for module in encoder.backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    for module in _backbone_stages(encoder.backbone)[: config.freeze_backbone_stages]:
+        module.requires_grad_(False)
     if ctx.enabled and device.type == "cuda":
         # The projector's batch norms normalise per batch of videos: make that the global
         # batch, as the loss does. (SyncBatchNorm needs GPUs; the backbone's batch norms
@@ -829,6 +848,8 @@ def _train(
             finally:
                 loader = None  # the iterator's end shuts its workers down
 
+    if ctx.main and config.encoder.library_norm != "none":
+        _fit_library_norm(encoder, videos, limit=config.norm_videos, seed=config.seed)
     final = out_dir / f"model-step{step:06d}.pt"
     final_metrics = (
         {k: float(np.mean([r[k] for r in recent])) for k in ("loss", "on_diag", "off_diag")} if recent else {}
@@ -873,6 +894,37 @@ def _train(
         loss_plot=plot,
         init_checkpoint=init_checkpoint,
     )
+
+
+def _fit_library_norm(encoder: VideoEncoder, videos: Sequence[Path], *, limit: int, seed: int) -> None:
+    """Fits ``encoder``'s library normalisation on up to ``limit`` of ``videos`` (a seeded
+    sample), each decoded at 1 frame/s as serving does; undecodable ones are left out."""
+    from app import video as video_io
+
+    t0 = time.perf_counter()
+    chosen = list(videos)
+    if len(chosen) > limit:
+        rng = np.random.default_rng(seed)
+        chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), limit, replace=False))]
+    clips = []
+    for path in chosen:
+        try:
+            clips.append(video_io.sample_frames(path, fps=1.0, size=encoder.config.frame_size, max_frames=64).frames)
+        except video_io.VideoError as exc:
+            logger.debug("centre: leaving out %s: %s", path, exc.reason)
+    device = encoder.centre.device
+    encoder.cpu()
+    encoder.fit_library_norm(clips)
+    encoder.to(device)
+    logger.info("library normalisation (%s) fitted on %d videos in %.1f s",
+                encoder.config.library_norm, len(clips), time.perf_counter() - t0)  # fmt: skip
+
+
+def _backbone_stages(backbone: nn.Module) -> list[nn.Module]:
+    """A ResNet's stages in order: the stem (conv1, bn1), then layer1..layer4."""
+    stem = [getattr(backbone, n) for n in ("conv1", "bn1") if hasattr(backbone, n)]
+    layers = [getattr(backbone, f"layer{i}") for i in range(1, 5) if hasattr(backbone, f"layer{i}")]
+    return [nn.ModuleList(stem), *layers]
 
 
 def _make_loader(

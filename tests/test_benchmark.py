@@ -210,3 +210,31 @@ def test_run_reports_every_system(bench: Path, tmp_path: Path) -> None:
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| pHash |" in markdown and "margin over the best baseline" in markdown
     assert (tmp_path / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_trains_on_library_clips_only(bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.train as train_module
+    from app.benchmark import finetune_on_library
+    from app.encoder import EncoderConfig
+
+    seen: list[Path] = []
+    real_train = train_module.train
+
+    def recording_train(config, videos, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(videos)
+        return real_train(config, videos, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", recording_train)
+    tiny = {
+        "encoder": EncoderConfig(frame_size=32, embed_dim=32, projector_hidden=32),
+        "frames": 2, "batch_size": 4, "num_workers": 0, "torch_threads": 1,
+    }  # fmt: skip
+    result = finetune_on_library(bench, tmp_path / "ft", steps=2, overrides=tiny)
+    gt = GroundTruth.load(bench)
+    assert sorted(seen) == sorted(c.path for c in gt.library)  # no query, ever
+    assert result.steps == 2 and result.videos == len(gt.library)
+    report = run(
+        bench, out_dir=tmp_path / "report", checkpoints={"finetuned": result.checkpoint},
+        baselines=["untrained"], show_progress=False,
+    )  # fmt: skip
+    assert list(report.metrics) == ["finetuned", "untrained"]

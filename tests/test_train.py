@@ -8,12 +8,13 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import app.train as train_module
-from app.encoder import EncoderConfig, load_checkpoint
+from app.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
 from app.footage import cut, real_footage
 from app.train import (
     TrainConfig,
@@ -193,6 +194,83 @@ def test_register_trained_records_a_model_version(videos: list[Path], tmp_path: 
     clip = torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8).numpy()
     vectors = embed_clips(version, [clip])
     assert vectors.shape == (1, TINY.encoder.output_dim)
+
+
+def test_training_fits_library_norm_on_its_videos_and_keeps_frozen_stages(videos: list[Path], tmp_path: Path) -> None:
+    from app.video import sample_frames
+
+    encoder = dataclasses.replace(TINY.encoder, library_norm="centre+whiten")
+    config = dataclasses.replace(TINY, encoder=encoder, steps=2, freeze_backbone_stages=2)
+    result = train(config, videos, out_dir=tmp_path / "run")
+    model, _ = load_checkpoint(result.checkpoint)
+    fresh = initial_encoder(config.encoder)  # seed 0: the run's initial weights
+    before, after = fresh.backbone.state_dict(), model.backbone.state_dict()
+    for name in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight"):  # stem and layer1: frozen
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+
+    # The statistics come from the training videos, decoded as serving decodes them.
+    clips = [sample_frames(v, fps=1.0, size=64, max_frames=64).frames for v in videos]
+    centre, whiten = model.centre.clone(), model.whiten.clone()
+    assert centre.norm() > 0.1 and not fresh.centre.any()
+    model.fit_library_norm(clips)
+    torch.testing.assert_close(model.centre, centre, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.whiten, whiten, rtol=1e-3, atol=1e-3)
+    vectors = model.embed(clips)  # [centred, whitened] halves, unit length together
+    d = encoder.base_dim
+    assert vectors.shape == (len(videos), 2 * d) == (len(videos), encoder.output_dim)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(vectors[:, :d], axis=1), 2**-0.5, atol=1e-5)
+    assert np.linalg.norm(vectors[:, :d].mean(0)) < 0.5 * float(centre.norm())
+    # Whitened library vectors are spread out: lower mean similarity between them.
+    w = vectors[:, d:] / np.linalg.norm(vectors[:, d:], axis=1, keepdims=True)
+    c = vectors[:, :d] / np.linalg.norm(vectors[:, :d], axis=1, keepdims=True)
+    off = ~np.eye(len(videos), dtype=bool)
+    assert (w @ w.T)[off].mean() < (c @ c.T)[off].mean() + 1e-6
+    # Unfitted statistics leave cosine scores as they were (the untrained baseline).
+    raw = dataclasses.replace(encoder, library_norm="none")
+    plain = initial_encoder(raw).embed(clips)
+    doubled = fresh.embed(clips)
+    np.testing.assert_allclose(doubled @ doubled.T, plain @ plain.T, rtol=1e-4, atol=1e-5)
+
+
+def test_zoom_out_shrinks_every_frame_onto_one_plain_canvas() -> None:
+    from app.augment import ClipAugment
+
+    augment = ClipAugment(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                          blur_p=0.0, zoom_out_p=1.0, zoom_out_range=(0.5, 0.5))  # fmt: skip
+    clip = torch.full((3, 3, 40, 40), 255, dtype=torch.uint8)  # white frames
+    params = augment.draw(40, 40, generator=torch.Generator().manual_seed(1))
+    assert params.zoom_out is not None
+    out = augment.apply(clip, params)  # (3, 3, 32, 32)
+    white = (out == 1.0).all(dim=1)  # (3, 32, 32): where the shrunk frame landed
+    assert white.sum(dim=(1, 2)).tolist() == [16 * 16] * 3 and (white == white[0]).all()
+    fill = params.zoom_out[4]
+    assert torch.allclose(out[~white.unsqueeze(1).expand_as(out)], torch.tensor(fill))
+
+
+def test_mean_temporal_pooling_ignores_padded_frames() -> None:
+    from app.encoder import VideoEncoder
+
+    model = VideoEncoder(EncoderConfig(frame_size=32, embed_dim=16, projector_hidden=16, temporal="mean")).eval()
+    frames = torch.rand(2, 3, 3, 32, 32)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    with torch.no_grad():
+        feats = model.backbone(((frames - model.mean) / model.std).flatten(0, 1)).view(2, 3, -1)
+        got = model.represent(frames, mask)
+    torch.testing.assert_close(got[0], feats[0, :2].mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], feats[1].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_from_before_centring_still_load(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "old.pt", initial_encoder(TINY.encoder))
+    payload = torch.load(path, weights_only=True)
+    del payload["state_dict"]["centre"], payload["state_dict"]["whiten"]
+    torch.save(payload, path)
+    model, _ = load_checkpoint(path)
+    assert not model.centre.any() and torch.equal(model.whiten, torch.eye(len(model.centre)))
+    clip = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8).numpy()
+    assert model.embed([clip]).shape == (1, TINY.encoder.output_dim)
 
 
 def _ddp_train(rank: int, videos: list[str], out: str, port: int) -> None:

@@ -115,7 +115,10 @@ def test_edited_copy_not_in_library_finds_its_source(library, receiver, data_dir
 def test_worker_logs_follow_one_event_across_tasks(library, receiver, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """Worker logs are JSON lines; a cold event's id is a field on the records of every
     task that worked for it, so one query finds its whole path."""
-    copy = make_video(data_dir / "queries" / f"logged-{uuid.uuid4().hex[:6]}.mp4", seconds=3, pattern="testsrc2")
+    tag = uuid.uuid4()
+    # A hue of its own: content seen before is registered once and would be served warm.
+    copy = make_video(data_dir / "queries" / f"logged-{tag.hex[:6]}.mp4", seconds=3, pattern="testsrc2",
+                      extra_vf=f"hue=h={tag.int % 3600 / 10}")  # fmt: skip
     event_id = publish_video_selected(video_uri=str(copy), callback_url=receiver.url)
     receiver.wait_for({event_id}, timeout_s=120)
 

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     crawl_run_max_pages: int = 2000
     crawl_run_max_items: int = 500
     crawl_run_max_bytes: int = 50 * 1024**3
-    crawl_run_max_s: float = 1500.0  # below the maintenance queue's hard time limit
+    crawl_run_max_s: float = 1500.0  # below the crawl queue's hard time limit
     crawl_max_video_seconds: float = 1200.0  # longer crawled videos are refused
     # Platforms via yt-dlp: extractor names allowed unless a source names its own; the
     # generic extractor (any URL on the web) only for sources that enable it.

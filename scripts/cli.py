@@ -379,7 +379,7 @@ def publish(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,
-    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "events,embed,callbacks,maintenance",
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "events,embed,callbacks,maintenance,crawl",
     concurrency: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
     pool: Annotated[str | None, typer.Option(help="prefork, solo or threads (GPU workers: solo).")] = None,
     beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one per deployment).")] = False,

@@ -16,11 +16,11 @@ from kombu.transport import redis as kombu_redis
 from app.config import get_settings
 from app.logs import configure_logging, set_log_context
 
-QUEUES = ("events", "embed", "callbacks", "maintenance", "train")
+QUEUES = ("events", "embed", "callbacks", "maintenance", "crawl", "train")
 
 # Hard limits (seconds) per queue; all must stay below the visibility timeout, or a
 # long task would be redelivered and run twice in parallel (celery#5935).
-TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 1800, "train": 3000}
+TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 1800, "crawl": 1800, "train": 3000}
 
 
 class _SafeRedisChannel(kombu_redis.Channel):
@@ -100,6 +100,9 @@ def make_celery() -> Celery:
             "vidsim.embed_video": {"queue": "embed"},
             "vidsim.deliver_callback": {"queue": "callbacks"},
             "vidsim.train": {"queue": "train"},
+            # A crawl stage runs for up to half an hour: on its own queue it never holds
+            # up the outbox sweeper or an index rebuild on `maintenance`.
+            "vidsim.crawl.*": {"queue": "crawl"},
         },
         timezone="UTC",
         beat_schedule={

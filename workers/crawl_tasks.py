@@ -29,8 +29,8 @@ from workers.app import TIME_LIMITS, celery_app
 logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "vidsim.train"
-# Stages stop themselves at crawl_run_max_s; the hard limit is the maintenance queue's.
-_LIMIT = TIME_LIMITS["maintenance"]
+# Stages stop themselves at crawl_run_max_s; the hard limit is the crawl queue's.
+_LIMIT = TIME_LIMITS["crawl"]
 
 
 @celery_app.task(name="vidsim.crawl.run", time_limit=_LIMIT)
@@ -51,7 +51,7 @@ def _enqueue_training(task_id: str) -> None:
     celery_app.send_task(TRAIN_TASK, kwargs={"activate": True}, task_id=task_id)
 
 
-@celery_app.task(name="vidsim.crawl.check_material", time_limit=TIME_LIMITS["maintenance"])
+@celery_app.task(name="vidsim.crawl.check_material", time_limit=_LIMIT)
 def crawl_check_material() -> int | None:
     """Records a training request when enough new clean videos arrived; starts training
     (whose rollout backfills and rebuilds the index) when ``vidsim.train`` is registered."""
@@ -67,7 +67,7 @@ def crawl_check_material() -> int | None:
         return pipeline.on_new_material(session, n, enqueue=enqueue).id
 
 
-@celery_app.task(name="vidsim.crawl.pipeline", time_limit=TIME_LIMITS["maintenance"])
+@celery_app.task(name="vidsim.crawl.pipeline", time_limit=_LIMIT)
 def crawl_pipeline() -> None:
     """Beat's entry point: the stages as one chain."""
     chain(crawl_run.si(trigger="beat"), crawl_preprocess.si(trigger="beat"), crawl_check_material.si()).apply_async()

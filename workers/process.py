@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-ALL_QUEUES = "events,embed,callbacks,maintenance"
+ALL_QUEUES = "events,embed,callbacks,maintenance,crawl"
 # `celery` on vidsim's app, with this interpreter; add "worker ..." or "beat ...".
 CELERY = (sys.executable, "-m", "celery", "-A", "workers.app:celery_app")
 

@@ -92,9 +92,11 @@ class TemporalPool(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, T, D) frame features, mask: (B, T) True for real frames
-        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
-        x = self.norm(x)
         m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        # Padding frames enter the convolution as zeros, as the ends of a clip do: a clip's
+        # vector must not depend on the longer clips it shares a batch with.
+        x = x + self.mix((x * m).transpose(1, 2)).transpose(1, 2)
+        x = self.norm(x)
         mean = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         peak = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
         return self.merge(torch.cat([mean, peak], dim=-1))  # (B, D)

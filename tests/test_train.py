@@ -262,6 +262,18 @@ def test_mean_temporal_pooling_ignores_padded_frames() -> None:
     torch.testing.assert_close(got[1], feats[1].mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_a_clip_embeds_the_same_alone_or_batched_with_longer_ones() -> None:
+    from app.encoder import VideoEncoder
+
+    model = VideoEncoder(EncoderConfig(frame_size=32, embed_dim=16, projector_hidden=16)).eval()
+    torch.nn.init.normal_(model.temporal.mix.weight, std=0.1)  # as after training (it starts at zero)
+    gen = torch.Generator().manual_seed(0)
+    short, long = (torch.randint(0, 255, (t, 32, 32, 3), dtype=torch.uint8, generator=gen).numpy() for t in (2, 5))
+    alone = model.embed([short])
+    batched = model.embed([short, long])
+    np.testing.assert_allclose(batched[0], alone[0], rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoints_from_before_centring_still_load(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "old.pt", initial_encoder(TINY.encoder))
     payload = torch.load(path, weights_only=True)

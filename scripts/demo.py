@@ -6,6 +6,7 @@ a results page with thumbnails."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -36,10 +37,15 @@ def _train_demo_model(library: list[Path], *, steps: int, settings, console: Con
     from app import lifecycle, registry
     from app.db import session_scope
     from app.models import ModelVersion
+    from app.train import TrainConfig
 
     console.print(f"training an encoder without labels on the demo library (Barlow Twins, {steps} steps)...")
+    # Named after the preset's whole config: a run interrupted earlier resumes, while a
+    # data folder kept from a release with another preset starts a new run.
+    config = TrainConfig.preset("cpu-small", steps=steps)
+    digest = hashlib.sha256(repr(config).encode()).hexdigest()[:8]
     model_id = lifecycle.train_model(
-        preset="cpu-small", videos=library, settings=settings, name=f"demo-cpu-small-{steps}",
+        preset="cpu-small", videos=library, settings=settings, name=f"demo-cpu-small-{steps}-{digest}",
         overrides={"steps": steps}, resume=True, progress=True,
     )  # fmt: skip
     with session_scope() as session:

@@ -124,7 +124,7 @@ class IndexParams:
     dtype: Literal["f32", "f16", "i8"] = "f16"  # hnsw storage (hash: always b1)
     connectivity: int = 16  # HNSW M: links per node (level 0 has 2M)
     expansion_add: int = 128  # ef at build time
-    expansion_search: int = 128  # ef at query time (raised to the count asked for)
+    expansion_search: int = 96  # ef at query time (raised to the count asked for)
     shards: int = 1
     pca_dim: int | None = None  # learned reduction before indexing (None: full dimension)
     pca_whiten: bool = False

@@ -167,6 +167,11 @@ class VideoEncoder(nn.Module):
         """
         if not clips:
             return np.zeros((0, self.config.output_dim), dtype=np.float32)
+        return self._library_normalise(self._unit_vectors(clips, bf16=bf16)).cpu().numpy()
+
+    @torch.inference_mode()
+    def _unit_vectors(self, clips: list[np.ndarray], *, bf16: bool) -> torch.Tensor:
+        """(len(clips), base_dim) unit vectors before library normalisation."""
         self.eval()
         device = self.mean.device
         t_max = max(len(c) for c in clips)
@@ -184,7 +189,7 @@ class VideoEncoder(nn.Module):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 or device.type == "cuda"):
             rep = self.represent(frames, mask)
             out = rep if self.config.serve == "representation" else self.projector(rep)
-        return self._library_normalise(F.normalize(out.float(), dim=-1)).cpu().numpy()
+        return F.normalize(out.float(), dim=-1)
 
     def _library_normalise(self, v: torch.Tensor) -> torch.Tensor:
         """(B, base_dim) unit vectors -> (B, output_dim) unit vectors (config.library_norm)."""
@@ -209,16 +214,11 @@ class VideoEncoder(nn.Module):
         self.whiten.copy_(torch.eye(len(self.centre)))
         if self.config.library_norm == "none" or not clips:
             return
-        mode = self.config.library_norm
-        object.__setattr__(self.config, "library_norm", "none")  # raw unit vectors, for fitting
-        try:
-            parts = [self.embed(clips[i : i + batch_size], bf16=bf16) for i in range(0, len(clips), batch_size)]
-        finally:
-            object.__setattr__(self.config, "library_norm", mode)
-        v = torch.from_numpy(np.concatenate(parts)).double()  # (N, base_dim)
+        parts = [self._unit_vectors(clips[i : i + batch_size], bf16=bf16) for i in range(0, len(clips), batch_size)]
+        v = torch.cat(parts).double().cpu()  # (N, base_dim)
         centre = v.mean(0)
         self.centre.copy_(centre.float())
-        if mode == "centre+whiten":
+        if self.config.library_norm == "centre+whiten":
             c = F.normalize(v - centre, dim=-1)
             cov = c.T @ c / len(c)  # (D, D)
             eigval, eigvec = torch.linalg.eigh(cov)

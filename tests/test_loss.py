@@ -127,6 +127,9 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         loss.backward()  # DDP averages the gradients over the two ranks
         grads = {name: p.grad for name, p in model.module.named_parameters()}
         torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+        # Neither rank tears gloo down while the other still communicates: that aborts
+        # the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

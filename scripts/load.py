@@ -26,19 +26,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scripts.local_services import use_local_services
-from workers.process import CELERY
+from workers.process import running_worker
 
 LOAD_DB = "vidsim_load"
 
@@ -109,67 +105,12 @@ def _seed_library(n: int, *, seed: int = 0) -> list[int]:
         return have + [v.id for v in videos]
 
 
-@contextlib.contextmanager
-def _worker(log_path: Path, *, concurrency: int) -> Iterator[subprocess.Popen]:
-    """A prefork worker with the outbox sweeper (beat), consuming once it yields."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    args = [
-        *CELERY,
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(concurrency),
-        "-Q",
-        "events,embed,callbacks,maintenance",
-        "--loglevel",
-        "WARNING",
-        "--without-mingle",
-        "--without-gossip",
-        "--beat",
-        "-n",
-        f"load-{uuid.uuid4().hex[:6]}@%h",
-    ]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            from workers.app import celery_app
-
-            deadline = time.monotonic() + 120
-            while not celery_app.control.ping(timeout=0.5):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"worker did not start; see {log_path}")
-            yield proc
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 def _depths() -> tuple[int, int]:
-    """Messages waiting in the events and callbacks queues (Redis lists). A plain client:
-    kombu's own prefixes LLEN keys itself, so workers.metrics.queue_depths, which adds
-    the prefix again, reads 0 whenever VIDSIM_BROKER_PREFIX is set."""
-    from app.config import get_settings
+    """Messages waiting in the events and callbacks queues."""
+    from workers.metrics import queue_depths  # after use_local_services set the broker
 
-    settings = get_settings()
-    client = _redis_client(settings.redis_url)
-    return int(client.llen(settings.broker_prefix + "events")), int(client.llen(settings.broker_prefix + "callbacks"))
-
-
-_clients: dict = {}
-
-
-def _redis_client(url: str):  # type: ignore[no-untyped-def]
-    import redis
-
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
-    return _clients[url]
+    depths = queue_depths()
+    return depths["events"], depths["callbacks"]
 
 
 def run_phase(
@@ -271,7 +212,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"library: {len(library)} warm videos; broker prefix {settings.broker_prefix!r}; {where}")
 
     results: dict = {"settings": vars(args) | {"out": str(out)}, "phases": []}
-    worker = contextlib.nullcontext() if args.no_worker else _worker(work / "worker.log", concurrency=args.concurrency)
+    worker = (
+        contextlib.nullcontext()
+        if args.no_worker
+        else running_worker(
+            work / "worker.log",
+            queues="events,embed,callbacks,maintenance",
+            pool="prefork",
+            concurrency=args.concurrency,
+        )
+    )
     with worker, CallbackReceiver(settings.webhook_secrets[0]) as rx:
         warm_up = run_phase(5, 4, library=library, receiver=rx, drain_timeout_s=60, p95_target_ms=args.p95_target_ms)
         print(f"warm-up: {warm_up.called_back}/{warm_up.published} called back, p50 {warm_up.p50_ms} ms")

@@ -23,6 +23,7 @@ def running_worker(
     *,
     queues: str = ALL_QUEUES,
     pool: str = "solo",
+    concurrency: int | None = None,
     beat: bool = True,
     extra_env: dict[str, str] | None = None,
     ready_timeout_s: float = 90.0,
@@ -33,6 +34,8 @@ def running_worker(
     args = [*CELERY, "worker", "--pool", pool,
             "-Q", queues, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
             "-n", f"vidsim-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
     if beat:
         args.append("--beat")
     with open(log_path, "ab") as log:

@@ -426,6 +426,23 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+@contextlib.contextmanager
+def shared_stack(data_dir: Path, **settings: str) -> Iterator[Stack]:
+    """A Stack with a database of its own in the shared Postgres and a broker prefix of
+    its own in the shared Redis, migrated; both are dropped on exit."""
+    from conftest import _pg_url, create_database, drop_database
+
+    name = create_database()
+    stack = Stack(database_url=_pg_url(name), redis_url=os.environ["REDIS_URL"], data_dir=data_dir, settings=settings)
+    try:
+        stack.migrate()
+        yield stack
+    finally:
+        stack.dispose()
+        drop_database(name)
+        stack.drop_keys()
+
+
 def publisher_results(proc: subprocess.Popen, *, timeout_s: float = 300) -> list[dict]:
     proc.wait(timeout=timeout_s)
     run: Path = proc.run_dir  # type: ignore[attr-defined]

@@ -16,10 +16,25 @@ import struct
 import subprocess
 from pathlib import Path
 
-__all__ = ["HOSTILE_BUT_VALID", "ffmpeg_exe", "make_hostile_files", "make_video", "run_ffmpeg"]
+__all__ = ["HOSTILE_BUT_VALID", "HOSTILE_REASONS", "ffmpeg_exe", "make_hostile_files", "make_video", "run_ffmpeg"]
 
 # Keys of make_hostile_files() whose files are awkward but valid: they must decode.
 HOSTILE_BUT_VALID = frozenset({"vfr"})
+# The refusal each other key of make_hostile_files() gets, as a regex: from the decoder
+# (tests/test_video.py) and, after "video <id>: ", in a worker's answer (tests/test_hostile.py).
+HOSTILE_REASONS = {
+    "truncated": r"^not a video: ",
+    "truncated_faststart": r"^cannot decode: ",  # the probe reads the intact index
+    "zero_byte": r"^not a video: empty file \(0 bytes\)$",
+    "random_bytes": r"^not a video: ",
+    "text": r"^not a video: ",
+    "playlist": r"^not a video: ",
+    "audio_only": r"^not a video: no video stream$",
+    "huge_resolution": r"^resolution 16000x16000 exceeds limit 8847360 pixels$",
+    "huge_resolution_16384": r"^resolution 16384x16384 exceeds limit 8847360 pixels$",
+    "long_duration": r"^duration 86400 s exceeds limit 14400 s$",
+    "many_streams": r"^too many streams: 40 \(limit 16\)$",
+}
 
 
 @functools.cache

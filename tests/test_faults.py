@@ -27,8 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _pg_url, create_database, drop_database
-from faultkit import Hook, Stack, Supervised, children, publisher_results
+from faultkit import Hook, Stack, Supervised, children, publisher_results, shared_stack
 from helpers import wait_until
 
 from app.config import DEV_WEBHOOK_SECRET
@@ -40,15 +39,8 @@ SECRET = DEV_WEBHOOK_SECRET
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A database and broker prefix of this module's own on the shared Postgres and Redis."""
-    name = create_database()
-    s = Stack(database_url=_pg_url(name), redis_url=os.environ["REDIS_URL"], data_dir=tmp_path_factory.mktemp("faults"))
-    try:
-        s.migrate()
+    with shared_stack(tmp_path_factory.mktemp("faults")) as s:
         yield s
-    finally:
-        s.dispose()
-        drop_database(name)
-        s.drop_keys()
 
 
 # A test-only sitecustomize for the module's worker, on its PYTHONPATH: production code
@@ -548,13 +540,12 @@ def test_kill_9_whole_worker_soak(tmp_path: Path) -> None:
     never recorded; the chat app publishing the same event id again, when no callback
     came, is answered then, still once. Everything that reached vidsim is answered
     exactly once."""
-    name = create_database()
-    stack = Stack(database_url=_pg_url(name), redis_url=os.environ["REDIS_URL"], data_dir=tmp_path / "stack")
-    stack.settings.update(
-        VIDSIM_CALLBACK_TIMEOUT_S="2", VIDSIM_OUTBOX_SWEEP_INTERVAL_S="0.5", VIDSIM_VISIBILITY_TIMEOUT_S="30"
-    )
-    try:
-        stack.migrate()
+    with shared_stack(
+        tmp_path / "stack",
+        VIDSIM_CALLBACK_TIMEOUT_S="2",
+        VIDSIM_OUTBOX_SWEEP_INTERVAL_S="0.5",
+        VIDSIM_VISIBILITY_TIMEOUT_S="30",
+    ) as stack:
         library = stack.seed_library(12)
         with Hook(SECRET) as hook, stack.beat(), stack.worker() as worker:
             events = _events("k9w", library, 300, hook.url)
@@ -581,7 +572,3 @@ def test_kill_9_whole_worker_soak(tmp_path: Path) -> None:
                 stack, hook, ids, label="kill -9 whole worker", settle_s=120, kills=kills,
                 all_called_back_s=recovered_s, lost_in_brpop_then_republished=len(never_seen),
             )  # fmt: skip
-    finally:
-        stack.dispose()
-        drop_database(name)
-        stack.drop_keys()

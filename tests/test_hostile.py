@@ -25,9 +25,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import _pg_url, create_database, drop_database
-from faultkit import Hook, Stack, Supervised, children, rss_mb
-from media import HOSTILE_BUT_VALID, make_hostile_files, make_video
+from faultkit import Hook, Stack, Supervised, children, rss_mb, shared_stack
+from media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
 from sqlalchemy import select
 
 from app.callbacks import WebhookVerificationError, generate_secret, verify
@@ -38,21 +37,11 @@ NEW_SECRET, OLD_SECRET = generate_secret(), generate_secret()
 DECODE_TIMEOUT_S = 8
 DECODE_MEMORY_MB = 512
 
-# What the worker answers for each hostile file (after "video <id>: "). The decoder's own
-# wording is tested in tests/test_video.py (EXPECTED_REASONS); these are the same refusals
-# as seen by a chat app, plus the kinds that only make sense through a worker.
+# What the worker answers for each hostile file (after "video <id>: "): the decoder's
+# refusals (media.HOSTILE_REASONS, tested directly in tests/test_video.py) as seen by a
+# chat app, plus the kinds that only make sense through a worker.
 EXPECTED = {
-    "truncated": r"^not a video: ",
-    "truncated_faststart": r"^cannot decode: ",
-    "zero_byte": r"^not a video: empty file \(0 bytes\)$",
-    "random_bytes": r"^not a video: ",
-    "text": r"^not a video: ",
-    "playlist": r"^not a video: ",
-    "audio_only": r"^not a video: no video stream$",
-    "huge_resolution": r"^resolution 16000x16000 exceeds limit 8847360 pixels$",
-    "huge_resolution_16384": r"^resolution 16384x16384 exceeds limit 8847360 pixels$",
-    "long_duration": r"^duration 86400 s exceeds limit 14400 s$",
-    "many_streams": r"^too many streams: 40 \(limit 16\)$",
+    **HOSTILE_REASONS,
     "over_4k": r"^resolution 4096x2304 exceeds limit 8847360 pixels$",
     # AV1: PyAV reads it, decord 0.6.0's bundled FFmpeg has no AV1 decoder.
     "unsupported_codec": r"^cannot decode: ",
@@ -82,24 +71,15 @@ if b"app.video" in _cmdline and b"--child" in _cmdline and b"decoder-hang" in _c
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    name = create_database()
-    s = Stack(
-        database_url=_pg_url(name), redis_url=os.environ["REDIS_URL"], data_dir=tmp_path_factory.mktemp("hostile")
-    )
-    s.settings.update(
+    with shared_stack(
+        tmp_path_factory.mktemp("hostile"),
         VIDSIM_CALLBACK_ALLOW_PRIVATE="true",  # the chat app here is on 127.0.0.1
         VIDSIM_WEBHOOK_SECRET=f"{NEW_SECRET},{OLD_SECRET}",  # rotating: both sign
         VIDSIM_DECODE_TIMEOUT_S=str(DECODE_TIMEOUT_S),
         VIDSIM_DECODE_MEMORY_MB=str(DECODE_MEMORY_MB),
         VIDSIM_OUTBOX_SWEEP_INTERVAL_S="0.5",
-    )
-    try:
-        s.migrate()
+    ) as s:
         yield s
-    finally:
-        s.dispose()
-        drop_database(name)
-        s.drop_keys()
 
 
 @pytest.fixture(scope="module")
@@ -493,11 +473,9 @@ def test_hostile_callback_urls_are_refused_without_connecting(tmp_path: Path) ->
     refused: the delivery is dead-lettered at once with a "blocked:" reason, and nothing
     ever connects (a canary listens on the loopback port they name). A video_uri on an
     internal address is refused the same way, before any download."""
-    name = create_database()
-    stack = Stack(database_url=_pg_url(name), redis_url=os.environ["REDIS_URL"], data_dir=tmp_path / "ssrf")
-    stack.settings.update(VIDSIM_CALLBACK_ALLOW_PRIVATE="false", VIDSIM_OUTBOX_SWEEP_INTERVAL_S="0.5")
-    try:
-        stack.migrate()
+    with shared_stack(
+        tmp_path / "ssrf", VIDSIM_CALLBACK_ALLOW_PRIVATE="false", VIDSIM_OUTBOX_SWEEP_INTERVAL_S="0.5"
+    ) as stack:
         library = stack.seed_library(3)
         with Canary() as canary, stack.beat(), stack.worker(queues="events,callbacks,maintenance") as worker:
             p = canary.port
@@ -576,10 +554,6 @@ def test_hostile_callback_urls_are_refused_without_connecting(tmp_path: Path) ->
                 f"  {e['event_id'].rsplit('-', 1)[0][5:]}: {o['delivery']['last_error'][:100]}"
                 + (f" | event: {o.get('error', '')[:80]}" if "video_uri" in e else "")
             )
-    finally:
-        stack.dispose()
-        drop_database(name)
-        stack.drop_keys()
 
 
 # --------------------------------------------------------------------------- soak
@@ -596,10 +570,7 @@ def test_rss_of_one_worker_process_stays_flat_over_1000_decodes(tmp_path: Path) 
     from app.models import Embedding
 
     n, warm_up = 1000, 100
-    name = create_database()
-    stack = Stack(database_url=_pg_url(name), redis_url=os.environ["REDIS_URL"], data_dir=tmp_path / "soak")
-    try:
-        stack.migrate()
+    with shared_stack(tmp_path / "soak") as stack:
         sources = [
             make_video(stack.media_dir / f"src-{i}.mp4", seconds=2, width=w, height=h, pattern=pattern)
             for i, (pattern, w, h) in enumerate(
@@ -643,7 +614,3 @@ def test_rss_of_one_worker_process_stays_flat_over_1000_decodes(tmp_path: Path) 
             f"final {samples[-1][1]:.0f} MB; (decodes, MB): {table}"
         )
         assert peak <= 1.10 * baseline
-    finally:
-        stack.dispose()
-        drop_database(name)
-        stack.drop_keys()

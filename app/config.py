@@ -58,9 +58,13 @@ class Settings(BaseSettings):
     pca_whiten: bool = False
     hash_bits: int | None = None  # None: one bit per (reduced) dimension
     hash_rotation: Literal["none", "pca", "itq"] = "itq"
-    # Candidates re-ranked by exact cosine with the float copy kept beside the index
-    # (hash and PCA modes; None: 100 there, 0 otherwise). Search-time.
+    # Candidates re-ranked by exact cosine of the embeddings (hash and PCA modes; None:
+    # 100 there, 0 otherwise). Search-time. They are read from the database (the
+    # system of record: the index keeps only graph and codes, ~225 bytes per video at
+    # 1M in hash mode) or from a float copy written beside the index (index_rerank_dtype;
+    # faster, 1 KB more per 512-d video as f16).
     index_rerank: int | None = None
+    index_rerank_from: Literal["database", "file"] = "database"
     index_rerank_dtype: Literal["f32", "f16"] = "f16"
     index_refresh_s: float = 1.0  # a worker notices a new active index version within this
     index_keep_versions: int = 3  # index files kept on disk (the active one included)

@@ -9,7 +9,9 @@ place, holding:
 - ``shard-{s}.usearch``: one HNSW graph per shard (keys are row numbers in the shard);
 - ``keys-{s}.npy``: the video id of each row of shard ``s`` (uint64);
 - ``vectors-{s}.npy``: a float copy of the L2-normalised embeddings of shard ``s``,
-  memory-mapped, for exact cosine re-ranking (only when the version re-ranks);
+  memory-mapped, for exact cosine re-ranking (only when the version re-ranks from its
+  own files; with ``rerank_from="database"`` the caller reads the candidates'
+  embeddings from the system of record instead, and the version holds no copy);
 - ``transform-*.npy``: what was learned at build time and applied to queries too (mean,
   PCA directions, whitening scales, ITQ rotation);
 - ``background.npy``: a fixed random sample of library vectors for calibrated scores.
@@ -24,7 +26,8 @@ Two coarse representations search the graph (``IndexParams.mode``):
 - ``hash``: binary codes (sign bits of the centred, rotated vectors; the rotation is
   PCA, ITQ learned on the library, or none) searched by Hamming distance.
 
-Candidates can then be re-ranked by exact cosine with the float copy (``rerank``), so
+Candidates can then be re-ranked by exact cosine with the float copy or with the
+embeddings the caller reads from the database (``rerank``, ``rerank_from``), so
 the scores returned are always the cosine of the embeddings themselves, comparable with
 the exact search over fresh additions that the caller merges in.
 
@@ -43,6 +46,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +58,11 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "vidsim-index/2"
 MANIFEST = "manifest.json"
+
+
+# Reads the stored embeddings of these video ids: float32 (len(ids), D) in the order
+# asked, a row of NaN for an id it does not hold (deleted since the build).
+VectorsOf = Callable[[np.ndarray], np.ndarray]
 
 
 class IndexFileError(Exception):
@@ -130,7 +139,12 @@ class IndexParams:
     pca_whiten: bool = False
     hash_bits: int | None = None  # None: the (reduced) dimension, rounded down to 8
     hash_rotation: Literal["none", "pca", "itq"] = "itq"
-    rerank: int = 0  # candidates re-ranked by exact cosine with the float copy (0: off)
+    rerank: int = 0  # candidates re-ranked by exact cosine of the embeddings (0: off)
+    # Where re-ranking reads the candidates' embeddings: ``file``, a float copy written
+    # beside the graph (rerank_dtype; fastest, ~2 bytes per dimension per video more on
+    # disk); ``database``, the caller's ``vectors_of`` (the system of record, one read of
+    # ``rerank`` rows per search; the version keeps only graph and codes).
+    rerank_from: Literal["file", "database"] = "file"
     rerank_dtype: Literal["f32", "f16"] = "f16"
     background: int = 1000  # library vectors kept for calibrated scores
     # A shard this small is scanned exactly instead of walking its graph (search-time):
@@ -155,12 +169,23 @@ class IndexParams:
             raise ValueError("hash mode needs rerank > 0 (Hamming distances are not cosines)")
         if self.pca_dim is not None and self.rerank <= 0:
             raise ValueError("a PCA-reduced index needs rerank > 0 (reduced-space scores are not cosines)")
+        if self.rerank_from not in ("file", "database"):
+            raise ValueError(f"unknown rerank_from {self.rerank_from!r}")
         if self.shards < 1 or self.connectivity < 2:
             raise ValueError("shards must be >= 1 and connectivity >= 2")
 
     @property
     def storage(self) -> str:
         return "b1" if self.mode == "hash" else self.dtype
+
+    @property
+    def float_copy(self) -> bool:
+        """Whether the version keeps a float copy of its vectors to re-rank with."""
+        return self.rerank > 0 and self.rerank_from == "file"
+
+    @property
+    def reranks_from_database(self) -> bool:
+        return self.rerank > 0 and self.rerank_from == "database"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -351,7 +376,7 @@ def build_version(
                 index.add(np.arange(len(rows), dtype=np.uint64), coarse, threads=params.build_threads, log=False)
             index.save(str(tmp / f"shard-{s}.usearch"))
             _save_npy(tmp / f"keys-{s}.npy", keys[rows])
-            if params.rerank > 0:
+            if params.float_copy:
                 _save_npy(tmp / f"vectors-{s}.npy", vectors[rows].astype(np.dtype(_NP_FLOAT[params.rerank_dtype])))
             return {"count": len(rows), "ndim": ndim, "self_recall": _self_recall(index, coarse, params)}
 
@@ -492,7 +517,7 @@ class IndexVersionFiles:
             index.expansion_search = params.expansion_search  # type: ignore[misc]  # (it has a setter)
             keys = np.load(directory / f"keys-{s}.npy", allow_pickle=False)
             vectors = None
-            if params.rerank > 0:
+            if params.float_copy:
                 vectors = np.load(directory / f"vectors-{s}.npy", mmap_mode="r", allow_pickle=False)
                 if vectors.shape != (info["count"], dim):
                     raise IndexFileError(f"index float copy {directory}/vectors-{s}.npy has shape {vectors.shape}")
@@ -505,14 +530,15 @@ class IndexVersionFiles:
 
     def configure(self, *, expansion_search: int | None = None, rerank: int | None = None) -> IndexVersionFiles:
         """Changes the search-time knobs (the graph's ef, how many candidates are
-        re-ranked) without a rebuild. Re-ranking needs the float copy the build kept."""
+        re-ranked) without a rebuild. Re-ranking from files needs the copy the build kept."""
         changes: dict[str, Any] = {}
         if expansion_search is not None:
             changes["expansion_search"] = expansion_search
             for shard in self._shards:
                 shard.index.expansion_search = expansion_search  # type: ignore[misc]  # (it has a setter)
         if rerank is not None:
-            if rerank > 0 and any(s.vectors is None for s in self._shards):
+            copies = self.params.rerank_from == "file"
+            if rerank > 0 and copies and any(s.vectors is None for s in self._shards):
                 raise ValueError("this index version kept no float copy to re-rank with")
             changes["rerank"] = rerank
         if changes:
@@ -532,11 +558,14 @@ class IndexVersionFiles:
     def nbytes(self) -> int:
         return sum((self.path / name).stat().st_size for name in [*self.manifest["files"], MANIFEST])
 
-    def search(self, query: np.ndarray, k: int, *, exact: bool = False) -> list[Hit]:
+    def search(self, query: np.ndarray, k: int, *, exact: bool = False,
+               vectors_of: VectorsOf | None = None) -> list[Hit]:  # fmt: skip
         """Top ``k`` by cosine of one query (D,); ``exact`` scans the coarse vectors
-        instead of walking the graph (on f32 without reduction: exact cosine)."""
+        instead of walking the graph (on f32 without reduction: exact cosine). A version
+        that re-ranks from the database reads its candidates through ``vectors_of``."""
         if k <= 0 or len(self) == 0:
             return []
+        from_database = self._check_vectors_of(vectors_of)
         q = normalise(np.asarray(query, dtype=np.float32).reshape(-1))
         coarse = _coarse(q[None, :], self._transform, self.params)[0]
         shards = [s for s in self._shards if len(s.keys)]
@@ -545,25 +574,41 @@ class IndexVersionFiles:
         else:
             pool = _pool(os.getpid())
             parts = list(pool.map(lambda s: self._search_shard(s, q, coarse, k, exact), shards))
-        return merge(*parts, k=k)
+        if not from_database:
+            return merge(*parts, k=k)
+        # Every shard's candidates re-ranked together: one read of the store per search.
+        ids = np.array([h.key for part in parts for h in part], dtype=np.int64)
+        scores = normalise(vectors_of(ids)) @ q if len(ids) else np.zeros(0, np.float32)  # type: ignore[misc]
+        return merge([Hit(int(i), float(c)) for i, c in zip(ids, scores, strict=True) if np.isfinite(c)], k=k)
+
+    def _check_vectors_of(self, vectors_of: VectorsOf | None) -> bool:
+        if not self.params.reranks_from_database:
+            return False
+        if vectors_of is None:
+            raise ValueError("this index version re-ranks with embeddings read from the database: pass vectors_of")
+        return True
 
     def _search_shard(self, shard: _Shard, q: np.ndarray, coarse: np.ndarray, k: int, exact: bool) -> list[Hit]:
+        """The shard's top ``k`` re-ranked by its float copy, or (no copy) every candidate
+        with its coarse score."""
         fetch = min(len(shard.keys), max(k, self.params.rerank))
         exact = exact or len(shard.keys) <= self.params.exact_below
         found = shard.index.search(coarse, fetch, exact=exact)
         rows = np.asarray(found.keys, dtype=np.int64)
-        if shard.vectors is not None:
-            order = np.argsort(rows)  # memory-map locality
-            rows = rows[order]
-            scores = shard.vectors[rows].astype(np.float32) @ q  # (fetch,) exact cosine
-        else:
+        if shard.vectors is None:
             scores = 1.0 - np.asarray(found.distances, dtype=np.float32)
+            return [Hit(int(shard.keys[r]), float(c)) for r, c in zip(rows, scores, strict=True)]
+        order = np.argsort(rows)  # memory-map locality
+        rows = rows[order]
+        scores = shard.vectors[rows].astype(np.float32) @ q  # (fetch,) exact cosine
         top = np.argsort(-scores, kind="stable")[:k]
         return [Hit(int(shard.keys[rows[i]]), float(scores[i])) for i in top]
 
-    def search_batch(self, queries: np.ndarray, k: int, *, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def search_batch(self, queries: np.ndarray, k: int, *, threads: int = 0,
+                     vectors_of: VectorsOf | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Top ``k`` of many queries (B, D) at once (USearch's multi-threaded batch search,
         then a vectorised re-rank): video ids (B, k) and cosines (B, k), -1 / -inf padded."""
+        from_database = self._check_vectors_of(vectors_of)
         q = normalise(queries)
         coarse = _coarse(q, self._transform, self.params)
         all_keys, all_scores = [], []
@@ -578,19 +623,31 @@ class IndexVersionFiles:
             valid = np.arange(rows.shape[1])[None, :] < np.asarray(found.counts)[:, None]
             rows = np.where(valid, rows, 0)
             if shard.vectors is not None:
-                scores = np.empty(rows.shape, dtype=np.float32)
-                for b in range(0, len(q), 64):  # blocks keep the gathered copy small
-                    block = rows[b : b + 64]
-                    gathered = shard.vectors[block.reshape(-1)].astype(np.float32).reshape(*block.shape, -1)
-                    scores[b : b + 64] = np.einsum("bfd,bd->bf", gathered, q[b : b + 64])  # (64, fetch)
+                scores = _block_cosines(lambda block: shard.vectors[block], rows, q)  # noqa: B023 (called at once)
             else:
                 scores = 1.0 - np.asarray(found.distances, dtype=np.float32).reshape(rows.shape)
-            scores = np.where(valid, scores, -np.inf)
             all_keys.append(np.where(valid, shard.keys[rows].astype(np.int64), -1))
-            all_scores.append(scores)
+            all_scores.append(np.where(valid, scores, -np.inf))
         keys, scores = np.concatenate(all_keys, axis=1), np.concatenate(all_scores, axis=1)
+        if from_database:
+            unique = np.unique(keys[keys >= 0])
+            stored = vectors_of(unique)  # type: ignore[misc]  # one read for the whole batch
+            at = np.searchsorted(unique, keys).clip(0, len(unique) - 1)  # (B, F) rows of ``stored``
+            scores = _block_cosines(lambda block: stored[block], at, q)
+            scores = np.where((keys >= 0) & np.isfinite(scores), scores, -np.inf)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(keys, top, 1), np.take_along_axis(scores, top, 1)
+
+
+def _block_cosines(gather: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(B, F) cosines of each query with the rows ``gather`` returns for its candidates,
+    in blocks of 64 queries (keeps the gathered (64, F, D) copy small)."""
+    scores = np.empty(rows.shape, dtype=np.float32)
+    for b in range(0, len(q), 64):
+        block = rows[b : b + 64]
+        gathered = normalise(gather(block.reshape(-1))).reshape(*block.shape, -1)
+        scores[b : b + 64] = np.einsum("bfd,bd->bf", gathered, q[b : b + 64])
+    return scores
 
 
 # --------------------------------------------------------------------------- calibration
@@ -678,7 +735,9 @@ class VectorIndex:
     def __len__(self) -> int:
         return len(self._index)
 
-    def search(self, query: np.ndarray, k: int, *, exact: bool = False) -> list[Hit]:
+    def search(self, query: np.ndarray, k: int, *, exact: bool = False,
+               vectors_of: VectorsOf | None = None) -> list[Hit]:  # fmt: skip
+        """Top ``k`` by the file's own cosines (this format never re-ranks)."""
         if len(self._index) == 0 or k <= 0:
             return []
         query = np.asarray(query, dtype=np.float32)

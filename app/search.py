@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Library vectors sampled for calibration when no index version is served yet.
 _BACKGROUND = 1000
+# Ids bound in one SQLite query (it takes at most 32,766 parameters).
+_IDS_PER_READ = 10_000
 
 
 class RebuildBusy(RuntimeError):
@@ -119,6 +121,36 @@ _delta: _Delta | None = None
 
 def vector_of(row: Embedding) -> np.ndarray:
     return np.frombuffer(row.vector, dtype=np.float32)
+
+
+def stored_vectors(session: Session, model_id: int, dim: int, video_ids: np.ndarray) -> np.ndarray:
+    """The stored embeddings of ``video_ids`` under model ``model_id``: float32
+    (len(video_ids), dim) in that order, NaN rows for videos without one (what an index
+    that re-ranks from the database reads, ``app.index.VectorsOf``)."""
+    out = np.full((len(video_ids), dim), np.nan, dtype=np.float32)
+    row_of = {int(v): i for i, v in enumerate(video_ids)}
+    ids = list(row_of)
+    if not ids:
+        return out
+    if session.get_bind().dialect.name == "postgresql":
+        # One array parameter, results in binary: bytea as raw bytes rather than hex text
+        # (100 rows of 2 KB measured 1.6 ms against 2.7 ms through the text protocol).
+        cursor = session.connection().connection.driver_connection.cursor(binary=True)  # type: ignore[union-attr]
+        found = cursor.execute(
+            "SELECT video_id, vector FROM embeddings WHERE model_version_id = %s AND video_id = ANY(%s)",
+            (model_id, ids),
+        ).fetchall()
+    else:
+        found = []
+        for start in range(0, len(ids), _IDS_PER_READ):
+            found += session.execute(
+                select(Embedding.video_id, Embedding.vector).where(
+                    Embedding.model_version_id == model_id, Embedding.video_id.in_(ids[start : start + _IDS_PER_READ])
+                )
+            ).all()
+    for video_id, vector in found:
+        out[row_of[video_id]] = np.frombuffer(vector, dtype=np.float32)
+    return out
 
 
 def invalidate_cache() -> None:
@@ -273,10 +305,14 @@ def search_library(
     reference = vindex.calibration_reference(q, _background(searcher, delta_vecs))
     want = k + len(exclude)
     matches: list[Match] = []
+
+    def vectors_of(ids: np.ndarray) -> np.ndarray:
+        return stored_vectors(session, model.id, model.dim, ids)
+
     for widen in (4, 16, 64):
         fetch = want * widen
         hits = vindex.merge(
-            searcher.search(q, fetch) if searcher is not None else [],
+            searcher.search(q, fetch, vectors_of=vectors_of) if searcher is not None else [],
             vindex.exact_search(delta_keys, delta_vecs, q, fetch),
             k=fetch,
         )
@@ -323,6 +359,7 @@ def index_params(settings: Settings, *, dtype: str | None = None) -> vindex.Inde
         hash_bits=settings.hash_bits,
         hash_rotation=settings.hash_rotation,
         rerank=rerank,
+        rerank_from=settings.index_rerank_from,
         rerank_dtype=settings.index_rerank_dtype,
     )
 

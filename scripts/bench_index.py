@@ -53,7 +53,15 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import Settings
-from app.index import IndexParams, IndexVersionFiles, build_version, calibrate, calibration_reference, normalise
+from app.index import (
+    IndexParams,
+    IndexVersionFiles,
+    VectorsOf,
+    build_version,
+    calibrate,
+    calibration_reference,
+    normalise,
+)
 
 NEAR_DUPLICATE_THRESHOLD = Settings.model_fields["near_duplicate_threshold"].default
 
@@ -63,13 +71,16 @@ MODES: dict[str, dict[str, Any]] = {
     "f16": {"mode": "hnsw", "dtype": "f16"},
     "i8": {"mode": "hnsw", "dtype": "i8"},
     "i8-rerank": {"mode": "hnsw", "dtype": "i8", "rerank": "RERANK"},
-    "hash": {"mode": "hash", "hash_rotation": "itq"},
+    # hash modes re-rank from the database as served (a scratch database holds the
+    # vectors, loaded through the real schema), "-file" ones from a copy beside the index
+    "hash": {"mode": "hash", "hash_rotation": "itq", "rerank_from": "database"},
+    "hash-file": {"mode": "hash", "hash_rotation": "itq"},
     "hash-pca": {"mode": "hash", "hash_rotation": "pca"},
     "hash-sign": {"mode": "hash", "hash_rotation": "none"},
     "pca": {"mode": "hnsw", "dtype": "f16", "pca_dim": "PCA"},
     "pca-i8": {"mode": "hnsw", "dtype": "i8", "pca_dim": "PCA"},
     "f16-shards": {"mode": "hnsw", "dtype": "f16", "shards": "SHARDS"},
-    "hash-shards": {"mode": "hash", "hash_rotation": "itq", "shards": "SHARDS"},
+    "hash-shards": {"mode": "hash", "hash_rotation": "itq", "shards": "SHARDS", "rerank_from": "database"},
     "f16-mt": {"mode": "hnsw", "dtype": "f16", "build_threads": 0},
 }
 
@@ -194,7 +205,7 @@ def bench_exact(data: Data, k: int, *, latency_queries: int) -> tuple[Row, np.nd
 
 
 def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *, k: int, workdir: Path,
-               efs: list[int], reranks: list[int]) -> list[Row]:  # fmt: skip
+               efs: list[int], reranks: list[int], vectors_of: VectorsOf | None = None) -> list[Row]:  # fmt: skip
     n, dim = data.library.shape
     directory = workdir / name
     shutil.rmtree(directory, ignore_errors=True)
@@ -204,10 +215,10 @@ def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *,
     for ef in efs:
         for rerank in reranks if params.rerank > 0 else [0]:
             opened.configure(expansion_search=ef, rerank=rerank or None)
-            wall, cpu, found = _latency(lambda q: opened.search(q, k), data.queries)
+            wall, cpu, found = _latency(lambda q: opened.search(q, k, vectors_of=vectors_of), data.queries)
             keys = np.array([[h.key for h in hits] + [-1] * (k - len(hits)) for hits in found])
             t0 = time.perf_counter()
-            batch_keys, _ = opened.search_batch(data.queries, k)
+            batch_keys, _ = opened.search_batch(data.queries, k, vectors_of=vectors_of)
             batch_s = time.perf_counter() - t0
             row = Row(name, n, dim, params.storage, {**opened.params.to_dict()}, recall_at(keys, truth),
                       _pct(wall, 50), _pct(wall, 99), _pct(cpu, 99), len(data.queries) / batch_s, built.seconds,
@@ -219,6 +230,64 @@ def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *,
                                             name, ef, rerank, row.recall, row.p50_ms, row.p99_ms)  # fmt: skip
     shutil.rmtree(directory, ignore_errors=True)
     return rows
+
+
+class Store:
+    """The vectors as the system of record holds them: a scratch database migrated to the
+    served schema, one video and one float32 embedding row per vector (video id = row
+    + 1), read back through ``app.search.stored_vectors`` as a re-ranking worker does."""
+
+    NAME = "vidsim_bench_index"
+
+    def __init__(self, library: np.ndarray) -> None:
+        import psycopg
+
+        from scripts.local_services import use_local_services
+
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.NAME}" WITH (FORCE)')
+        os.environ.pop("DATABASE_URL", None)
+        use_local_services(self.NAME)
+        from app.db import get_engine, migrate
+
+        t0 = time.perf_counter()
+        migrate()
+        self.engine = get_engine()
+        n, self.dim = library.shape
+        with self.engine.begin() as sa_conn:
+            conn = sa_conn.connection.driver_connection  # psycopg: COPY streams the rows
+            model_id = conn.execute(
+                "INSERT INTO model_versions (name, config, dim, trained, data_summary, metrics, status, is_active,"
+                " created_at) VALUES ('bench', '{}', %s, false, '{}', '{}', 'active', true, now()) RETURNING id",
+                (self.dim,),
+            ).fetchone()[0]
+            with conn.cursor().copy("COPY videos (id, uri, in_library, enabled, status, created_at, updated_at)"
+                                    " FROM STDIN") as copy:  # fmt: skip
+                for i in range(n):
+                    copy.write_row((i + 1, f"bench://{i + 1}", True, True, "ready", "now", "now"))
+            with conn.cursor().copy("COPY embeddings (video_id, model_version_id, vector, dim, frames, created_at)"
+                                    " FROM STDIN") as copy:  # fmt: skip
+                for i in range(n):
+                    copy.write_row((i + 1, model_id, library[i].tobytes(), self.dim, 1, "now"))
+            conn.execute("ANALYZE videos; ANALYZE embeddings")
+        self.model_id = int(model_id)
+        self.load_s = time.perf_counter() - t0
+        with self.engine.connect() as conn:
+            self.bytes = conn.exec_driver_sql("SELECT pg_total_relation_size('embeddings')").scalar_one()
+        logging.getLogger("bench").info("loaded %d embeddings into database %s in %.0fs (%.0f bytes/row)", n,
+                                        self.NAME, self.load_s, self.bytes / max(1, n))  # fmt: skip
+
+    def vectors_of(self) -> VectorsOf:
+        from sqlalchemy.orm import Session
+
+        from app.search import stored_vectors
+
+        session = Session(self.engine)  # one transaction, as within a worker's event
+
+        def read(rows: np.ndarray) -> np.ndarray:
+            return stored_vectors(session, self.model_id, self.dim, np.asarray(rows, dtype=np.int64) + 1)
+
+        return read
 
 
 def calibrations(cos: np.ndarray, query: np.ndarray, background: np.ndarray) -> dict[str, np.ndarray]:
@@ -408,14 +477,17 @@ def main(argv: list[str] | None = None) -> int:
     base = IndexParams(connectivity=args.connectivity, expansion_add=args.expansion_add,
                        expansion_search=efs[0], rerank_dtype=args.rerank_dtype, seed=args.seed)  # fmt: skip
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
+    store = None
     try:
         for name in modes:
             knobs = {"PCA": args.pca_dim, "SHARDS": args.shards, "RERANK": reranks[0]}
             spec = {k: knobs.get(v, v) if isinstance(v, str) else v for k, v in MODES[name].items()}
             if spec.get("mode") == "hash" or "pca_dim" in spec:
                 spec["rerank"] = reranks[0]
+            if spec.get("rerank_from") == "database" and store is None:
+                store = Store(data.library)
             rows += bench_mode(name, replace(base, **spec), data, truth, k=args.k, workdir=workdir, efs=efs,
-                               reranks=reranks)  # fmt: skip
+                               reranks=reranks, vectors_of=store.vectors_of() if store else None)  # fmt: skip
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -430,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
         "n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k,
         "generate_s": generate_s, "total_s": time.perf_counter() - started,
+        "database": {"load_s": store.load_s, "embeddings_bytes_per_video": store.bytes / args.n} if store else None,
         "rows": [r.__dict__ for r in rows],
         "near_duplicates": dup,
     }  # fmt: skip

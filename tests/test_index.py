@@ -123,6 +123,30 @@ def test_hash_mode_top1_equals_exact_on_clear_duplicates(tmp_path: Path) -> None
     graph = (built.path.parent / "shard-0.usearch").stat().st_size
     assert graph / 3000 < 600  # 256-bit codes + links: what must stay in memory per video
 
+    # Re-ranked with the caller's stored vectors instead of a copy: exact float32 cosines.
+    params = IndexParams(mode="hash", hash_rotation="itq", rerank=100, rerank_from="database", exact_below=0)
+    built = build_version(keys=keys, vectors=library, directory=tmp_path / "hash-db", params=params)
+    assert not list(built.path.parent.glob("vectors-*"))
+    opened = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=256)
+    row_of = {int(key): i for i, key in enumerate(keys)}
+    reads: list[int] = []
+
+    def vectors_of(ids: np.ndarray) -> np.ndarray:
+        reads.append(len(ids))
+        return np.stack([library[row_of[int(i)]] if int(i) in row_of else np.full(256, np.nan) for i in ids])
+
+    with pytest.raises(ValueError, match="vectors_of"):
+        opened.search(queries[0], 1)
+    for row, q in zip(rows[:50], queries[:50], strict=True):
+        hit = opened.search(q, 1, vectors_of=vectors_of)[0]
+        assert hit.key == keys[row] and hit.score == pytest.approx(float(library[row] @ q), abs=1e-5)
+    assert reads == [100] * 50  # one read of the candidates per search
+    batch_keys, batch_scores = opened.search_batch(queries, 1, vectors_of=vectors_of)
+    assert (batch_keys[:, 0] == keys[rows]).all() and len(reads) == 51
+    assert batch_scores[:, 0] == pytest.approx((library[rows] * queries).sum(axis=1), abs=1e-5)
+    del row_of[int(keys[rows[0]])]  # deleted from the store since the build: never returned
+    assert opened.search(queries[0], 1, vectors_of=vectors_of)[0].key != keys[rows[0]]
+
 
 def test_shard_merge_equals_unsharded_results(tmp_path: Path) -> None:
     library, keys = _clustered(2000, 64, seed=3), np.arange(100_000, 102_000)
@@ -262,7 +286,12 @@ def test_atomic_switch_under_concurrent_searches(session, settings, model) -> No
         t.start()
     try:
         for i in range(6):
-            mode = {"mode": "hash", "hash_rotation": "none", "rerank": 50} if i % 2 else {"dtype": "f16"}
+            rerank_from = "database" if i == 3 else "file"
+            mode = (
+                {"mode": "hash", "hash_rotation": "none", "rerank": 50, "rerank_from": rerank_from}
+                if i % 2
+                else {"dtype": "f16"}
+            )
             search.rebuild_index(session, model, settings=keep_all, params=IndexParams(**mode))
             session.commit()
             time.sleep(0.3)
@@ -384,6 +413,31 @@ def test_calibrated_scores_flag_near_duplicates_and_disabled_videos_are_excluded
     session.commit()
     matches, _ = search.search_library(session, model, query, k=5, exclude={query_video.id})
     assert related_video.id not in {m.video_id for m in matches} and len(matches) == 5
+
+
+def test_hash_mode_reranks_with_the_stored_embeddings(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    """The default hash version keeps no float copy: each search re-ranks its candidates
+    with the float32 embeddings read from Postgres, so scores are the exact cosines and a
+    video deleted since the build is never returned."""
+    vectors = _clustered(400, model.dim, seed=21)
+    videos = _add_videos(session, model, vectors, tag="hash-db")
+    session.commit()
+    hashed = settings.model_copy(update={"index_mode": "hash"})
+    version = search.rebuild_index(session, model, settings=hashed)
+    session.commit()
+    assert version.params["rerank_from"] == "database" and version.params["rerank"] == 100
+    assert not list(Path(version.path).parent.glob("vectors-*"))
+    unit = {v.id: u for v, u in zip(videos, normalise(vectors), strict=True)}
+    for i in range(0, 400, 40):
+        matches, used = search.search_library(session, model, vectors[i], k=3, exclude=set(), settings=hashed)
+        assert used == version.id and matches[0].video_id == videos[i].id
+        for m in matches:  # float32 cosines (an f16 copy is ~1e-3 off)
+            if m.video_id in unit:
+                assert m.cosine == pytest.approx(float(unit[m.video_id] @ unit[videos[i].id]), abs=1e-5)
+    session.delete(videos[40])  # its embedding goes with it
+    session.commit()
+    matches, _ = search.search_library(session, model, vectors[40], k=3, exclude=set(), settings=hashed)
+    assert videos[40].id not in {m.video_id for m in matches} and len(matches) == 3
 
 
 def test_index_versions_beyond_the_kept_ones_are_deleted(session, settings, model) -> None:  # type: ignore[no-untyped-def]

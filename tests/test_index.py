@@ -440,6 +440,28 @@ def test_hash_mode_reranks_with_the_stored_embeddings(session, settings, model) 
     assert videos[40].id not in {m.video_id for m in matches} and len(matches) == 3
 
 
+def test_stored_vectors_read_in_order_on_sqlite_too(tmp_path: Path) -> None:
+    """The embedded mode's database (SQLite) answers the same re-ranking read."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.models import Base
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'embedded.db'}")
+    Base.metadata.create_all(engine)
+    vectors = _unit(5, 8, seed=22)
+    with Session(engine) as s:
+        model = ModelVersion(name="m", dim=8)
+        s.add(model)
+        s.flush()
+        _add_videos(s, model, vectors, tag="sqlite")
+        s.commit()
+        ids = [v for (v,) in s.execute(select(Video.id).order_by(Video.id))]
+        got = search.stored_vectors(s, model.id, 8, np.array([ids[3], 999_999, ids[0]]))
+    assert np.array_equal(got[[0, 2]], vectors[[3, 0]]) and np.isnan(got[1]).all()
+    engine.dispose()
+
+
 def test_index_versions_beyond_the_kept_ones_are_deleted(session, settings, model) -> None:  # type: ignore[no-untyped-def]
     _add_videos(session, model, _unit(10, model.dim, seed=14), tag="cleanup")
     session.commit()

@@ -50,9 +50,9 @@ class Settings(BaseSettings):
     index_dtype: Literal["f32", "f16", "i8"] = "f16"
     index_connectivity: int = 16
     index_expansion_add: int = 128
-    # search-time, applies to the version being served. At 1M vectors 64 measured
-    # recall@5 0.980, 96 0.995 at p99 0.92 ms, 128 0.997 (scripts/bench_index.py)
-    index_expansion_search: int = 96
+    # search-time, applies to the version being served; None: the mode's measured default
+    # (app.index.DEFAULT_EXPANSION_SEARCH: 96 for hnsw, 256 for hash)
+    index_expansion_search: int | None = None
     index_shards: int = 1
     pca_dim: int | None = None  # learned reduction before indexing (re-ranked like hash)
     pca_whiten: bool = False

@@ -205,7 +205,8 @@ def bench_exact(data: Data, k: int, *, latency_queries: int) -> tuple[Row, np.nd
 
 
 def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *, k: int, workdir: Path,
-               efs: list[int], reranks: list[int], vectors_of: VectorsOf | None = None) -> list[Row]:  # fmt: skip
+               efs: list[int | None], reranks: list[int],
+               vectors_of: VectorsOf | None = None) -> list[Row]:  # fmt: skip
     n, dim = data.library.shape
     directory = workdir / name
     shutil.rmtree(directory, ignore_errors=True)
@@ -227,7 +228,8 @@ def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *,
                        "self_recall": [info["self_recall"] for info in opened.manifest["shards"]]})  # fmt: skip
             rows.append(row)
             logging.getLogger("bench").info("%s ef=%d rerank=%d: recall %.4f p50 %.3f p99 %.3f ms",
-                                            name, ef, rerank, row.recall, row.p50_ms, row.p99_ms)  # fmt: skip
+                                            name, opened.params.expansion_search, rerank, row.recall, row.p50_ms,
+                                            row.p99_ms)  # fmt: skip
     shutil.rmtree(directory, ignore_errors=True)
     return rows
 
@@ -441,7 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="f32,f16,i8,hash,pca", help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--connectivity", type=int, default=IndexParams.connectivity)
     p.add_argument("--expansion-add", type=int, default=IndexParams.expansion_add)
-    p.add_argument("--ef", default=str(IndexParams.expansion_search), help="search expansions to try, e.g. 32,64")
+    p.add_argument("--ef", help="search expansions to try, e.g. 32,64 (default: each mode's served default)")
     p.add_argument("--rerank", default="100", help="candidates re-ranked (hash, pca), e.g. 50,100")
     p.add_argument("--rerank-dtype", default="f16", choices=["f32", "f16"])
     p.add_argument("--pca-dim", type=int, default=128)
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         console.print(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
         return 2
-    efs = [int(v) for v in args.ef.split(",")]
+    efs: list[int | None] = [int(v) for v in args.ef.split(",")] if args.ef else [None]
     reranks = [int(v) for v in args.rerank.split(",")]
     started = time.perf_counter()
     t0 = time.perf_counter()
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         f"generated {args.n:,} x {args.dim} in {generate_s:.1f}s; exact: {exact_row.batch_qps:.0f} q/s batched"
     )
     base = IndexParams(connectivity=args.connectivity, expansion_add=args.expansion_add,
-                       expansion_search=efs[0], rerank_dtype=args.rerank_dtype, seed=args.seed)  # fmt: skip
+                       rerank_dtype=args.rerank_dtype, seed=args.seed)  # fmt: skip
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
     store = None
     try:
@@ -486,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                 spec["rerank"] = reranks[0]
             if spec.get("rerank_from") == "database" and store is None:
                 store = Store(data.library)
-            rows += bench_mode(name, replace(base, **spec), data, truth, k=args.k, workdir=workdir, efs=efs,
+            params = replace(base, **spec, expansion_search=efs[0])  # (None: the mode's default)
+            rows += bench_mode(name, params, data, truth, k=args.k, workdir=workdir, efs=efs,
                                reranks=reranks, vectors_of=store.vectors_of() if store else None)  # fmt: skip
     finally:
         if not args.workdir:

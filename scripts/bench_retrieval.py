@@ -14,19 +14,26 @@ self-supervised (Barlow Twins) training on the benchmark's *library* clips only,
 a query, from ``--finetune-from`` (default: the preset's initial weights, the same as the
 ``untrained`` baseline's), into ``OUT/finetune/`` (checkpoints, metrics.jsonl, loss.png;
 an interrupted run resumes). The result is scored as the system ``finetuned``.
+
+``--seeds 0,1,2`` repeats all of it per seed (its own queries, negatives and fine-tune)
+under ``OUT/seed-N/`` and writes ``OUT/summary.{json,md}``: each system's mean over the
+seeds, and each trained system's margin over the best baseline, per seed and on the
+mean. A seed whose ``report.json`` is already there is read, not run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
-from app.benchmark import BASELINES, DEFAULT_EDITS, generate, run
+from app.benchmark import BASELINES, DEFAULT_EDITS, METRICS, generate, run
 from app.footage import real_footage
 
 
@@ -48,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", action="append", type=_checkpoint, default=[], metavar="NAME=PATH")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds: one benchmark each, then a summary (see above)")
     p.add_argument("--segment-s", type=float, default=4.0, help="library clip length")
     p.add_argument("--max-segments", type=int, default=15, help="library clips per source, at most")
     # 120 queries on the shipped footage: with 40, one query moved recall@1 by 0.033 and
@@ -94,10 +102,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         videos = [f.path for f in footage]
         console.print("sources: " + ", ".join(f"{f.name} ({f.package})" for f in footage))
+    if not args.seeds:
+        _run_seed(args, videos, args.seed, out, console)
+        return 0
+    reports = {}
+    for seed in [int(v) for v in args.seeds.split(",")]:
+        seed_out = out / f"seed-{seed}"
+        if not (seed_out / "report.json").is_file():
+            console.rule(f"seed {seed}")
+            _run_seed(args, videos, seed, seed_out, console)
+        reports[seed] = json.loads((seed_out / "report.json").read_text())
+    _summarise(reports, out, console)
+    return 0
+
+
+def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path, console: Console) -> None:
     gt = generate(
         videos,
         out / "data",
-        seed=args.seed,
+        seed=seed,
         segment_s=args.segment_s,
         queries_per_video=args.queries_per_video,
         negatives=args.negatives,
@@ -134,7 +157,66 @@ def main(argv: list[str] | None = None) -> int:
     for name, margin in report.margins().items():
         console.print(f"{name} over the best baseline: " + ", ".join(f"{k} {v:+.3f}" for k, v in margin.items()))
     console.print("reports: " + ", ".join(report.paths.values()))
-    return 0
+
+
+def _summarise(reports: dict[int, dict], out: Path, console: Console) -> None:
+    """Mean of each metric over the seeds, and each trained system's margin over the best
+    baseline of the same seed (the worst seed is the claim a run can make)."""
+    systems = list(next(iter(reports.values()))["metrics"])
+    baselines = set(next(iter(reports.values()))["baselines"])
+    mean = {name: {m: sum(r["metrics"][name][m] for r in reports.values()) / len(reports) for m in METRICS}
+            for name in systems}  # fmt: skip
+    margins = {
+        name: {seed: {m: r["metrics"][name][m] - max(r["metrics"][b][m] for b in baselines) for m in METRICS}
+               for seed, r in reports.items()}
+        for name in systems if name not in baselines
+    }  # fmt: skip
+    mean_margins = {name: {m: mean[name][m] - max(mean[b][m] for b in baselines) for m in METRICS}
+                    for name in margins}  # fmt: skip
+    table = Table(title=f"mean over seeds {', '.join(map(str, reports))}")
+    table.add_column("system")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    for name in systems:
+        table.add_row(name, *(f"{mean[name][m]:.3f}" for m in METRICS))
+    console.print(table)
+    lines = [f"# Retrieval over seeds {', '.join(map(str, reports))}", "", "| system | " + " | ".join(METRICS) + " |",
+             "|---|" + "---:|" * len(METRICS)]  # fmt: skip
+    lines += [f"| {name} (mean) | " + " | ".join(f"{mean[name][m]:.3f}" for m in METRICS) + " |" for name in systems]
+    lines += ["", "Margin over the best baseline of the same seed:", "",
+              "| system | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]  # fmt: skip
+    for name, per_seed in margins.items():
+        for seed, margin in [*per_seed.items(), ("mean", mean_margins[name])]:
+            lines.append(f"| {name} | {seed} | " + " | ".join(f"{margin[m]:+.3f}" for m in METRICS) + " |")
+            console.print(f"{name} over the best baseline, seed {seed}: "
+                          + ", ".join(f"{m} {margin[m]:+.3f}" for m in METRICS))  # fmt: skip
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _plot_summary(reports, systems, mean, out / "summary.png")
+    summary = {"seeds": list(reports), "mean": mean, "margins": margins, "mean_margins": mean_margins}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    console.print(f"summary: {out / 'summary.md'}, {out / 'summary.json'}, {out / 'summary.png'}")
+
+
+def _plot_summary(reports: dict[int, dict], systems: list[str], mean: dict[str, dict[str, float]], path: Path) -> None:
+    """Bars: each system's mean per metric; dots: the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(systems)
+    for i, name in enumerate(systems):
+        xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(METRICS))]
+        ax.bar(xs, [mean[name][m] for m in METRICS], width, label=name)
+        for x, m in zip(xs, METRICS, strict=True):
+            ax.scatter([x] * len(reports), [r["metrics"][name][m] for r in reports.values()], s=8, c="black", zorder=3)
+    ax.set_xticks(range(len(METRICS)), METRICS)
+    ax.set(ylim=(0, 1.05), ylabel="score", title=f"mean over seeds {', '.join(map(str, reports))} (dots: each seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ generator and an end-to-end run on a tiny benchmark cut from real encoded videos
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from app.benchmark import (
+    METRICS,
     GroundTruth,
     evaluate,
     generate,
@@ -238,3 +240,23 @@ def test_finetune_trains_on_library_clips_only(bench: Path, tmp_path: Path, monk
         baselines=["untrained"], show_progress=False,
     )  # fmt: skip
     assert list(report.metrics) == ["finetuned", "untrained"]
+
+
+def test_summary_over_seeds_reports_means_and_per_seed_margins(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from scripts.bench_retrieval import _summarise
+
+    def report(trained: float, untrained: float, tiny: float) -> dict:
+        values = {"finetuned": trained, "untrained": untrained, "tiny frames": tiny}
+        return {"metrics": {n: dict.fromkeys(METRICS, v) for n, v in values.items()},
+                "baselines": ["untrained", "tiny frames"]}  # fmt: skip
+
+    _summarise({0: report(0.8, 0.7, 0.5), 1: report(0.6, 0.4, 0.7)}, tmp_path, Console(file=io.StringIO()))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mean"]["finetuned"]["mAP"] == pytest.approx(0.7)
+    assert summary["margins"]["finetuned"]["0"]["recall@1"] == pytest.approx(0.1)  # over untrained
+    assert summary["margins"]["finetuned"]["1"]["recall@1"] == pytest.approx(-0.1)  # under tiny frames
+    assert summary["mean_margins"]["finetuned"]["uAP"] == pytest.approx(0.7 - 0.6)  # means compared
+    assert "| finetuned | 1 | -0.100 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "summary.png").stat().st_size > 0

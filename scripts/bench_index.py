@@ -242,12 +242,9 @@ class Store:
     NAME = "vidsim_bench_index"
 
     def __init__(self, library: np.ndarray) -> None:
-        import psycopg
-
         from scripts.local_services import use_local_services
 
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.NAME}" WITH (FORCE)')
+        self.drop()  # what an interrupted run left
         os.environ.pop("DATABASE_URL", None)
         use_local_services(self.NAME)
         from app.db import get_engine, migrate
@@ -278,6 +275,14 @@ class Store:
             self.bytes = conn.exec_driver_sql("SELECT pg_total_relation_size('embeddings')").scalar_one()
         logging.getLogger("bench").info("loaded %d embeddings into database %s in %.0fs (%.0f bytes/row)", n,
                                         self.NAME, self.load_s, self.bytes / max(1, n))  # fmt: skip
+
+    @classmethod
+    def drop(cls) -> None:
+        """Removes the scratch database (~3 GB at a million vectors)."""
+        import psycopg
+
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{cls.NAME}" WITH (FORCE)')
 
     def vectors_of(self) -> VectorsOf:
         from sqlalchemy.orm import Session
@@ -494,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        if store is not None:
+            store.engine.dispose()
+            store.drop()
     dup = {"synthetic": synthetic_near_duplicates(data, truth, IndexParams.background, args.seed)}
     if args.real:
         dup["real"] = real_near_duplicates(args.real)

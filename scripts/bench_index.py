@@ -247,19 +247,22 @@ class Store:
         self.drop()  # what an interrupted run left
         os.environ.pop("DATABASE_URL", None)
         use_local_services(self.NAME)
+        from sqlalchemy.orm import Session
+
         from app.db import get_engine, migrate
+        from app.models import ModelVersion
 
         t0 = time.perf_counter()
         migrate()
         self.engine = get_engine()
         n, self.dim = library.shape
+        with Session(self.engine) as session:
+            model = ModelVersion(name="bench", dim=self.dim, status="active", is_active=True)
+            session.add(model)
+            session.commit()
+            self.model_id = model.id
         with self.engine.begin() as sa_conn:
             conn = sa_conn.connection.driver_connection  # psycopg: COPY streams the rows
-            model_id = conn.execute(
-                "INSERT INTO model_versions (name, config, dim, trained, data_summary, metrics, status, is_active,"
-                " created_at) VALUES ('bench', '{}', %s, false, '{}', '{}', 'active', true, now()) RETURNING id",
-                (self.dim,),
-            ).fetchone()[0]
             with conn.cursor().copy("COPY videos (id, uri, in_library, enabled, status, created_at, updated_at)"
                                     " FROM STDIN") as copy:  # fmt: skip
                 for i in range(n):
@@ -267,14 +270,14 @@ class Store:
             with conn.cursor().copy("COPY embeddings (video_id, model_version_id, vector, dim, frames, created_at)"
                                     " FROM STDIN") as copy:  # fmt: skip
                 for i in range(n):
-                    copy.write_row((i + 1, model_id, library[i].tobytes(), self.dim, 1, "now"))
+                    copy.write_row((i + 1, self.model_id, library[i].tobytes(), self.dim, 1, "now"))
             conn.execute("ANALYZE videos; ANALYZE embeddings")
-        self.model_id = int(model_id)
         self.load_s = time.perf_counter() - t0
         with self.engine.connect() as conn:
             self.bytes = conn.exec_driver_sql("SELECT pg_total_relation_size('embeddings')").scalar_one()
         logging.getLogger("bench").info("loaded %d embeddings into database %s in %.0fs (%.0f bytes/row)", n,
                                         self.NAME, self.load_s, self.bytes / max(1, n))  # fmt: skip
+        self.session = Session(self.engine)  # the reads share one transaction, as within a worker's event
 
     @classmethod
     def drop(cls) -> None:
@@ -284,17 +287,16 @@ class Store:
         with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{cls.NAME}" WITH (FORCE)')
 
-    def vectors_of(self) -> VectorsOf:
-        from sqlalchemy.orm import Session
-
+    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """``app.index.VectorsOf`` for index keys that are row numbers."""
         from app.search import stored_vectors
 
-        session = Session(self.engine)  # one transaction, as within a worker's event
+        return stored_vectors(self.session, self.model_id, self.dim, np.asarray(rows, dtype=np.int64) + 1)
 
-        def read(rows: np.ndarray) -> np.ndarray:
-            return stored_vectors(session, self.model_id, self.dim, np.asarray(rows, dtype=np.int64) + 1)
-
-        return read
+    def close(self) -> None:
+        self.session.close()
+        self.engine.dispose()
+        self.drop()
 
 
 def calibrations(cos: np.ndarray, query: np.ndarray, background: np.ndarray) -> dict[str, np.ndarray]:
@@ -495,13 +497,12 @@ def main(argv: list[str] | None = None) -> int:
                 store = Store(data.library)
             params = replace(base, **spec, expansion_search=efs[0])  # (None: the mode's default)
             rows += bench_mode(name, params, data, truth, k=args.k, workdir=workdir, efs=efs,
-                               reranks=reranks, vectors_of=store.vectors_of() if store else None)  # fmt: skip
+                               reranks=reranks, vectors_of=store.vectors_of if store else None)  # fmt: skip
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         if store is not None:
-            store.engine.dispose()
-            store.drop()
+            store.close()
     dup = {"synthetic": synthetic_near_duplicates(data, truth, IndexParams.background, args.seed)}
     if args.real:
         dup["real"] = real_near_duplicates(args.real)

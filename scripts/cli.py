@@ -14,7 +14,7 @@ from rich.table import Table
 
 from app.config import get_settings
 from scripts.crawl_cli import crawl_app
-from workers.process import CELERY
+from workers.process import ALL_QUEUES, CELERY
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 library_app = typer.Typer(no_args_is_help=True, help="Register and manage library videos.")
@@ -379,7 +379,7 @@ def publish(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,
-    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "events,embed,callbacks,maintenance,crawl",
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ALL_QUEUES,
     concurrency: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
     pool: Annotated[str | None, typer.Option(help="prefork, solo or threads (GPU workers: solo).")] = None,
     beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one per deployment).")] = False,

@@ -3,8 +3,8 @@ against exact search, on clustered vectors with a realistic neighbourhood struct
 
     python -m scripts.bench_index --n 1000000 --dim 512 --queries 1000 --out bench/index
 
-Every mode is built with :func:`app.index.build_version` and searched through
-:class:`app.index.IndexVersionFiles`, exactly as workers serve it (files written, checked
+Every mode is built with :func:`app.index.version.build_version` and searched through
+:class:`app.index.version.IndexVersionFiles`, exactly as workers serve it (files written, checked
 and memory-mapped; per-query Python overhead included). The reference is exact cosine
 search in numpy (batched), measured in the same run.
 
@@ -16,7 +16,7 @@ selected in the chat), half new videos from a random cluster.
 
 Also measured: near-duplicate flags (raw cosine and calibrated score thresholds, their
 precision and recall on the known copies among each query's exact top k), and with
-``--real DIR`` the same on the retrieval benchmark's real clips (``app.benchmark``).
+``--real DIR`` the same on the retrieval benchmark's real clips (``app.evaluate.benchmark``).
 
 Outputs a table, ``OUT/bench_index.json`` and ``OUT/bench_index.png``.
 
@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import Settings
-from app.index import (
+from app.index.version import (
     IndexParams,
     IndexVersionFiles,
     VectorsOf,
@@ -237,7 +237,7 @@ def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *,
 class Store:
     """The vectors as the system of record holds them: a scratch database migrated to the
     served schema, one video and one float32 embedding row per vector (video id = row
-    + 1), read back through ``app.search.stored_vectors`` as a re-ranking worker does."""
+    + 1), read back through ``app.index.search.stored_vectors`` as a re-ranking worker does."""
 
     NAME = "vidsim_bench_index"
 
@@ -288,8 +288,8 @@ class Store:
             conn.execute(f'DROP DATABASE IF EXISTS "{cls.NAME}" WITH (FORCE)')
 
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
-        """``app.index.VectorsOf`` for index keys that are row numbers."""
-        from app.search import stored_vectors
+        """``app.index.version.VectorsOf`` for index keys that are row numbers."""
+        from app.index.search import stored_vectors
 
         return stored_vectors(self.session, self.model_id, self.dim, np.asarray(rows, dtype=np.int64) + 1)
 
@@ -302,7 +302,7 @@ class Store:
 def calibrations(cos: np.ndarray, query: np.ndarray, background: np.ndarray) -> dict[str, np.ndarray]:
     """Ways to score the results ``cos`` (R,) of one query: the raw cosine, the z-score
     against the query's background similarities, and the served calibration
-    (``app.index.calibrate``)."""
+    (``app.index.version.calibrate``)."""
     sims = background @ query  # (B,)
     return {
         "cosine": cos,
@@ -363,9 +363,9 @@ def real_near_duplicates(ground_truth: Path) -> dict[str, Any]:
     positive. Average precision over all pairs is VSC22's µAP, which rewards scores that
     are comparable across queries. The background is the library itself (it is small),
     without the clip being scored: a large library's sample rarely holds the candidate."""
-    from app import video as video_io
-    from app.benchmark import GroundTruth
-    from app.encoder import EncoderConfig, initial_encoder
+    from app.evaluate.benchmark import GroundTruth
+    from app.learn.encoder import EncoderConfig, initial_encoder
+    from app.media import video as video_io
 
     gt = GroundTruth.load(ground_truth)
     model = initial_encoder(EncoderConfig())

@@ -42,15 +42,15 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
     _defaults()
     from sqlalchemy import func, select
 
-    from app import video as video_io
     from app.config import get_settings
     from app.db import migrate, session_scope
-    from app.footage import cut, real_footage, run_ffmpeg
-    from app.library import decode_limits, register
+    from app.index.search import rebuild_index
+    from app.learn.registry import active_model, embed_clips
+    from app.media import video as video_io
+    from app.media.footage import cut, real_footage, run_ffmpeg
+    from app.media.register import decode_limits, register
     from app.models import Embedding
-    from app.receiver import CallbackReceiver
-    from app.registry import active_model, embed_clips
-    from app.search import rebuild_index
+    from scripts.receiver import CallbackReceiver
     from workers.process import running_worker
     from workers.publish import publish_video_selected
     from workers.tasks import embed_video

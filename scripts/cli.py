@@ -91,7 +91,7 @@ def library_add(
     """Register videos in the library (the same content is registered once)."""
     from rich.progress import track
 
-    from app.library import SourceError, expand_sources, register
+    from app.media.register import SourceError, expand_sources, register
 
     settings = get_settings()
     try:
@@ -153,7 +153,7 @@ def backfill(
     inline: Annotated[bool, typer.Option(help="Embed here instead of enqueueing tasks.")] = False,
 ) -> None:
     """Embed every library video that the active model has not embedded yet."""
-    from app import recommend
+    from app.serve import recommend
 
     settings = get_settings()
     with _session() as session:
@@ -180,8 +180,8 @@ def backfill(
 @index_app.command("rebuild")
 def index_rebuild(dtype: Annotated[str, typer.Option(help="f32, f16 or i8 storage.")] = "f16") -> None:
     """Build a new index from the active model's embeddings and switch to it."""
-    from app import search
-    from app.registry import active_model
+    from app.index import search
+    from app.learn.registry import active_model
 
     with _session() as session:
         try:
@@ -199,8 +199,8 @@ def index_status() -> None:
     """The active model and index versions."""
     from sqlalchemy import func, select
 
+    from app.learn.registry import active_model
     from app.models import Embedding, IndexVersion
-    from app.registry import active_model
 
     with _session() as session:
         model = active_model(session)
@@ -231,8 +231,8 @@ def _train_command(
     activate: bool,
     queue: bool,
 ) -> None:
-    from app import lifecycle
-    from app.library import expand_sources
+    from app.learn import rollout
+    from app.media.register import expand_sources
 
     overrides = {k: v for k, v in {"steps": steps, "lambd": lambd}.items() if v is not None}
     files = [Path(p) for p in expand_sources(videos)] if videos else None
@@ -246,10 +246,10 @@ def _train_command(
     with _session():
         pass  # the schema must exist before training registers its result
     if files is None:
-        files = lifecycle.library_files() if init_model_id else lifecycle.training_files()
+        files = rollout.library_files() if init_model_id else rollout.training_files()
     settings = get_settings()
     try:
-        model_id = lifecycle.train_model(
+        model_id = rollout.train_model(
             preset=preset, videos=files, settings=settings, name=name, overrides=overrides,
             resume=name is not None, init_model_id=init_model_id, epochs=epochs, progress=True,
         )  # fmt: skip
@@ -296,7 +296,7 @@ def finetune(
 ) -> None:
     """Fine-tune a trained model on the company's library."""
     if model_id is None:
-        from app.registry import active_model
+        from app.learn.registry import active_model
 
         with _session() as session:
             model_id = active_model(session).id
@@ -305,7 +305,7 @@ def finetune(
 
 
 def _activate(model_id: int, *, inline: bool) -> None:
-    from app import lifecycle
+    from app.learn import rollout
 
     if not inline:
         from workers.tasks import activate_model
@@ -319,7 +319,7 @@ def _activate(model_id: int, *, inline: bool) -> None:
 
     with Progress(console=err) as progress:
         task = progress.add_task(f"embedding the library with model {model_id}", total=None)
-        index_id = lifecycle.roll_out_here(
+        index_id = rollout.roll_out_here(
             model_id,
             settings=get_settings(),
             progress=lambda done, total: progress.update(task, completed=done, total=total),
@@ -420,7 +420,7 @@ def beat() -> None:
 @app.command()
 def status() -> None:
     """Queues, workers, active model and index, pending deliveries, recent failures."""
-    from app.status import overview
+    from app.ops.status import overview
 
     with _session() as session:
         o = overview(session)
@@ -460,7 +460,7 @@ def ui(
     limit: Annotated[int, typer.Option(help="Events shown.")] = 30,
 ) -> None:
     """Serve the read-only results page: recent events, query frames, recommendations."""
-    from app.webui import serve
+    from app.ops.webui import serve
 
     console.print(f"results page on http://{host}:{port}/ (Ctrl-C to stop)")
     serve(host=host, port=port, limit=limit, settings=get_settings())
@@ -495,7 +495,7 @@ def deliveries_replay(delivery_id: int) -> None:
     """Send a delivery again now (same webhook id, so receivers can deduplicate)."""
     from sqlalchemy.exc import NoResultFound
 
-    from app import delivery as outbox
+    from app.deliver import outbox
     from workers.tasks import deliver_callback
 
     with _session() as session:

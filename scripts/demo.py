@@ -34,17 +34,17 @@ def _configure(data_dir: Path | None) -> Path:
 def _train_demo_model(library: list[Path], *, steps: int, settings, console: Console):  # type: ignore[no-untyped-def]
     """Pre-trains a small encoder (Barlow Twins, cpu-small preset) on the demo library and
     makes it the serving model (nothing is indexed yet, so it takes over at once)."""
-    from app import lifecycle, registry
     from app.db import session_scope
+    from app.learn import registry, rollout
+    from app.learn.train import TrainConfig
     from app.models import ModelVersion
-    from app.train import TrainConfig
 
     console.print(f"training an encoder without labels on the demo library (Barlow Twins, {steps} steps)...")
     # Named after the preset's whole config: a run interrupted earlier resumes, while a
     # data folder kept from a release with another preset starts a new run.
     config = TrainConfig.preset("cpu-small", steps=steps)
     digest = hashlib.sha256(repr(config).encode()).hexdigest()[:8]
-    model_id = lifecycle.train_model(
+    model_id = rollout.train_model(
         preset="cpu-small", videos=library, settings=settings, name=f"demo-cpu-small-{steps}-{digest}",
         overrides={"steps": steps}, resume=True, progress=True,
     )  # fmt: skip
@@ -60,15 +60,15 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
     from sqlalchemy import func, select
 
     from app.config import get_settings
-    from app.corpus import build_demo_corpus
     from app.db import migrate, session_scope
-    from app.library import register
+    from app.evaluate.corpus import build_demo_corpus
+    from app.index.search import rebuild_index
+    from app.learn.registry import active_model
+    from app.media.register import register
     from app.models import Embedding, Video
-    from app.receiver import CallbackReceiver
-    from app.recommend import videos_to_embed
-    from app.registry import active_model
-    from app.report import write_results_page
-    from app.search import rebuild_index
+    from app.ops.report import write_results_page
+    from app.serve.recommend import videos_to_embed
+    from scripts.receiver import CallbackReceiver
     from workers.process import running_worker
     from workers.publish import publish_video_selected
     from workers.tasks import embed_video

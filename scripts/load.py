@@ -78,9 +78,9 @@ def _seed_library(n: int, *, seed: int = 0) -> list[int]:
 
     from app.config import get_settings
     from app.db import session_scope
+    from app.index.search import rebuild_index
+    from app.learn.registry import active_model
     from app.models import Embedding, Video
-    from app.registry import active_model
-    from app.search import rebuild_index
 
     with session_scope() as session:
         model = active_model(session)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from app.config import get_settings
     from app.db import migrate
-    from app.receiver import CallbackReceiver
+    from scripts.receiver import CallbackReceiver
 
     get_settings.cache_clear()
     settings = get_settings()

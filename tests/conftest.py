@@ -111,7 +111,7 @@ def worker(data_dir: Path) -> Iterator[subprocess.Popen]:
 
 @pytest.fixture
 def receiver(settings):  # type: ignore[no-untyped-def]
-    from app.receiver import CallbackReceiver
+    from scripts.receiver import CallbackReceiver
 
     with CallbackReceiver(settings.webhook_secrets[0]) as rx:
         yield rx

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.augment import AugmentParams, ClipAugment
+from app.learn.augment import AugmentParams, ClipAugment
 
 # Every optional op on, so that each one is exercised.
 ALL_ON = {"flip_p": 1.0, "jitter_p": 1.0, "grayscale_p": 0.0, "blur_p": 1.0, "solarize_p": 1.0}

@@ -1,4 +1,4 @@
-"""app.benchmark: metrics against hand-computed examples and a plain reference; the
+"""app.evaluate.benchmark: metrics against hand-computed examples and a plain reference; the
 generator and an end-to-end run on a tiny benchmark cut from real encoded videos."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.benchmark import (
+from app.evaluate.benchmark import (
     METRICS,
     GroundTruth,
     evaluate,
@@ -21,12 +21,12 @@ from app.benchmark import (
     run,
     tiny_frames_descriptor,
 )
-from app.video import sample_frames
+from app.media.video import sample_frames
 
 try:
     from tests.media import make_video
 except ModuleNotFoundError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from media import make_video
+    from support.media import make_video
 
 # ---------------------------------------------------------------------------------------
 # Metrics
@@ -194,7 +194,7 @@ def test_generation_is_deterministic(sources: Path, bench: Path, tmp_path: Path)
 
 
 def test_run_reports_every_system(bench: Path, tmp_path: Path) -> None:
-    from app.encoder import EncoderConfig, initial_encoder, save_checkpoint
+    from app.learn.encoder import EncoderConfig, initial_encoder, save_checkpoint
 
     # A stand-in "trained" checkpoint at 32x32 frames, so the whole run stays fast.
     config = EncoderConfig(frame_size=32, embed_dim=32, projector_hidden=32)
@@ -215,9 +215,9 @@ def test_run_reports_every_system(bench: Path, tmp_path: Path) -> None:
 
 
 def test_finetune_trains_on_library_clips_only(bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.train as train_module
-    from app.benchmark import finetune_on_library
-    from app.encoder import EncoderConfig
+    import app.learn.train as train_module
+    from app.evaluate.benchmark import finetune_on_library
+    from app.learn.encoder import EncoderConfig
 
     seen: list[Path] = []
     real_train = train_module.train

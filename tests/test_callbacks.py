@@ -1,4 +1,4 @@
-"""app.callbacks against a real HTTP(S) server on 127.0.0.1 (no mocks of httpx internals).
+"""app.deliver.callbacks against a real HTTP(S) server on 127.0.0.1 (no mocks of httpx internals).
 
 The only fakes are of the outside world: ``socket.getaddrinfo`` is patched to make a public
 looking name resolve where a test wants it, and one test uses httpx's documented
@@ -25,8 +25,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from app import callbacks
-from app.callbacks import (
+from app.config import DEV_WEBHOOK_SECRET, STANDARD_RETRY_SCHEDULE
+from app.deliver import callbacks
+from app.deliver.callbacks import (
     CallbackBlocked,
     check_url,
     deliver,
@@ -35,7 +36,6 @@ from app.callbacks import (
     sign,
     verify,
 )
-from app.config import DEV_WEBHOOK_SECRET, STANDARD_RETRY_SCHEDULE
 
 SECRET = DEV_WEBHOOK_SECRET
 OTHER_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="  # 32 bytes

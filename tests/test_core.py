@@ -13,8 +13,8 @@ from conftest import create_database, drop_database
 from sqlalchemy import create_engine, inspect
 
 from app.config import DEV_WEBHOOK_SECRET, Settings
-from app.events import InvalidEvent, parse_event
-from app.index import IndexFileError, VectorIndex, build, exact_search
+from app.index.version import IndexFileError, VectorIndex, build, exact_search
+from app.serve.events import InvalidEvent, parse_event
 
 
 def test_migrations_up_down_up_on_postgres() -> None:
@@ -107,7 +107,7 @@ def test_index_round_trip_and_corrupt_file_refused(tmp_path: Path) -> None:
 
 
 def test_encoder_checkpoint_round_trip(tmp_path: Path) -> None:
-    from app.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
+    from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
 
     config = EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64)
     model = initial_encoder(config)
@@ -122,9 +122,9 @@ def test_encoder_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_search_finds_fresh_additions_and_never_disabled_videos(session, settings) -> None:  # type: ignore[no-untyped-def]
     """A vector added after the index build is found without a rebuild; a disabled
     video or one outside the collection is never returned; the query is excluded."""
+    from app.index.search import rebuild_index, search_library
+    from app.learn.registry import active_model
     from app.models import Embedding, Video
-    from app.registry import active_model
-    from app.search import rebuild_index, search_library
 
     model = active_model(session)
     vectors = _unit(6, model.dim, seed=42)

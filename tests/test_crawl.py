@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from helpers import wait_until
-from media import make_video, run_ffmpeg
 from sqlalchemy import delete, select
+from support.helpers import wait_until
+from support.media import make_video, run_ffmpeg
 
 from app.crawl import discover as disc
 from app.crawl import pipeline
@@ -35,8 +35,8 @@ from app.crawl.platform import extractors_for, ytdlp_options
 from app.crawl.sources import SourceError, add_source
 from app.crawl.trim import fingerprint_frames
 from app.db import session_scope
-from app.footage import duration_of, real_footage
-from app.video import sample_frames
+from app.media.footage import duration_of, real_footage
+from app.media.video import sample_frames
 
 INTRO_S, OUTRO_S = 3.2, 2.0  # the shared intro and outro of the "channel" videos
 

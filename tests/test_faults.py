@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import Hook, Stack, Supervised, children, publisher_results, shared_stack
-from helpers import wait_until
+from support.faultkit import Hook, Stack, Supervised, children, publisher_results, shared_stack
+from support.helpers import wait_until
 
 from app.config import DEV_WEBHOOK_SECRET
-from app.delivery import webhook_id_for
+from app.deliver.outbox import webhook_id_for
 
 SECRET = DEV_WEBHOOK_SECRET
 
@@ -45,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 # A test-only sitecustomize for the module's worker, on its PYTHONPATH: production code
 # has no fault hooks. It is inert unless VIDSIM_TEST_FAULTS is set, and the decoding
-# children (app/video.py) never inherit that variable. It makes the embed step of a video
+# children (app/media/video.py) never inherit that variable. It makes the embed step of a video
 # whose file name starts with "crash-" SIGKILL its own process (as a decoder segfault
 # would), and of one starting with "hang-" sleep past every limit (as a decoder stuck in C
 # code would); it logs every start; and it shortens the embed queue's hard time limit.
@@ -60,7 +60,7 @@ if os.environ.get("VIDSIM_TEST_FAULTS"):
     # Before workers.tasks reads it: a short hard limit for the embed queue.
     workers.app.TIME_LIMITS["embed"] = float(os.environ["VIDSIM_TEST_EMBED_TIME_LIMIT"])
 
-    import app.recommend as recommend
+    import app.serve.recommend as recommend
     from app.models import Video
 
     _embed_video = recommend.embed_video
@@ -242,8 +242,8 @@ def test_crashing_task_is_given_up_and_a_hung_task_is_killed_at_its_hard_limit(
     stuck past its hard time limit is killed once, recorded, answered, and never runs twice.
     (That every hard limit is below the visibility timeout is checked by
     tests/test_core.py::test_every_time_limit_is_below_the_visibility_timeout.)"""
-    from media import make_video
     from sqlalchemy import func, select
+    from support.media import make_video
 
     from app.models import TaskAttempt, Video
 
@@ -494,7 +494,7 @@ def test_redis_and_postgres_restarted_mid_stream() -> None:
     and Celery 5.7's worker sometimes does too (see the report in the tally)."""
     import tempfile
 
-    from faultkit import OwnPostgres, OwnRedis
+    from support.faultkit import OwnPostgres, OwnRedis
 
     with (
         tempfile.TemporaryDirectory(prefix="vidsim-restarts-") as tmp,

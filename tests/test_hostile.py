@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 import redis
-from faultkit import Hook, Stack, Supervised, children, rss_mb, shared_stack
-from media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
 from sqlalchemy import select
+from support.faultkit import Hook, Stack, Supervised, children, rss_mb, shared_stack
+from support.media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
 
-from app.callbacks import WebhookVerificationError, generate_secret, verify
-from app.delivery import webhook_id_for
+from app.deliver.callbacks import WebhookVerificationError, generate_secret, verify
+from app.deliver.outbox import webhook_id_for
 from app.models import Delivery, Event, Recommendation, Video
 
 NEW_SECRET, OLD_SECRET = generate_secret(), generate_secret()
@@ -55,7 +55,7 @@ REFUSED_AT_THE_DOOR = {
     "symlink_to_etc_passwd": r"outside the allowed media roots$",
 }
 
-# In the decoding child only (app/video.py passes PYTHONPATH on, nothing else): a file
+# In the decoding child only (app/media/video.py passes PYTHONPATH on, nothing else): a file
 # whose name contains "decoder-hang" makes the "decoder" sleep, as one stuck in C code
 # would. The child's wall-clock limit must kill it. Production code has no such hook.
 DECODER_HANG_HOOK = """
@@ -64,7 +64,7 @@ try:
     _cmdline = open("/proc/self/cmdline", "rb").read()
 except OSError:
     _cmdline = b""
-if b"app.video" in _cmdline and b"--child" in _cmdline and b"decoder-hang" in _cmdline:
+if b"app.media.video" in _cmdline and b"--child" in _cmdline and b"decoder-hang" in _cmdline:
     time.sleep(3600)
 """
 
@@ -407,7 +407,7 @@ def test_rotated_secrets_both_verify_and_tampering_is_rejected(
     with stack.session() as s:
         delivery = s.scalars(select(Delivery).where(Delivery.webhook_id == webhook_id_for(event_id))).one()
     # Re-sign the stored body as the worker does, then tamper with the copy.
-    from app.callbacks import sign
+    from app.deliver.callbacks import sign
 
     body = delivery.body.encode()
     headers = sign(secrets=[NEW_SECRET, OLD_SECRET], msg_id=delivery.webhook_id, timestamp=int(time.time()), body=body)

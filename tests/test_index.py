@@ -1,4 +1,4 @@
-"""The index lifecycle and search (app/index.py, app/search.py): versions switched
+"""The index lifecycle and search (app/index/version.py, app/index/search.py): versions switched
 atomically under concurrent searches, fresh additions and switches seen by another worker
 process, corrupt versions refused, hash retrieval, shards, calibrated scores. Real
 Postgres (conftest); index files in the test data directory."""
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from app import search
-from app.index import (
+from app.index import search
+from app.index.version import (
     MANIFEST,
     IndexFileError,
     IndexParams,
@@ -63,7 +63,7 @@ def _add_videos(session, model: ModelVersion, vectors: np.ndarray, *, tag: str) 
 
 @pytest.fixture
 def model(session) -> ModelVersion:  # type: ignore[no-untyped-def]
-    from app.registry import active_model
+    from app.learn.registry import active_model
 
     m = active_model(session)
     session.commit()
@@ -314,7 +314,8 @@ def test_fresh_addition_and_switch_seen_by_another_worker_process(session, setti
     session.commit()
     code = (
         "import json, sys, numpy as np\n"
-        "from app.db import session_scope\nfrom app.models import ModelVersion\nfrom app.search import search_library\n"
+        "from app.db import session_scope\nfrom app.models import ModelVersion\n"
+        "from app.index.search import search_library\n"
         "for line in sys.stdin:\n"
         "    with session_scope() as s:\n"
         f"        m = s.get_one(ModelVersion, {model.id})\n"
@@ -373,7 +374,7 @@ def test_corrupt_version_refused_and_previous_keeps_serving(session, settings, m
     # older version that passes its checks.
     code = (
         "import sys, numpy as np\nfrom app.db import session_scope\nfrom app.models import ModelVersion\n"
-        "from app.search import search_library\nwith session_scope() as s:\n"
+        "from app.index.search import search_library\nwith session_scope() as s:\n"
         f"    m = s.get_one(ModelVersion, {model.id})\n"
         "    query = np.frombuffer(sys.stdin.buffer.read(), np.float32)\n"
         "    matches, used = search_library(s, m, query, k=1, exclude=set())\n"

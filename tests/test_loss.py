@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from app.loss import BarlowTwinsLoss, barlow_twins_loss, barlow_twins_terms
+from app.learn.loss import BarlowTwinsLoss, barlow_twins_loss, barlow_twins_terms
 
 
 def reference_loss(z1: list[list[float]], z2: list[list[float]], lambd: float, eps: float = 1e-5) -> float:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 from conftest import start_worker
-from helpers import wait_until
-from media import make_video
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
+from support.helpers import wait_until
+from support.media import make_video
 
 from app.db import session_scope
 from app.models import Event, Video
@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 
 def test_worker_metrics_endpoint(data_dir: Path, receiver, two_videos: list[Path], settings) -> None:  # type: ignore[no-untyped-def]
-    from app.library import register
+    from app.media.register import register
 
     with session_scope() as s:
         video_id = register(s, str(two_videos[0]), settings=settings).video_id
@@ -154,7 +154,7 @@ def test_readme_publisher_example_publishes_an_event(worker) -> None:  # type: i
 def test_readme_signature_verifier_accepts_ours_and_rejects_tampering(settings) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from app.callbacks import sign
+    from app.deliver.callbacks import sign
 
     verifier = next(b for b in _python_blocks(README.read_text()) if "def handle(" in b)
     namespace: dict = {}
@@ -173,9 +173,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_results_page_in_headless_chromium(data_dir: Path, two_videos: list[Path], settings) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import sync_playwright
 
-    from app import recommend
-    from app.library import register
-    from app.webui import make_server
+    from app.media.register import register
+    from app.ops.webui import make_server
+    from app.serve import recommend
 
     with session_scope() as s:
         ids = [register(s, str(p), settings=settings).video_id for p in two_videos]

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import wait_until
-from media import make_video
 from sqlalchemy import func, select
+from support.helpers import wait_until
+from support.media import make_video
 
 from app.db import session_scope
-from app.delivery import webhook_id_for
-from app.footage import real_footage
-from app.library import register
+from app.deliver.outbox import webhook_id_for
+from app.index.search import rebuild_index
+from app.learn.registry import active_model
+from app.media.footage import real_footage
+from app.media.register import register
 from app.models import Delivery, DeliveryAttempt, Embedding, Event, Recommendation, Video
-from app.registry import active_model
-from app.search import rebuild_index
 from workers.publish import publish_video_selected
 from workers.tasks import embed_video
 

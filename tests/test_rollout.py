@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from media import make_video
 from sqlalchemy import select
+from support.media import make_video
 
-from app import recommend, registry
 from app.db import session_scope
-from app.encoder import EncoderConfig, initial_encoder, save_checkpoint
-from app.library import register
+from app.index.search import rebuild_index, search_library, vector_of
+from app.learn import registry
+from app.learn.encoder import EncoderConfig, initial_encoder, save_checkpoint
+from app.media.register import register
 from app.models import IndexVersion, ModelVersion
-from app.search import rebuild_index, search_library, vector_of
+from app.serve import recommend
 
 
 def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import app.train as train_module
-from app.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
-from app.footage import cut, real_footage
-from app.train import (
+import app.learn.train as train_module
+from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
+from app.learn.train import (
     TrainConfig,
     WindowDataset,
     collate_windows,
@@ -25,6 +24,7 @@ from app.train import (
     register_trained,
     train,
 )
+from app.media.footage import cut, real_footage
 
 TINY = TrainConfig(
     encoder=EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64),
@@ -177,7 +177,7 @@ def test_checkpoint_round_trip_and_resume_after_interruption(
 
 
 def test_register_trained_records_a_model_version(videos: list[Path], tmp_path: Path, session) -> None:  # type: ignore[no-untyped-def]
-    from app.registry import embed_clips
+    from app.learn.registry import embed_clips
 
     config = dataclasses.replace(TINY, steps=2, freeze_backbone_bn_stats=True)
     result = train(config, videos, out_dir=tmp_path / "run")
@@ -197,7 +197,7 @@ def test_register_trained_records_a_model_version(videos: list[Path], tmp_path: 
 
 
 def test_training_fits_library_norm_on_its_videos_and_keeps_frozen_stages(videos: list[Path], tmp_path: Path) -> None:
-    from app.video import sample_frames
+    from app.media.video import sample_frames
 
     encoder = dataclasses.replace(TINY.encoder, library_norm="centre+whiten")
     config = dataclasses.replace(TINY, encoder=encoder, steps=2, freeze_backbone_stages=2)
@@ -235,7 +235,7 @@ def test_training_fits_library_norm_on_its_videos_and_keeps_frozen_stages(videos
 
 
 def test_zoom_out_shrinks_every_frame_onto_one_plain_canvas() -> None:
-    from app.augment import ClipAugment
+    from app.learn.augment import ClipAugment
 
     augment = ClipAugment(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                           blur_p=0.0, zoom_out_p=1.0, zoom_out_range=(0.5, 0.5))  # fmt: skip
@@ -250,7 +250,7 @@ def test_zoom_out_shrinks_every_frame_onto_one_plain_canvas() -> None:
 
 
 def test_mean_temporal_pooling_ignores_padded_frames() -> None:
-    from app.encoder import VideoEncoder
+    from app.learn.encoder import VideoEncoder
 
     model = VideoEncoder(EncoderConfig(frame_size=32, embed_dim=16, projector_hidden=16, temporal="mean")).eval()
     frames = torch.rand(2, 3, 3, 32, 32)
@@ -263,7 +263,7 @@ def test_mean_temporal_pooling_ignores_padded_frames() -> None:
 
 
 def test_a_clip_embeds_the_same_alone_or_batched_with_longer_ones() -> None:
-    from app.encoder import VideoEncoder
+    from app.learn.encoder import VideoEncoder
 
     model = VideoEncoder(EncoderConfig(frame_size=32, embed_dim=16, projector_hidden=16)).eval()
     torch.nn.init.normal_(model.temporal.mix.weight, std=0.1)  # as after training (it starts at zero)

@@ -1,4 +1,4 @@
-"""app.video on real encoded videos: real PyAV and decord in a real child process."""
+"""app.media.video on real encoded videos: real PyAV and decord in a real child process."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import av
 import numpy as np
 import pytest
 
-from app import video
-from app.video import DecodeLimits, Sample, VideoError, VideoInfo, probe, sample_frames
+from app.media import video
+from app.media.video import DecodeLimits, Sample, VideoError, VideoInfo, probe, sample_frames
 
 try:
     from tests.media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
 except ModuleNotFoundError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
+    from support.media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
 
 # Generous for a busy 2-core machine: a refusal takes ~0.3 s (child start-up + probe).
 FAST_S = 10.0
@@ -51,7 +51,7 @@ def hostile(media_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Route app.video's temporary directories here, to check that they are removed."""
+    """Route app.media.video's temporary directories here, to check that they are removed."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
@@ -332,7 +332,7 @@ def test_timeout_kills_the_child(clip: Path, monkeypatch: pytest.MonkeyPatch, pr
 
 
 def test_crashing_decoder_is_reported_as_a_crash(clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # No test hook in app.video: a sitecustomize on the child's PYTHONPATH kills it with
+    # No test hook in app.media.video: a sitecustomize on the child's PYTHONPATH kills it with
     # the signal a decoder bug would raise.
     for sig, call in (("SIGSEGV", sample_frames), ("SIGABRT", probe)):
         hook = tmp_path / sig  # one folder each: a cached .pyc must not be reused

@@ -18,13 +18,15 @@ from celery.signals import worker_process_init
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app import delivery as outbox
-from app import recommend, registry, search
 from app.config import Settings, get_settings
 from app.db import session_scope
+from app.deliver import outbox
+from app.index import search
+from app.learn import registry
+from app.learn.registry import active_model
 from app.logs import log_context
 from app.models import ModelVersion, TaskAttempt, utcnow
-from app.registry import active_model
+from app.serve import recommend
 from workers.app import TIME_LIMITS, celery_app
 
 logger = logging.getLogger(__name__)

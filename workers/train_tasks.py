@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app import lifecycle
 from app.config import get_settings
+from app.learn import rollout
 from workers.app import TIME_LIMITS, celery_app
 from workers.tasks import activate_model
 
@@ -27,8 +27,8 @@ def train(
     checkpoint (the run is named after the message unless ``name`` is given)."""
     kind = "finetune" if init_model_id else "pretrain"
     name = name or f"{kind}-{preset}-{(self.request.id or 'local')[:8]}"
-    files = [Path(v) for v in videos] if videos else lifecycle.training_files()
-    model_id = lifecycle.train_model(
+    files = [Path(v) for v in videos] if videos else rollout.training_files()
+    model_id = rollout.train_model(
         preset=preset,
         videos=files,
         settings=get_settings(),

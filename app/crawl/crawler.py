@@ -6,7 +6,7 @@ code and a reason, or still ``discovered`` (a transient failure or the run's bud
 again by a later run, at most ``crawl_item_max_attempts`` times).
 
 A file is accepted when its magic bytes say video (already checked while streaming) and
-:func:`app.video.probe`, in a sandboxed child, finds a video stream within the duration,
+:func:`app.media.video.probe`, in a sandboxed child, finds a video stream within the duration,
 resolution, stream-count and size limits. It is written under a temporary name and moved
 into ``crawl_dir/raw/<sha256>.<ext>`` only then.
 
@@ -32,13 +32,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import video as video_io
 from app.config import Settings
 from app.crawl import discover as disc
 from app.crawl import platform
 from app.crawl.models import DISCOVERED, DUPLICATE, FETCHED, HOLDS_CONTENT, REJECTED, CrawledItem, CrawlSource
 from app.crawl.net import Downloaded, Fetcher, FetchError
-from app.library import decode_limits
+from app.media import video as video_io
+from app.media.register import decode_limits
 from app.models import utcnow
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import lxml.etree
 import lxml.html
 
 from app.crawl.net import Fetcher, FetchError
-from app.library import VIDEO_SUFFIXES
+from app.media.register import VIDEO_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

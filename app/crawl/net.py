@@ -3,7 +3,7 @@
 One :class:`Fetcher` per crawl run. Every request it makes
 
 - connects only to vetted addresses: the host is resolved *at connect time* (inside the
-  HTTP transport), and each address must pass :func:`app.callbacks.check_url`'s policy
+  HTTP transport), and each address must pass :func:`app.deliver.callbacks.check_url`'s policy
   (no loopback, private, link-local/metadata... unless ``crawl_allow_private``), so a DNS
   answer that changes after a check (rebinding) or a redirect to an internal host cannot
   reach one;
@@ -45,8 +45,8 @@ import httpx
 from protego import Protego
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
-from app.callbacks import CallbackBlocked, check_url
 from app.config import Settings
+from app.deliver.callbacks import CallbackBlocked, check_url
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class _Transient(Exception):
 
 
 def vetted_addresses(host: str, port: int, *, allow_private: bool) -> list[str]:
-    """Addresses of ``host`` that may be connected to (app.callbacks' policy, per address).
+    """Addresses of ``host`` that may be connected to (app.deliver.callbacks' policy, per address).
 
     Raises _Blocked when any address is forbidden (a host mixing public and internal answers
     is refused whole) or the name does not resolve."""

@@ -26,10 +26,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from app.callbacks import CallbackBlocked, check_url
 from app.config import Settings
 from app.crawl.discover import Candidate, Discovery
 from app.crawl.net import Budget, Downloaded, Fetcher, FetchError, sniff_video
+from app.deliver.callbacks import CallbackBlocked, check_url
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Two mechanisms, the larger cut winning at each end:
   aligned on the videos' ends.
 
 Fingerprints are stored on the items, so a later video is compared with earlier ones
-without decoding them again. Decoding runs in app.video's sandboxed child; cutting
+without decoding them again. Decoding runs in app.media.video's sandboxed child; cutting
 re-encodes with ffmpeg (frame-exact) into ``crawl_dir/clean``, through a temporary name.
 """
 
@@ -33,12 +33,12 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import video as video_io
 from app.config import Settings
 from app.crawl.crawler import Progress, Sessions, _no_progress, reject
 from app.crawl.models import FETCHED, HOLDS_CONTENT, PREPROCESSED, CrawledItem, CrawlSource
-from app.footage import run_ffmpeg
-from app.library import decode_limits
+from app.media import video as video_io
+from app.media.footage import run_ffmpeg
+from app.media.register import decode_limits
 from app.models import utcnow
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.index.search import embeddings_since_index
 from app.models import Delivery, Embedding, Event, ModelVersion, Video, utcnow
-from app.search import embeddings_since_index
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Videos come from the open web, so every byte of a file is treated as hostile. Decoders
 (decord 0.6.0 in particular, see FIELD-NOTES "Decoding") can segfault, hang or allocate
 without bound on crafted input, so **no decoder runs in the calling process**: each call
-starts a throwaway child (``python -m app.video``) that
+starts a throwaway child (``python -m app.media.video``) that
 
 1. sets resource limits on itself (address space, CPU seconds, output file size, no core
    dumps) and dies with its parent;
@@ -253,7 +253,7 @@ _CHILD_ENV_KEEP = (
 
 def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in _CHILD_ENV_KEEP or k.startswith("LC_")}
-    # Make `-m app.video` importable whatever the caller's working directory.
+    # Make `-m app.media.video` importable whatever the caller's working directory.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     # One BLAS thread (numpy is imported for the .npy only), and few malloc arenas so that
@@ -278,7 +278,7 @@ def _run_child(request: dict[str, Any], limits: DecodeLimits, *, frames_bytes: i
             # whole on timeout, and terminal signals meant for the parent do not reach it.
             # cwd is the private temp dir, so `-m` puts nothing else on the child's path.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "app.video", "--child", json.dumps(request), str(out)],
+                [sys.executable, "-m", "app.media.video", "--child", json.dumps(request), str(out)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -406,7 +406,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Child side: runs in `python -m app.video --child REQUEST_JSON OUT_DIR`
+# Child side: runs in `python -m app.media.video --child REQUEST_JSON OUT_DIR`
 # --------------------------------------------------------------------------------------
 
 
@@ -416,7 +416,7 @@ class _Refused(Exception):
 
 def _child_main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "--child":
-        print("usage: python -m app.video --child REQUEST_JSON OUT_DIR", file=sys.stderr)
+        print("usage: python -m app.media.video --child REQUEST_JSON OUT_DIR", file=sys.stderr)
         return 2
     request = json.loads(argv[1])
     out = Path(argv[2])

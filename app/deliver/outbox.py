@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from app import callbacks
 from app.config import Settings
+from app.deliver import callbacks
 from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, utcnow
 

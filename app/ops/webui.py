@@ -12,7 +12,7 @@ from typing import Any
 
 from app.config import Settings
 from app.db import session_scope
-from app.report import write_results_page
+from app.ops.report import write_results_page
 
 logger = logging.getLogger(__name__)
 

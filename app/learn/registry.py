@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.encoder import EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
+from app.learn.encoder import EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
 from app.models import ModelVersion
 
 logger = logging.getLogger(__name__)

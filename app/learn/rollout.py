@@ -12,10 +12,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app import recommend, registry, search
 from app.config import Settings
 from app.db import session_scope
+from app.index import search
+from app.learn import registry
 from app.models import ModelVersion, Video
+from app.serve import recommend
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def train_model(
 ) -> int:
     """Trains (pre-training, or fine-tuning from ``init_model_id``), registers the result as
     a model version and returns its id. The version is not active until rolled out."""
-    from app.train import TrainConfig, finetune, register_trained, train
+    from app.learn.train import TrainConfig, finetune, register_trained, train
 
     if not videos:
         raise ValueError("no training videos: add library videos or crawl sources first")

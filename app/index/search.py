@@ -25,8 +25,8 @@ import numpy as np
 from sqlalchemy import event, func, select, text, update
 from sqlalchemy.orm import Session
 
-from app import index as vindex
 from app.config import Settings, get_settings
+from app.index import version as vindex
 from app.models import Embedding, IndexVersion, ModelVersion, Video
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Match:
     video_id: int
     uri: str
     score: float  # cosine similarity of the embeddings, 1.0 = same direction
-    calibrated: float | None = None  # app.index.calibrate: 1 identical, 0 the query's top 1%
+    calibrated: float | None = None  # app.index.version.calibrate: 1 identical, 0 the query's top 1%
     near_duplicate: bool = False  # calibrated >= settings.near_duplicate_threshold
 
     @property
@@ -126,7 +126,7 @@ def vector_of(row: Embedding) -> np.ndarray:
 def stored_vectors(session: Session, model_id: int, dim: int, video_ids: np.ndarray) -> np.ndarray:
     """The stored embeddings of ``video_ids`` under model ``model_id``: float32
     (len(video_ids), dim) in that order, NaN rows for videos without one (what an index
-    that re-ranks from the database reads, ``app.index.VectorsOf``)."""
+    that re-ranks from the database reads, ``app.index.version.VectorsOf``)."""
     out = np.full((len(video_ids), dim), np.nan, dtype=np.float32)
     row_of = {int(v): i for i, v in enumerate(video_ids)}
     ids = list(row_of)

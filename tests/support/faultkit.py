@@ -263,8 +263,8 @@ class Stack:
         vectors: enough for warm events, which search what is stored; no decoding)."""
         import numpy as np
 
+        from app.learn.registry import active_model
         from app.models import Embedding, Video
-        from app.registry import active_model
 
         rng = np.random.default_rng(seed)
         with self.session() as s:
@@ -569,7 +569,7 @@ class Hook:
         return f"http://127.0.0.1:{self.port}/hooks/vidsim"
 
     def up(self) -> None:
-        from app.callbacks import verify
+        from app.deliver.callbacks import verify
 
         hook = self
 

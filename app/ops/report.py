@@ -14,9 +14,9 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import video as video_io
 from app.config import Settings
-from app.library import decode_limits
+from app.media import video as video_io
+from app.media.register import decode_limits
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, Video
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def write_results_page(
                 note=(notes or {}).get(ev.event_id),
             )
         )
-    env = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape())
+    env = Environment(loader=PackageLoader("app.ops", "templates"), autoescape=select_autoescape())
     env.filters["basename"] = lambda uri: html.unescape(str(uri).rsplit("/", 1)[-1])
     page = env.get_template("results.html").render(title=title, cards=cards)
     out_dir.mkdir(parents=True, exist_ok=True)

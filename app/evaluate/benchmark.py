@@ -7,7 +7,7 @@ Three steps, each usable on its own:
    - the **library**: clips cut from each input video, several per long source, so that
      near-identical scenes of one source are hard distractors for each other;
    - **positive queries**: a sub-segment of a library clip under one or two VSC22-style
-     edits (:data:`app.edits.EDITS`, a few more here, and *insertion*: the copy placed
+     edits (:data:`app.evaluate.edits.EDITS`, a few more here, and *insertion*: the copy placed
      between two pieces of a video that is not in the library);
    - **negative queries**: edited clips of material held *out* of the library (whole
      sources, and segments of library sources that were not cut into it), with no match.
@@ -17,7 +17,7 @@ Three steps, each usable on its own:
    micro-average precision (µAP) over every (query, library clip) pair, negatives included,
    which rewards scores that are comparable across queries.
 
-3. :func:`run` decodes every clip once per frame size (sandboxed, :mod:`app.video`), runs
+3. :func:`run` decodes every clip once per frame size (sandboxed, :mod:`app.media.video`), runs
    every :class:`System` on the same data, and writes ``report.json``, ``report.md`` and
    ``report.png``. Systems: trained checkpoints, the untrained network, tiny frames, and a
    per-second perceptual hash.
@@ -46,9 +46,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app import video as video_io
-from app.edits import EDITS, Edit
-from app.footage import cut, run_ffmpeg
+from app.evaluate.edits import EDITS, Edit
+from app.media import video as video_io
+from app.media.footage import cut, run_ffmpeg
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ GROUND_TRUTH = "ground_truth.json"
 _FORMAT_VERSION = 1
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".ogv", ".ts"})
 
-# Edits the benchmark adds to app.edits.EDITS (VSC22 has them; the demo does not need them).
+# Edits the benchmark adds to app.evaluate.edits.EDITS (VSC22 has them; the demo does not need them).
 EXTRA_EDITS: dict[str, Edit] = {
     e.name: e
     for e in (
@@ -663,7 +663,7 @@ def vector_system(
 
 
 def encoder_system(name: str, model: Any, *, baseline: bool, batch_size: int = 8) -> System:
-    """A :class:`app.encoder.VideoEncoder`, embedding ``batch_size`` clips per forward."""
+    """A :class:`app.learn.encoder.VideoEncoder`, embedding ``batch_size`` clips per forward."""
 
     def describe(clips: list[Clip]) -> np.ndarray:
         parts = [model.embed(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)]
@@ -737,7 +737,7 @@ BASELINES = ("untrained", "tiny_frames", "phash")
 
 
 def _systems(checkpoints: dict[str, Path], baselines: Sequence[str], batch_size: int) -> list[System]:
-    from app.encoder import EncoderConfig, initial_encoder, load_checkpoint
+    from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint
 
     systems: list[System] = []
     config = None
@@ -778,9 +778,9 @@ def finetune_on_library(
     the benchmark's **library clips only** (the company's library; never a query, whose
     edits the encoder must not see), from ``init_checkpoint`` or, without one, from the
     preset's initial weights (those of the ``untrained`` baseline). Resumes a run already
-    in ``out_dir``. Returns the :class:`app.train.TrainResult`; its ``checkpoint`` is the
+    in ``out_dir``. Returns the :class:`app.learn.train.TrainResult`; its ``checkpoint`` is the
     system to score."""
-    from app.train import TrainConfig, train
+    from app.learn.train import TrainConfig, train
 
     gt = GroundTruth.load(Path(ground_truth_path))
     videos = [c.path for c in gt.library]

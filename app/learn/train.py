@@ -2,8 +2,8 @@
 
 For each video, two random windows of ``frames / fps`` seconds are sampled at ``fps``
 frames per second (decoded with decord inside the DataLoader's worker processes), each
-augmented with one draw applied to all its frames (:mod:`app.augment`); the encoder embeds
-both and :mod:`app.loss` pulls their cross-correlation towards the identity.
+augmented with one draw applied to all its frames (:mod:`app.learn.augment`); the encoder embeds
+both and :mod:`app.learn.loss` pulls their cross-correlation towards the identity.
 
 DDP-ready: under ``torchrun`` (``WORLD_SIZE > 1``) each rank loads its shard of the videos
 (DistributedSampler), the loss is computed over the global batch (all-reduced statistics
@@ -15,7 +15,7 @@ steps), ``model-step<N>.pt`` (the final weights, what the registry points to),
 Decoding runs in worker processes, never in the trainer: decord must not be imported
 before torch nor share a reader across a fork (decord#251, #294). decord hard-crashes or
 hangs on some corrupt files (FIELD-NOTES "Decoding"), so training data should be files
-that passed the preprocessing probe (:func:`app.video.probe`); what still fails to decode
+that passed the preprocessing probe (:func:`app.media.video.probe`); what still fails to decode
 is skipped with a logged reason, and a worker that dies or hangs costs one batch (the
 loader is rebuilt) up to ``max_loader_failures`` times.
 """
@@ -42,9 +42,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from app.augment import ClipAugment
-from app.encoder import EncoderConfig, VideoEncoder, load_checkpoint, save_checkpoint
-from app.loss import DEFAULT_LAMBD, barlow_twins_terms
+from app.learn.augment import ClipAugment
+from app.learn.encoder import EncoderConfig, VideoEncoder, load_checkpoint, save_checkpoint
+from app.learn.loss import DEFAULT_LAMBD, barlow_twins_terms
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,13 @@ class TrainConfig:
     short_videos: Literal["shorter", "loop"] = "shorter"
     min_frames: int = 2  # fewer decodable frames than this: the video is skipped
     clips_per_video: int = 1  # window pairs per video per epoch
-    # Augmentation (app.augment; Barlow Twins' recipe at strength 1).
+    # Augmentation (app.learn.augment; Barlow Twins' recipe at strength 1).
     crop_scale: tuple[float, float] = (0.3, 1.0)
     jitter_strength: float = 1.0  # scales (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)
     grayscale_p: float = 0.2
     blur_p: tuple[float, float] = (1.0, 0.1)  # view 1, view 2
     solarize_p: tuple[float, float] = (0.0, 0.2)
-    zoom_out_p: float = 0.0  # both views: the frame shrunk onto a plain canvas (app.augment)
+    zoom_out_p: float = 0.0  # both views: the frame shrunk onto a plain canvas (app.learn.augment)
     # Objective.
     lambd: float = DEFAULT_LAMBD
     # Keep the backbone's batch-norm statistics as they are (the running ones, in eval
@@ -899,7 +899,7 @@ def _train(
 def _fit_library_norm(encoder: VideoEncoder, videos: Sequence[Path], *, limit: int, seed: int) -> None:
     """Fits ``encoder``'s library normalisation on up to ``limit`` of ``videos`` (a seeded
     sample), each decoded at 1 frame/s as serving does; undecodable ones are left out."""
-    from app import video as video_io
+    from app.media import video as video_io
 
     t0 = time.perf_counter()
     chosen = list(videos)
@@ -1098,7 +1098,7 @@ class _Progress:
 def register_trained(session: Any, result: TrainResult, *, name: str, parent_id: int | None = None) -> Any:
     """Records ``result``'s checkpoint as a (not yet active) model version; returns it.
     The caller owns the transaction (and activates the version when it is indexed)."""
-    from app.registry import register_model
+    from app.learn.registry import register_model
 
     return register_model(
         session,

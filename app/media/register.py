@@ -19,9 +19,9 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import video as video_io
-from app.callbacks import CallbackBlocked, check_url
 from app.config import Settings
+from app.deliver.callbacks import CallbackBlocked, check_url
+from app.media import video as video_io
 from app.models import Video
 
 logger = logging.getLogger(__name__)

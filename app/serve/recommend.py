@@ -18,15 +18,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import delivery as outbox
-from app import library
-from app import video as video_io
 from app.config import Settings
-from app.events import InvalidEvent, VideoSelected, parse_event
+from app.deliver import outbox
+from app.index.search import search_library, vector_of
+from app.learn.registry import active_model, embed_clips
+from app.media import register as library
+from app.media import video as video_io
 from app.metrics import EVENTS
 from app.models import Embedding, Event, ModelVersion, Recommendation, Video, utcnow
-from app.registry import active_model, embed_clips
-from app.search import search_library, vector_of
+from app.serve.events import InvalidEvent, VideoSelected, parse_event
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.edits import EDITS
-from app.footage import cut, duration_of, real_footage
+from app.evaluate.edits import EDITS
+from app.media.footage import cut, duration_of, real_footage
 
 logger = logging.getLogger(__name__)
 

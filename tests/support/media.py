@@ -3,7 +3,7 @@
 Plain functions, not fixtures, so any test module can use them::
 
     from tests.media import make_video, make_hostile_files  # tests/ a package
-    from media import make_video, make_hostile_files  # tests/ without __init__.py
+    from support.media import make_video, make_hostile_files  # tests/ without __init__.py
 
 Everything is small and fast to encode: a few tens of milliseconds per file.
 """

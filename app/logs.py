@@ -79,3 +79,10 @@ def configure_logging(level: str | int = "INFO", fmt: str = "json") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def one_line(reason: BaseException | str, limit: int = 200) -> str:
+    """A reason an operator reads in one line: white space folded, at most ``limit``
+    characters (an exception without a message is named by its type)."""
+    text = " ".join(str(reason).split()) or type(reason).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

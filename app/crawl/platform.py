@@ -30,6 +30,7 @@ from app.config import Settings
 from app.crawl.discover import Candidate, Discovery
 from app.crawl.net import Budget, Downloaded, Fetcher, FetchError, sniff_video
 from app.deliver.callbacks import CallbackBlocked, check_url
+from app.logs import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def discover_platform(fetcher: Fetcher, *, url: str | None, options: dict[str, A
         with yt_dlp.YoutubeDL(params) as ydl:
             info = ydl.extract_info(url, download=False, process=False)
     except yt_dlp.utils.YoutubeDLError as exc:
-        result.error(FetchError("extractor", _one_line(exc)), url)
+        result.error(FetchError("extractor", _reason(exc)), url)
         return result
     result.pages += 1
     fetcher.budget.pages += 1
@@ -224,7 +225,7 @@ def download_platform(
     except Cancel as exc:
         raise exc.error from None
     except yt_dlp.utils.YoutubeDLError as exc:
-        raise FetchError("extractor", _one_line(exc)) from None
+        raise FetchError("extractor", _reason(exc)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     size = path.stat().st_size
@@ -244,7 +245,6 @@ def download_platform(
     return Downloaded(path, url, size, digest.hexdigest(), kind, time.monotonic() - started)
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = re.sub(r"^ERROR: ", "", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _reason(exc: BaseException) -> str:
+    """yt-dlp's message without its ``ERROR:`` prefix, in one line."""
+    return one_line(re.sub(r"^\s*ERROR: ", "", str(exc)) or type(exc).__name__)

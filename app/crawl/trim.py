@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.crawl.crawler import Progress, Sessions, _no_progress, reject
 from app.crawl.models import FETCHED, HOLDS_CONTENT, PREPROCESSED, CrawledItem, CrawlSource
+from app.files import atomic_path
 from app.media import video as video_io
 from app.media.footage import run_ffmpeg
 from app.media.register import decode_limits
@@ -391,27 +390,20 @@ def _cut_item(
     if plan.head_s <= 0 and plan.tail_s <= 0:
         clean = src  # nothing to cut: the raw file is clean
     else:
-        clean_dir = settings.crawl_dir / "clean"
-        clean_dir.mkdir(parents=True, exist_ok=True)
-        clean = clean_dir / f"{content_hash}-h{plan.head_s:.2f}-t{plan.tail_s:.2f}.mp4"
-        tmp = clean_dir / f".{uuid.uuid4().hex}.part.mp4"
+        clean = settings.crawl_dir / "clean" / f"{content_hash}-h{plan.head_s:.2f}-t{plan.tail_s:.2f}.mp4"
         try:
-            run_ffmpeg(
-                ["-ss", f"{plan.head_s:.3f}", "-i", str(src), "-t", f"{keep:.3f}", "-map", "0:v:0", "-an", "-sn", "-dn",
-                 "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
-                 "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2", "-movflags", "+faststart", str(tmp)],
-                timeout_s=min(120 + 2 * keep, 800),
-            )  # fmt: skip
-            os.replace(tmp, clean)
+            with atomic_path(clean) as tmp:
+                run_ffmpeg(
+                    ["-ss", f"{plan.head_s:.3f}", "-i", str(src), "-t", f"{keep:.3f}", "-map", "0:v:0", "-an", "-sn",
+                     "-dn", "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
+                     "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2", "-movflags", "+faststart", str(tmp)],
+                    timeout_s=min(120 + 2 * keep, 800),
+                )  # fmt: skip
         except (RuntimeError, OSError) as exc:
-            tmp.unlink(missing_ok=True)
             with sessions() as session:
                 reject(session.get_one(CrawledItem, item_id), "cut", f"cutting failed: {exc}"[:500])
             counts.rejected["cut"] = counts.rejected.get("cut", 0) + 1
             return
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         counts.trimmed += 1
         counts.seconds_cut += plan.head_s + plan.tail_s
     with sessions() as session:

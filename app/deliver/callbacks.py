@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 import httpx
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from app.logs import one_line
+
 __all__ = [
     "MAX_RESPONSE_BYTES",
     "CallbackBlocked",
@@ -329,7 +331,7 @@ def _resolve(host: str, port: int) -> tuple[IPAddress, ...]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise _ResolveError(f"DNS lookup failed for {host}: {_one_line(exc)}") from None
+        raise _ResolveError(f"DNS lookup failed for {host}: {one_line(exc)}") from None
     addresses: dict[IPAddress, None] = {}
     for family, *_, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -397,11 +399,6 @@ def _default_client() -> httpx.Client:
     )
 
 
-def _one_line(exc: BaseException | str, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _causes(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     seen: BaseException | None = exc
@@ -419,14 +416,14 @@ def _describe_transport_error(exc: httpx.TransportError, timeout_s: float) -> st
         return "connection refused"
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
-            return f"TLS certificate error: {_one_line(e.verify_message or e)}"
+            return f"TLS certificate error: {one_line(e.verify_message or e)}"
         if isinstance(e, ssl.SSLError):
-            return f"TLS error: {_one_line(e)}"
+            return f"TLS error: {one_line(e)}"
     if isinstance(exc, httpx.ConnectError):
-        return f"connection failed: {_one_line(exc)}"
+        return f"connection failed: {one_line(exc)}"
     if isinstance(exc, httpx.RemoteProtocolError):
-        return f"protocol error: {_one_line(exc)}"
-    return f"{type(exc).__name__}: {_one_line(exc)}"
+        return f"protocol error: {one_line(exc)}"
+    return f"{type(exc).__name__}: {one_line(exc)}"
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -499,9 +496,9 @@ def deliver(
     try:
         target = _target(url, allow_private=allow_private)
     except CallbackBlocked as exc:
-        return result(error=f"blocked: {_one_line(exc)}")
+        return result(error=f"blocked: {one_line(exc)}")
     except _ResolveError as exc:
-        return result(error=_one_line(exc))
+        return result(error=one_line(exc))
 
     http_client = client if client is not None else _default_client()
     headers = {
@@ -534,7 +531,7 @@ def deliver(
         except httpx.TransportError as exc:
             return result(error=_describe_transport_error(exc, timeout_s))
         except httpx.HTTPError as exc:
-            return result(error=f"{type(exc).__name__}: {_one_line(exc)}")
+            return result(error=f"{type(exc).__name__}: {one_line(exc)}")
         try:
             _read_capped(response, deadline)
         finally:

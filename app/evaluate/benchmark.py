@@ -47,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from app.evaluate.edits import EDITS, Edit
+from app.files import atomic_path, write_atomic
 from app.media import video as video_io
 from app.media.footage import cut, run_ffmpeg
 
@@ -169,20 +170,7 @@ class GroundTruth:
             "library": [{**dataclasses.asdict(c), "path": rel(c.path)} for c in self.library],
             "queries": [{**dataclasses.asdict(q), "path": rel(q.path)} for q in self.queries],
         }
-        return _write_atomic(Path(path), json.dumps(data, indent=1).encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return write_atomic(Path(path), json.dumps(data, indent=1).encode())
 
 
 # --------------------------------------------------------------------------------------
@@ -985,9 +973,8 @@ def _plot(report: Report, path: Path) -> None:
     ax.set_title(f"{c['library']} library clips, {c['queries']} queries ({c['negatives']} negatives)")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def _write_reports(report: Report, out_dir: Path, *, gt_path: Path, fps: float) -> None:
@@ -1005,8 +992,8 @@ def _write_reports(report: Report, out_dir: Path, *, gt_path: Path, fps: float) 
         "seconds": report.seconds,
         "baselines": report.baselines,
     }
-    _write_atomic(out_dir / "report.json", json.dumps(_finite(data), indent=1).encode())
-    _write_atomic(out_dir / "report.md", _markdown(report, gt_path=gt_path, fps=fps).encode())
+    write_atomic(out_dir / "report.json", json.dumps(_finite(data), indent=1).encode())
+    write_atomic(out_dir / "report.md", _markdown(report, gt_path=gt_path, fps=fps).encode())
     _plot(report, out_dir / "report.png")
 
 

@@ -42,9 +42,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from app.files import atomic_path, write_atomic
 from app.learn.augment import ClipAugment
 from app.learn.encoder import EncoderConfig, VideoEncoder, load_checkpoint, save_checkpoint
 from app.learn.loss import DEFAULT_LAMBD, barlow_twins_terms
+from app.logs import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +328,7 @@ class WindowDataset(Dataset):
             batch = reader.vr.get_batch(unique.tolist()).asnumpy()  # (U, h, w, 3) uint8
         except Exception as exc:  # decord: RuntimeError or DECORDError (not a RuntimeError)
             self._drop_reader(path)
-            raise SkippedVideo(f"cannot decode frames: {_one_line(exc)}") from None
+            raise SkippedVideo(f"cannot decode frames: {one_line(exc)}") from None
         if batch.ndim != 4 or batch.shape[0] != len(unique) or batch.shape[-1] != 3:
             raise SkippedVideo(f"decoder returned frames of shape {batch.shape}")
         clip = torch.from_numpy(batch[inverse.reshape(-1)]).permute(0, 3, 1, 2)  # (2T, 3, h, w)
@@ -391,7 +393,7 @@ class WindowDataset(Dataset):
         except SkippedVideo:
             raise
         except Exception as exc:  # RuntimeError at open, DECORDError while reading
-            raise SkippedVideo(f"cannot open: {_one_line(exc)}") from None
+            raise SkippedVideo(f"cannot open: {one_line(exc)}") from None
         if not np.isfinite(ts).all():
             raise SkippedVideo("frame timestamps are not finite")
         starts = np.round(ts[:, 0] - ts[0, 0], 6)
@@ -417,17 +419,11 @@ def _display_size(path: str) -> tuple[int, int]:
     except SkippedVideo:
         raise
     except Exception as exc:
-        raise SkippedVideo(f"cannot probe: {_one_line(exc)}") from None
+        raise SkippedVideo(f"cannot probe: {one_line(exc)}") from None
     if not width or not height:
         raise SkippedVideo("video stream without a frame size")
     ratio = float(sar) if sar and float(sar) > 0 else 1.0
     return max(1, round(width * ratio)), height
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line[:limit]
 
 
 def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -844,7 +840,7 @@ def _train(
                     raise
                 failures += 1
                 position += local_batch
-                logger.error("data loader failed (%s); skipping one batch, restarting the loader", _one_line(exc))
+                logger.error("data loader failed (%s); skipping one batch, restarting the loader", one_line(exc))
             finally:
                 loader = None  # the iterator's end shuts its workers down
 
@@ -1001,9 +997,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -1037,10 +1031,9 @@ def write_loss_plot(metrics_path: Path, out: Path, *, lambd: float | None = None
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import imageio_ffmpeg
 
+from app.files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 OPENCV_DOC = Path("/usr/share/doc/opencv-doc")
@@ -49,10 +51,8 @@ def real_footage(unpack_dir: Path) -> list[Footage]:
     for gz in sorted((OPENCV_DOC / "opencv4" / "html").glob("*.mp4.gz")):
         out = unpack_dir / gz.name[: -len(".gz")]
         if not out.exists():
-            unpack_dir.mkdir(parents=True, exist_ok=True)
-            with gzip.open(gz) as src, open(out.with_suffix(".part"), "wb") as dst:
+            with atomic_path(out) as tmp, gzip.open(gz) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            out.with_suffix(".part").rename(out)
         found.append(Footage(out.stem.lower(), out, "opencv-doc"))
     return found
 

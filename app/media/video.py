@@ -40,6 +40,9 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from app.files import write_atomic
+from app.logs import one_line
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecodeLimits", "Sample", "VideoError", "VideoInfo", "probe", "sample_frames"]
@@ -378,7 +381,7 @@ def _failure_reason(rc: int, result: dict | None, out: Path, limits: DecodeLimit
     if result is not None and result.get("kind") == "oom":
         return oom
     if result is not None and isinstance(result.get("reason"), str):
-        return _one_line(result["reason"])
+        return one_line(result["reason"], 300)
     tail = _log_tail(out)
     if tail:
         logger.debug("decoder child log tail:\n%s", tail)
@@ -397,12 +400,7 @@ def _failure_reason(rc: int, result: dict | None, out: Path, limits: DecodeLimit
             return f"decoder was killed (signal {name}; out of memory?)"
         return f"decoder crashed (signal {name})"
     last = next((ln for ln in reversed(tail.strip().splitlines()) if ln.strip()), "")
-    return _one_line(f"decoder failed (exit status {rc})" + (f": {last}" if last else ""))
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(f"decoder failed (exit status {rc})" + (f": {last}" if last else ""), 300)
 
 
 # --------------------------------------------------------------------------------------
@@ -431,7 +429,7 @@ def _child_main(argv: list[str]) -> int:
     try:
         result = _child_run(request, limits, out, timings, t)
     except (_Refused, VideoError) as exc:
-        result = {"ok": False, "kind": "refused", "reason": _one_line(str(exc))}
+        result = {"ok": False, "kind": "refused", "reason": one_line(str(exc), 300)}
     except MemoryError:
         result = {"ok": False, "kind": "oom"}
     except Exception as exc:  # the parent turns this into a VideoError
@@ -440,16 +438,14 @@ def _child_main(argv: list[str]) -> int:
             result = {"ok": False, "kind": "oom"}
         else:
             reason = f"decoder error: {type(exc).__name__}: {message}"
-            result = {"ok": False, "kind": "error", "reason": _one_line(reason)}
+            result = {"ok": False, "kind": "error", "reason": one_line(reason, 300)}
     result["timings"] = timings
     import resource
 
     # ru_maxrss is in KiB on Linux: the child's peak resident memory, for the parent's log.
     result["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     try:
-        tmp = out / (_RESULT_FILE + ".tmp")
-        tmp.write_text(json.dumps(result), encoding="utf-8")
-        os.replace(tmp, out / _RESULT_FILE)  # the parent never reads half a result
+        write_atomic(out / _RESULT_FILE, json.dumps(result))  # the parent never reads half a result
     except MemoryError:
         return _EXIT_OOM
     return 0
@@ -499,7 +495,7 @@ def _clean_message(exc: BaseException, path: str) -> str:
     line = next((ln for ln in text.splitlines() if ln.strip()), text)
     if path:
         line = line.replace(path, "<file>")
-    return _one_line(line, 200)
+    return one_line(line, 200)
 
 
 def _child_run(request: dict, limits: DecodeLimits, out: Path, timings: dict[str, float], t: float) -> dict:

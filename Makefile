@@ -43,9 +43,11 @@ test: setup services browser
 test-all: setup services browser
 	$(BIN)/pytest -q -m "slow or not slow"
 
+# The same checks run as pre-commit hooks (.pre-commit-config.yaml) and in CI before the tests.
 lint: setup
 	$(BIN)/ruff check app workers scripts tests migrations
 	$(BIN)/ruff format --check app workers scripts tests migrations
+	$(BIN)/mypy app workers scripts
 
 bench: setup services
 	$(BIN)/vidsim bench latency

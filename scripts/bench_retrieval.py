@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.evaluate.benchmark import BASELINES, DEFAULT_EDITS, METRICS, generate, run
-from app.media.footage import real_footage
+from app.evaluate.footage import real_footage
 
 
 def _checkpoint(text: str) -> tuple[str, Path]:

@@ -18,7 +18,7 @@ from app.db import session_scope
 from app.deliver.outbox import webhook_id_for
 from app.index.search import rebuild_index
 from app.learn.registry import active_model
-from app.media.footage import real_footage
+from app.evaluate.footage import real_footage
 from app.media.register import register
 from app.models import Delivery, DeliveryAttempt, Embedding, Event, Recommendation, Video
 from workers.publish import publish_video_selected

@@ -24,7 +24,8 @@ from app.learn.train import (
     register_trained,
     train,
 )
-from app.media.footage import cut, real_footage
+from app.evaluate.footage import real_footage
+from app.media.ffmpeg import cut
 
 TINY = TrainConfig(
     encoder=EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64),

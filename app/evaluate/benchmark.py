@@ -49,7 +49,7 @@ from rich.table import Table
 from app.evaluate.edits import EDITS, Edit
 from app.files import atomic_path, write_atomic
 from app.media import video as video_io
-from app.media.footage import cut, run_ffmpeg
+from app.media.ffmpeg import cut, run_ffmpeg
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ selected in the chat), half new videos from a random cluster.
 
 Also measured: near-duplicate flags (raw cosine and calibrated score thresholds, their
 precision and recall on the known copies among each query's exact top k), and with
-``--real DIR`` the same on the retrieval benchmark's real clips (``app.evaluate.benchmark``).
+``--real DIR`` the same on the retrieval benchmark's real clips (``app.evaluate.generate``).
 
 Outputs a table, ``OUT/bench_index.json`` and ``OUT/bench_index.png``.
 
@@ -363,7 +363,7 @@ def real_near_duplicates(ground_truth: Path) -> dict[str, Any]:
     positive. Average precision over all pairs is VSC22's µAP, which rewards scores that
     are comparable across queries. The background is the library itself (it is small),
     without the clip being scored: a large library's sample rarely holds the candidate."""
-    from app.evaluate.benchmark import GroundTruth
+    from app.evaluate.ground_truth import GroundTruth
     from app.learn.encoder import EncoderConfig, initial_encoder
     from app.media import video as video_io
 

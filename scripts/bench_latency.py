@@ -44,10 +44,11 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
 
     from app.config import get_settings
     from app.db import migrate, session_scope
+    from app.evaluate.footage import real_footage
     from app.index.search import rebuild_index
     from app.learn.registry import active_model, embed_clips
     from app.media import video as video_io
-    from app.media.footage import cut, real_footage, run_ffmpeg
+    from app.media.ffmpeg import cut, run_ffmpeg
     from app.media.register import decode_limits, register
     from app.models import Embedding
     from scripts.receiver import CallbackReceiver

@@ -33,8 +33,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from app.evaluate.benchmark import BASELINES, DEFAULT_EDITS, METRICS, generate, run
-from app.media.footage import real_footage
+from app.evaluate.edits import DEFAULT_EDITS
+from app.evaluate.footage import real_footage
+from app.evaluate.generate import generate
+from app.evaluate.metrics import METRICS
+from app.evaluate.run import run
+from app.evaluate.systems import BASELINES
 
 
 def _checkpoint(text: str) -> tuple[str, Path]:
@@ -130,7 +134,7 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
     )
     checkpoints = dict(args.checkpoint)
     if args.finetune_steps > 0:
-        from app.evaluate.benchmark import finetune_on_library
+        from app.evaluate.run import finetune_on_library
 
         console.print(f"fine-tuning on the library clips for {args.finetune_steps} steps ({args.finetune_preset})")
         result = finetune_on_library(

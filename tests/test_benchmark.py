@@ -1,4 +1,4 @@
-"""app.evaluate.benchmark: metrics against hand-computed examples and a plain reference; the
+"""The retrieval benchmark (app.evaluate): metrics against hand-computed examples and a plain reference; the
 generator and an end-to-end run on a tiny benchmark cut from real encoded videos."""
 
 from __future__ import annotations
@@ -10,17 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.evaluate.benchmark import (
-    METRICS,
-    GroundTruth,
-    evaluate,
-    generate,
-    micro_average_precision,
-    phash_bits,
-    phash_similarity,
-    run,
-    tiny_frames_descriptor,
-)
+from app.evaluate.generate import generate
+from app.evaluate.ground_truth import GroundTruth
+from app.evaluate.metrics import METRICS, evaluate, micro_average_precision
+from app.evaluate.run import run
+from app.evaluate.systems import phash_bits, phash_similarity, tiny_frames_descriptor
 from app.media.video import sample_frames
 
 try:
@@ -216,7 +210,7 @@ def test_run_reports_every_system(bench: Path, tmp_path: Path) -> None:
 
 def test_finetune_trains_on_library_clips_only(bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import app.learn.train as train_module
-    from app.evaluate.benchmark import finetune_on_library
+    from app.evaluate.run import finetune_on_library
     from app.learn.encoder import EncoderConfig
 
     seen: list[Path] = []

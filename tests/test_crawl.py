@@ -35,7 +35,8 @@ from app.crawl.platform import extractors_for, ytdlp_options
 from app.crawl.sources import SourceError, add_source
 from app.crawl.trim import fingerprint_frames
 from app.db import session_scope
-from app.media.footage import duration_of, real_footage
+from app.evaluate.footage import real_footage
+from app.media.ffmpeg import duration_of
 from app.media.video import sample_frames
 
 INTRO_S, OUTRO_S = 3.2, 2.0  # the shared intro and outro of the "channel" videos

@@ -16,9 +16,9 @@ from support.media import make_video
 
 from app.db import session_scope
 from app.deliver.outbox import webhook_id_for
+from app.evaluate.footage import real_footage
 from app.index.search import rebuild_index
 from app.learn.registry import active_model
-from app.media.footage import real_footage
 from app.media.register import register
 from app.models import Delivery, DeliveryAttempt, Embedding, Event, Recommendation, Video
 from workers.publish import publish_video_selected

@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import app.learn.train as train_module
+from app.evaluate.footage import real_footage
 from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
 from app.learn.train import (
     TrainConfig,
@@ -24,7 +25,7 @@ from app.learn.train import (
     register_trained,
     train,
 )
-from app.media.footage import cut, real_footage
+from app.media.ffmpeg import cut
 
 TINY = TrainConfig(
     encoder=EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64),

@@ -36,7 +36,7 @@ from app.crawl.crawler import Progress, Sessions, _no_progress, reject
 from app.crawl.models import FETCHED, HOLDS_CONTENT, PREPROCESSED, CrawledItem, CrawlSource
 from app.files import atomic_path
 from app.media import video as video_io
-from app.media.footage import run_ffmpeg
+from app.media.ffmpeg import run_ffmpeg
 from app.media.register import decode_limits
 from app.models import utcnow
 

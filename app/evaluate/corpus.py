@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.evaluate.edits import EDITS
-from app.media.footage import cut, duration_of, real_footage
+from app.evaluate.footage import real_footage
+from app.media.ffmpeg import cut, duration_of
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,13 @@
 """Copy-detection edits in the style of the VSC22 challenge, as ffmpeg filter chains.
 
-Used to make demo queries and the retrieval benchmark's queries from library videos.
+Used to make demo queries and the retrieval benchmark's queries from library videos. The
+benchmark adds a few more (:data:`EXTRA_EDITS`) and *insertion*, which is no filter: the
+copy is placed between two pieces of another video.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -36,3 +39,31 @@ EDITS: dict[str, Edit] = {
         Edit("combined", "crop=iw*0.85:ih*0.85,hflip,eq=brightness=0.1:saturation=0.6", crf=32),
     )
 }  # fmt: skip
+
+
+# Edits the benchmark adds to EDITS (VSC22 has them; the demo does not need them).
+EXTRA_EDITS: dict[str, Edit] = {
+    e.name: e
+    for e in (
+        Edit("resize", "scale=trunc(iw*0.5/2)*2:trunc(ih*0.35/2)*2"),  # smaller, squashed
+        Edit("vflip", "vflip"),
+        Edit("slow_down", "setpts=1.5*PTS"),
+    )
+}
+INSERTION = "insertion"
+# Every edit a benchmark query can have.
+DEFAULT_EDITS: tuple[str, ...] = (*EDITS, *EXTRA_EDITS, INSERTION)
+
+
+def combine_edits(names: Iterable[str]) -> Edit:
+    """One filter chain applying the named edits in turn (insertion left out: it is done
+    apart), at the worst of their qualities and the lowest of their frame rates."""
+    parts = [EDITS.get(n) or EXTRA_EDITS[n] for n in names if n != INSERTION]
+    vf = ",".join(e.vf for e in parts if e.vf) or None
+    rates = [e.fps for e in parts if e.fps]
+    return Edit(
+        "+".join(e.name for e in parts),
+        vf,
+        max((e.crf for e in parts), default=23),
+        min(rates, default=None),
+    )

@@ -1,0 +1,149 @@
+"""The systems a benchmark scores: trained encoders, and the baselines they have to beat
+(the untrained network, tiny frames, and a per-second perceptual hash).
+
+A system turns decoded clips into a (queries x library) score matrix, higher = more similar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Clip = np.ndarray  # (T, S, S, 3) uint8 RGB frames, sampled at a fixed rate
+ScoreFn = Callable[[list[Clip], list[Clip]], np.ndarray]
+
+# Frame size the non-learned baselines decode at (pHash wants 32x32 before its DCT).
+SMALL_FRAME = 32
+
+
+@dataclass(frozen=True)
+class System:
+    """A system under test: ``score_matrix(queries, library) -> (Q, L)``, higher = more
+    similar, on clips decoded at ``frame_size``. ``baseline`` systems are what a trained
+    encoder has to beat."""
+
+    name: str
+    frame_size: int
+    score_matrix: ScoreFn
+    baseline: bool = True
+
+
+def vector_system(
+    name: str,
+    frame_size: int,
+    describe: Callable[[list[Clip]], np.ndarray],
+    *,
+    baseline: bool = True,
+) -> System:
+    """A system from a descriptor (clips -> (N, D) L2-normalised vectors): cosine scores."""
+
+    def score(queries: list[Clip], library: list[Clip]) -> np.ndarray:
+        return describe(queries) @ describe(library).T  # (Q, D) @ (D, L)
+
+    return System(name, frame_size, score, baseline)
+
+
+def encoder_system(name: str, model: Any, *, baseline: bool, batch_size: int = 8) -> System:
+    """A :class:`app.learn.encoder.VideoEncoder`, embedding ``batch_size`` clips per forward."""
+
+    def describe(clips: list[Clip]) -> np.ndarray:
+        parts = [model.embed(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, model.config.output_dim), np.float32)
+
+    return vector_system(name, int(model.config.frame_size), describe, baseline=baseline)
+
+
+def _gray(frames: np.ndarray) -> np.ndarray:
+    """(T, S, S, 3) uint8 -> (T, S, S) float32 luma."""
+    return frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def tiny_frames_descriptor(clips: list[Clip], *, size: int = 16) -> np.ndarray:
+    """Each frame shrunk to size x size grayscale, mean-centred and L2-normalised, then
+    averaged over time: (N, size*size), L2-normalised."""
+    out = np.zeros((len(clips), size * size), dtype=np.float32)
+    for i, clip in enumerate(clips):
+        g = _gray(clip)  # (T, S, S)
+        t, s = g.shape[:2]
+        f = s // size
+        g = g[:, : f * size, : f * size].reshape(t, size, f, size, f).mean(axis=(2, 4))
+        x = g.reshape(t, -1)
+        x = x - x.mean(axis=1, keepdims=True)
+        x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-6)
+        out[i] = x.mean(axis=0)
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6)
+
+
+def tiny_frames_system(frame_size: int = SMALL_FRAME) -> System:
+    """The tiny-frames baseline: cosine similarity of :func:`tiny_frames_descriptor`."""
+    return vector_system("tiny frames", frame_size, tiny_frames_descriptor)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k, x = np.arange(n)[:, None], np.arange(n)[None, :]
+    return np.cos(np.pi * (2 * x + 1) * k / (2 * n))  # (n, n), unnormalised DCT-II
+
+
+def phash_bits(clip: Clip) -> np.ndarray:
+    """The 64-bit DCT perceptual hash of each frame: (T, 64) bool. Frames are 32x32
+    grayscale; the hash is the top-left 8x8 DCT coefficients against their median."""
+    g = _gray(clip)
+    if g.shape[1:] != (32, 32):
+        from PIL import Image
+
+        g = np.stack([np.asarray(Image.fromarray(f).resize((32, 32), Image.Resampling.BILINEAR)) for f in g])
+    c = _dct_matrix(32)[:8]  # (8, 32)
+    low = np.einsum("ij,tjk,lk->til", c, g.astype(np.float64), c).reshape(len(g), 64)  # (T, 64)
+    return low > np.median(low, axis=1, keepdims=True)
+
+
+def phash_similarity(queries: list[Clip], library: list[Clip]) -> np.ndarray:
+    """Clip similarity from frame hashes: each query frame's best match (1 - Hamming/64)
+    among a library clip's frames, averaged over the query's frames. (Q, L) in [0, 1]."""
+    qh = [phash_bits(c) for c in queries]
+    lh = [phash_bits(c) for c in library]
+    q_all = np.concatenate(qh).astype(np.float32) * 2 - 1  # (sum Tq, 64), +-1
+    l_all = np.concatenate(lh).astype(np.float32) * 2 - 1  # (sum Tl, 64)
+    frame_sim = (64 + q_all @ l_all.T) / 128  # 1 - hamming/64: (sum Tq, sum Tl)
+    l_starts = np.cumsum([0, *map(len, lh)])[:-1]
+    best = np.maximum.reduceat(frame_sim, l_starts, axis=1)  # (sum Tq, L)
+    q_starts = np.cumsum([0, *map(len, qh)])[:-1]
+    return np.add.reduceat(best, q_starts, axis=0) / np.array([len(h) for h in qh])[:, None]
+
+
+def phash_system(frame_size: int = SMALL_FRAME) -> System:
+    """The perceptual-hash baseline: :func:`phash_similarity`."""
+    return System("pHash", frame_size, phash_similarity)
+
+
+# The baselines by the names a benchmark run is given.
+BASELINES = ("untrained", "tiny_frames", "phash")
+
+
+def build_systems(checkpoints: dict[str, Path], baselines: Sequence[str], batch_size: int) -> list[System]:
+    """The systems to score: the trained ``checkpoints`` by name, in order, then the named
+    ``baselines`` (from :data:`BASELINES`)."""
+    from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint
+
+    systems: list[System] = []
+    config = None
+    for name, path in checkpoints.items():
+        model, _ = load_checkpoint(Path(path))
+        config = config or model.config
+        systems.append(encoder_system(name, model, baseline=False, batch_size=batch_size))
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
+    if "untrained" in baselines:
+        # The same architecture as the (first) trained encoder, before any training.
+        model = initial_encoder(config or EncoderConfig())
+        systems.append(encoder_system("untrained", model, baseline=True, batch_size=batch_size))
+    if "tiny_frames" in baselines:
+        systems.append(tiny_frames_system())
+    if "phash" in baselines:
+        systems.append(phash_system())
+    return systems

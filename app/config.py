@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     # Retrieval: the largest k an event may ask for.
     max_k: int = 100
 
-    # Vector index (app/index/version.py, app/index/search.py; measured by scripts/bench_index.py).
+    # Vector index (app/index/: built by rebuild.py, searched by search.py; measured by scripts/bench_index.py).
     # Build parameters are recorded in each IndexVersion.params; a change applies at the
     # next rebuild. hnsw: a graph over the vectors stored as index_dtype; hash: a graph
     # over binary codes (Hamming), candidates re-ranked by exact cosine.
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     index_connectivity: int = 16
     index_expansion_add: int = 128
     # search-time, applies to the version being served; None: the mode's measured default
-    # (app.index.version.DEFAULT_EXPANSION_SEARCH: 96 for hnsw, 256 for hash)
+    # (app.index.params.DEFAULT_EXPANSION_SEARCH: 96 for hnsw, 256 for hash)
     index_expansion_search: int | None = None
     index_shards: int = 1
     pca_dim: int | None = None  # learned reduction before indexing (re-ranked like hash)
@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     # are newer than the active build (until then they are searched exactly).
     index_rebuild_interval_s: float = 600.0
     index_rebuild_min_new: int = 100
-    # A result whose calibrated score (app.index.version.calibrate) reaches this is flagged as a
+    # A result whose calibrated score (app.index.calibrate.calibrate) reaches this is flagged as a
     # near-duplicate of the query (precision measured by scripts/bench_index.py).
     near_duplicate_threshold: float = 0.92
 

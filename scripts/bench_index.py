@@ -3,7 +3,7 @@ against exact search, on clustered vectors with a realistic neighbourhood struct
 
     python -m scripts.bench_index --n 1000000 --dim 512 --queries 1000 --out bench/index
 
-Every mode is built with :func:`app.index.version.build_version` and searched through
+Every mode is built with :func:`app.index.build.build_version` and searched through
 :class:`app.index.version.IndexVersionFiles`, exactly as workers serve it (files written, checked
 and memory-mapped; per-query Python overhead included). The reference is exact cosine
 search in numpy (batched), measured in the same run.
@@ -53,15 +53,11 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import Settings
-from app.index.version import (
-    IndexParams,
-    IndexVersionFiles,
-    VectorsOf,
-    build_version,
-    calibrate,
-    calibration_reference,
-    normalise,
-)
+from app.index.build import build_version
+from app.index.calibrate import calibrate, calibration_reference
+from app.index.params import IndexParams
+from app.index.transform import normalise
+from app.index.version import IndexVersionFiles, VectorsOf
 
 NEAR_DUPLICATE_THRESHOLD = Settings.model_fields["near_duplicate_threshold"].default
 
@@ -237,7 +233,7 @@ def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *,
 class Store:
     """The vectors as the system of record holds them: a scratch database migrated to the
     served schema, one video and one float32 embedding row per vector (video id = row
-    + 1), read back through ``app.index.search.stored_vectors`` as a re-ranking worker does."""
+    + 1), read back through ``app.index.queries.stored_vectors`` as a re-ranking worker does."""
 
     NAME = "vidsim_bench_index"
 
@@ -289,9 +285,10 @@ class Store:
 
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """``app.index.version.VectorsOf`` for index keys that are row numbers."""
-        from app.index.search import stored_vectors
+        from app.index.queries import stored_vectors
 
-        return stored_vectors(self.session, self.model_id, self.dim, np.asarray(rows, dtype=np.int64) + 1)
+        video_ids = np.asarray(rows, dtype=np.int64) + 1
+        return stored_vectors(session=self.session, model_id=self.model_id, dim=self.dim, video_ids=video_ids)
 
     def close(self) -> None:
         self.session.close()
@@ -302,7 +299,7 @@ class Store:
 def calibrations(cos: np.ndarray, query: np.ndarray, background: np.ndarray) -> dict[str, np.ndarray]:
     """Ways to score the results ``cos`` (R,) of one query: the raw cosine, the z-score
     against the query's background similarities, and the served calibration
-    (``app.index.version.calibrate``)."""
+    (``app.index.calibrate.calibrate``)."""
     sims = background @ query  # (B,)
     return {
         "cosine": cos,

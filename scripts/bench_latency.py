@@ -45,7 +45,7 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
     from app.config import get_settings
     from app.db import migrate, session_scope
     from app.evaluate.footage import real_footage
-    from app.index.search import rebuild_index
+    from app.index.rebuild import rebuild_index
     from app.learn.registry import active_model, embed_clips
     from app.media import video as video_io
     from app.media.ffmpeg import cut, run_ffmpeg
@@ -100,7 +100,7 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
                 break
             time.sleep(0.5)
         with session_scope() as session:
-            rebuild_index(session, model, settings=settings)
+            rebuild_index(session=session, model=model, settings=settings)
 
         with CallbackReceiver(settings.webhook_secrets[0]) as rx:
             # Warm-up: the worker process loads the index and its connections once.

@@ -180,13 +180,15 @@ def backfill(
 @index_app.command("rebuild")
 def index_rebuild(dtype: Annotated[str, typer.Option(help="f32, f16 or i8 storage.")] = "f16") -> None:
     """Build a new index from the active model's embeddings and switch to it."""
-    from app.index import search
+    from app.index import rebuild
     from app.learn.registry import active_model
 
     with _session() as session:
         try:
-            version = search.rebuild_index(session, active_model(session), settings=get_settings(), dtype=dtype)
-        except search.RebuildBusy as exc:
+            version = rebuild.rebuild_index(
+                session=session, model=active_model(session), settings=get_settings(), dtype=dtype
+            )
+        except rebuild.RebuildBusy as exc:
             raise Fail(str(exc), "wait for it to finish, then run again") from None
         console.print(
             f"index version {version.id}: {version.size} videos, {version.dim}-d {version.dtype}, "

@@ -62,7 +62,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
     from app.config import get_settings
     from app.db import migrate, session_scope
     from app.evaluate.corpus import build_demo_corpus
-    from app.index.search import rebuild_index
+    from app.index.rebuild import rebuild_index
     from app.learn.registry import active_model
     from app.media.register import register
     from app.models import Embedding, Video
@@ -131,7 +131,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
                     break
                 time.sleep(0.5)
         with session_scope() as session:
-            version = rebuild_index(session, active_model(session), settings=settings)
+            version = rebuild_index(session=session, model=active_model(session), settings=settings)
         console.print(f"index version {version.id}: {version.size} videos, {version.dim}-d {version.dtype}")
 
         queries = corpus.queries[:max_queries]

@@ -78,7 +78,7 @@ def _seed_library(n: int, *, seed: int = 0) -> list[int]:
 
     from app.config import get_settings
     from app.db import session_scope
-    from app.index.search import rebuild_index
+    from app.index.rebuild import rebuild_index
     from app.learn.registry import active_model
     from app.models import Embedding, Video
 
@@ -101,7 +101,7 @@ def _seed_library(n: int, *, seed: int = 0) -> list[int]:
                 Embedding(video_id=video.id, model_version_id=model.id, vector=vec.tobytes(), dim=model.dim, frames=1)
             )
         session.flush()
-        rebuild_index(session, model, settings=get_settings())
+        rebuild_index(session=session, model=model, settings=get_settings())
         return have + [v.id for v in videos]
 
 

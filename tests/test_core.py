@@ -13,7 +13,9 @@ from conftest import create_database, drop_database
 from sqlalchemy import create_engine, inspect
 
 from app.config import DEV_WEBHOOK_SECRET, Settings
-from app.index.version import IndexFileError, VectorIndex, build, exact_search
+from app.index.build import build_version
+from app.index.hits import exact_search
+from app.index.version import IndexFileError, IndexVersionFiles
 from app.serve.events import InvalidEvent, parse_event
 
 
@@ -90,20 +92,21 @@ def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_index_round_trip_and_corrupt_file_refused(tmp_path: Path) -> None:
     vectors = _unit(200, 64)
     keys = np.arange(1000, 1200)
-    built = build(keys=keys, vectors=vectors, path=tmp_path / "a.usearch")
-    index = VectorIndex.view(built.path, sha256=built.sha256, dim=64)
+    built = build_version(keys=keys, vectors=vectors, directory=tmp_path / "a")
+    index = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=64)
     for i in (0, 57, 199):  # every key is found by an exact self-query
         hit = index.search(vectors[i], 1)[0]
         assert hit.key == keys[i] and hit.score == pytest.approx(1.0, abs=1e-3)
     assert next(h.key for h in exact_search(keys, vectors, vectors[3], 3)) == keys[3]
 
-    data = bytearray(built.path.read_bytes())
+    graph = built.path.parent / "shard-0.usearch"
+    data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    built.path.write_bytes(bytes(data))
+    graph.write_bytes(bytes(data))
     with pytest.raises(IndexFileError, match="corrupt"):
-        VectorIndex.view(built.path, sha256=built.sha256, dim=64)
+        IndexVersionFiles.view(built.path, sha256=built.sha256, dim=64)
     with pytest.raises(IndexFileError, match="missing"):
-        VectorIndex.view(tmp_path / "nope.usearch", sha256=built.sha256, dim=64)
+        IndexVersionFiles.view(tmp_path / "nope" / "manifest.json", sha256=built.sha256, dim=64)
 
 
 def test_encoder_checkpoint_round_trip(tmp_path: Path) -> None:
@@ -122,7 +125,8 @@ def test_encoder_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_search_finds_fresh_additions_and_never_disabled_videos(session, settings) -> None:  # type: ignore[no-untyped-def]
     """A vector added after the index build is found without a rebuild; a disabled
     video or one outside the collection is never returned; the query is excluded."""
-    from app.index.search import rebuild_index, search_library
+    from app.index.rebuild import rebuild_index
+    from app.index.search import search_library
     from app.learn.registry import active_model
     from app.models import Embedding, Video
 
@@ -139,7 +143,7 @@ def test_search_finds_fresh_additions_and_never_disabled_videos(session, setting
             Embedding(video_id=video.id, model_version_id=model.id, vector=vec.tobytes(), dim=model.dim, frames=1)
         )
     session.flush()
-    version = rebuild_index(session, model, settings=settings)
+    version = rebuild_index(session=session, model=model, settings=settings)
     session.commit()
     for video, vec in zip(videos[3:], vectors[3:], strict=True):  # after the build
         session.add(
@@ -148,14 +152,18 @@ def test_search_finds_fresh_additions_and_never_disabled_videos(session, setting
     session.commit()
 
     near_fresh = vectors[4] + 0.05 * vectors[0]
-    matches, used = search_library(session, model, near_fresh, k=3, exclude=set(), collection="acme")
+    matches, used = search_library(
+        session=session, model=model, query=near_fresh, k=3, exclude=set(), collection="acme"
+    )
     assert used == version.id
     assert matches[0].video_id == videos[4].id  # fresh addition, found exactly
     assert videos[5].id not in {m.video_id for m in matches}  # other collection
 
     videos[4].enabled = False
     session.commit()
-    matches, _ = search_library(session, model, near_fresh, k=3, exclude={videos[0].id}, collection="acme")
+    matches, _ = search_library(
+        session=session, model=model, query=near_fresh, k=3, exclude={videos[0].id}, collection="acme"
+    )
     ids = {m.video_id for m in matches}
     assert videos[4].id not in ids and videos[0].id not in ids
 

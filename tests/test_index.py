@@ -1,4 +1,4 @@
-"""The index lifecycle and search (app/index/version.py, app/index/search.py): versions switched
+"""The index lifecycle and search (app/index/: files, build, search, rebuild): versions switched
 atomically under concurrent searches, fresh additions and switches seen by another worker
 process, corrupt versions refused, hash retrieval, shards, calibrated scores. Real
 Postgres (conftest); index files in the test data directory."""
@@ -18,20 +18,13 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from app.index import search
-from app.index.version import (
-    MANIFEST,
-    IndexFileError,
-    IndexParams,
-    IndexVersionFiles,
-    build_version,
-    calibrate,
-    calibration_reference,
-    exact_search,
-    normalise,
-    quantise_i8,
-    shard_of,
-)
+from app.index import queries, rebuild, search
+from app.index.build import build_version, shard_of
+from app.index.calibrate import calibrate, calibration_reference
+from app.index.hits import exact_search
+from app.index.params import IndexParams
+from app.index.transform import normalise, quantise_i8
+from app.index.version import MANIFEST, IndexFileError, IndexVersionFiles
 from app.models import Embedding, IndexVersion, ModelVersion, Video
 
 
@@ -203,14 +196,14 @@ def test_rebuild_records_params_and_never_overlaps(session, settings, model) -> 
 
     _add_videos(session, model, _unit(20, model.dim, seed=6), tag="params")
     session.commit()
-    version = search.rebuild_index(session, model, settings=settings, dtype="i8")
+    version = rebuild.rebuild_index(session=session, model=model, settings=settings, dtype="i8")
     assert version.dtype == "i8"
     assert version.params["format"] == "vidsim-index/2"
     assert version.params["connectivity"] == settings.index_connectivity and version.params["bytes"] > 0
     assert version.params["self_recall"] > 0.5  # the build's own check of its graph
     assert Path(version.path).name == MANIFEST and Path(version.path).is_file()
-    with session_scope() as other, pytest.raises(search.RebuildBusy):
-        search.rebuild_index(other, model, settings=settings)  # the first holds the lock until commit
+    with session_scope() as other, pytest.raises(rebuild.RebuildBusy):
+        rebuild.rebuild_index(session=other, model=model, settings=settings)  # the first holds the lock until commit
     session.commit()
 
 
@@ -220,24 +213,27 @@ def test_periodic_refresh_folds_in_new_embeddings_and_skips_when_busy(session, s
 
     _add_videos(session, model, _unit(6, model.dim, seed=16), tag="refresh-a")
     session.commit()
-    built = search.rebuild_index(session, model, settings=settings)
+    built = rebuild.rebuild_index(session=session, model=model, settings=settings)
     session.commit()
-    assert search.refresh_index(session, model, settings=settings) is None  # nothing new
+    assert rebuild.refresh_index(session=session, model=model, settings=settings) is None  # nothing new
     fresh_vectors = _unit(3, model.dim, seed=17)
     fresh = _add_videos(session, model, fresh_vectors, tag="refresh-b")
     session.commit()
     few = settings.model_copy(update={"index_rebuild_min_new": 4})
-    assert search.refresh_index(session, model, settings=few) is None  # 3 < 4: searched exactly meanwhile
-    assert search.embeddings_since_index(session, model) == (built, 3)
+    # 3 < 4: searched exactly meanwhile
+    assert rebuild.refresh_index(session=session, model=model, settings=few) is None
+    assert queries.embeddings_since_index(session=session, model=model) == (built, 3)
 
     monkeypatch.setattr("workers.tasks.get_settings", lambda: settings.model_copy(update={"index_rebuild_min_new": 1}))
     with session_scope() as holder:
-        search.rebuild_index(holder, model, settings=settings)  # holds the rebuild lock until commit
+        rebuild.rebuild_index(session=holder, model=model, settings=settings)  # holds the rebuild lock until commit
         assert refresh_index.apply().get() is None  # the beat task skips instead of failing
-    newest, newer = search.embeddings_since_index(session, model)
+    newest, newer = queries.embeddings_since_index(session=session, model=model)
     assert newest.id != built.id and newer == 0
     for video, vector in zip(fresh, fresh_vectors, strict=True):
-        matches, used = search.search_library(session, model, vector, k=1, exclude=set(), settings=settings)
+        matches, used = search.search_library(
+            session=session, model=model, query=vector, k=1, exclude=set(), settings=settings
+        )
         assert matches[0].video_id == video.id and used == newest.id  # from the new file, not the delta
 
 
@@ -250,7 +246,7 @@ def test_atomic_switch_under_concurrent_searches(session, settings, model) -> No
     videos = _add_videos(session, model, vectors, tag="switch")
     session.commit()
     keep_all = settings.model_copy(update={"index_keep_versions": 100})
-    search.rebuild_index(session, model, settings=keep_all)
+    rebuild.rebuild_index(session=session, model=model, settings=keep_all)
     session.commit()
     stop = threading.Event()
     errors: list[str] = []
@@ -264,7 +260,7 @@ def test_atomic_switch_under_concurrent_searches(session, settings, model) -> No
             try:
                 with session_scope() as s:
                     m = s.get_one(ModelVersion, model.id)
-                    matches, version = search.search_library(s, m, vectors[i], k=5, exclude=set())
+                    matches, version = search.search_library(session=s, model=m, query=vectors[i], k=5, exclude=set())
                 if not matches or matches[0].video_id != videos[i].id:
                     errors.append(f"query {i}: {[(x.video_id, round(x.score, 4)) for x in matches]}")
                 used.add(version)
@@ -292,7 +288,7 @@ def test_atomic_switch_under_concurrent_searches(session, settings, model) -> No
                 if i % 2
                 else {"dtype": "f16"}
             )
-            search.rebuild_index(session, model, settings=keep_all, params=IndexParams(**mode))
+            rebuild.rebuild_index(session=session, model=model, settings=keep_all, params=IndexParams(**mode))
             session.commit()
             time.sleep(0.3)
     finally:
@@ -310,7 +306,7 @@ def test_fresh_addition_and_switch_seen_by_another_worker_process(session, setti
     vectors = _clustered(60, model.dim, seed=8)
     videos = _add_videos(session, model, vectors[:50], tag="fresh")
     session.commit()
-    first = search.rebuild_index(session, model, settings=settings)
+    first = rebuild.rebuild_index(session=session, model=model, settings=settings)
     session.commit()
     code = (
         "import json, sys, numpy as np\n"
@@ -320,7 +316,7 @@ def test_fresh_addition_and_switch_seen_by_another_worker_process(session, setti
         "    with session_scope() as s:\n"
         f"        m = s.get_one(ModelVersion, {model.id})\n"
         "        query = np.array(json.loads(line), dtype=np.float32)\n"
-        "        matches, used = search_library(s, m, query, k=3, exclude=set())\n"
+        "        matches, used = search_library(session=s, model=m, query=query, k=3, exclude=set())\n"
         "    print(json.dumps({'ids': [x.video_id for x in matches], 'used': used}), flush=True)\n"
     )  # fmt: skip
     env = {**os.environ, "VIDSIM_INDEX_REFRESH_S": "0.5"}
@@ -340,7 +336,7 @@ def test_fresh_addition_and_switch_seen_by_another_worker_process(session, setti
         session.commit()
         answer = ask(vectors[55])
         assert answer["ids"][0] == fresh[5].id and answer["used"] == first.id  # found exactly, no rebuild
-        second = search.rebuild_index(session, model, settings=settings)
+        second = rebuild.rebuild_index(session=session, model=model, settings=settings)
         session.commit()
         time.sleep(0.6)  # the worker re-reads the active version every 0.5 s here
         answer = ask(vectors[55])
@@ -356,18 +352,18 @@ def test_corrupt_version_refused_and_previous_keeps_serving(session, settings, m
     vectors = _clustered(40, model.dim, seed=9)
     videos = _add_videos(session, model, vectors, tag="corrupt")
     session.commit()
-    good = search.rebuild_index(session, model, settings=settings)
+    good = rebuild.rebuild_index(session=session, model=model, settings=settings)
     session.commit()
-    _, used = search.search_library(session, model, vectors[1], k=3, exclude=set())
+    _, used = search.search_library(session=session, model=model, query=vectors[1], k=3, exclude=set())
     assert used == good.id
-    bad = search.rebuild_index(session, model, settings=settings)
+    bad = rebuild.rebuild_index(session=session, model=model, settings=settings)
     session.commit()
     shard = Path(bad.path).parent / "shard-0.usearch"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     for _ in range(2):  # refused once, remembered: not re-checked on every search
-        matches, used = search.search_library(session, model, vectors[1], k=3, exclude=set())
+        matches, used = search.search_library(session=session, model=model, query=vectors[1], k=3, exclude=set())
         assert used == good.id and matches[0].video_id == videos[1].id
     assert bad.id in search._refused
     # A worker started now has nothing open to keep serving: it falls back to the newest
@@ -377,7 +373,7 @@ def test_corrupt_version_refused_and_previous_keeps_serving(session, settings, m
         "from app.index.search import search_library\nwith session_scope() as s:\n"
         f"    m = s.get_one(ModelVersion, {model.id})\n"
         "    query = np.frombuffer(sys.stdin.buffer.read(), np.float32)\n"
-        "    matches, used = search_library(s, m, query, k=1, exclude=set())\n"
+        "    matches, used = search_library(session=s, model=m, query=query, k=1, exclude=set())\n"
         "print(matches[0].video_id, used)\n"
     )  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], input=vectors[1].astype(np.float32).tobytes(),
@@ -392,11 +388,11 @@ def test_calibrated_scores_flag_near_duplicates_and_disabled_videos_are_excluded
     related = normalise(query + 1.0 * _unit(1, model.dim, seed=13)[0])  # cosine ~0.7
     videos = _add_videos(session, model, np.vstack([library, near_copy, related]), tag="calibrated")
     session.commit()
-    search.rebuild_index(session, model, settings=settings)
+    rebuild.rebuild_index(session=session, model=model, settings=settings)
     session.commit()
     query_video, copy_video, related_video = videos[0], videos[300], videos[301]
 
-    matches, _ = search.search_library(session, model, query, k=3, exclude={query_video.id})
+    matches, _ = search.search_library(session=session, model=model, query=query, k=3, exclude={query_video.id})
     by_id = {m.video_id: m for m in matches}
     assert [m.video_id for m in matches[:2]] == [copy_video.id, related_video.id]
     assert by_id[copy_video.id].near_duplicate and by_id[copy_video.id].calibrated > 0.95
@@ -406,13 +402,13 @@ def test_calibrated_scores_flag_near_duplicates_and_disabled_videos_are_excluded
     reference = calibration_reference(query, library)
     assert calibrate(1.0, reference) == pytest.approx(1.0) and calibrate(reference, reference) == 0
 
-    matches, _ = search.search_library(session, model, query, k=3, exclude={query_video.id},
+    matches, _ = search.search_library(session=session, model=model, query=query, k=3, exclude={query_video.id},
                                        exclude_near_duplicates=True)  # fmt: skip
     assert matches[0].video_id == related_video.id and not any(m.near_duplicate for m in matches)
 
     related_video.enabled = False  # in the index file, but disabled since
     session.commit()
-    matches, _ = search.search_library(session, model, query, k=5, exclude={query_video.id})
+    matches, _ = search.search_library(session=session, model=model, query=query, k=5, exclude={query_video.id})
     assert related_video.id not in {m.video_id for m in matches} and len(matches) == 5
 
 
@@ -424,20 +420,24 @@ def test_hash_mode_reranks_with_the_stored_embeddings(session, settings, model) 
     videos = _add_videos(session, model, vectors, tag="hash-db")
     session.commit()
     hashed = settings.model_copy(update={"index_mode": "hash"})
-    version = search.rebuild_index(session, model, settings=hashed)
+    version = rebuild.rebuild_index(session=session, model=model, settings=hashed)
     session.commit()
     assert version.params["rerank_from"] == "database" and version.params["rerank"] == 100
     assert not list(Path(version.path).parent.glob("vectors-*"))
     unit = {v.id: u for v, u in zip(videos, normalise(vectors), strict=True)}
     for i in range(0, 400, 40):
-        matches, used = search.search_library(session, model, vectors[i], k=3, exclude=set(), settings=hashed)
+        matches, used = search.search_library(
+            session=session, model=model, query=vectors[i], k=3, exclude=set(), settings=hashed
+        )
         assert used == version.id and matches[0].video_id == videos[i].id
         for m in matches:  # float32 cosines (an f16 copy is ~1e-3 off)
             if m.video_id in unit:
                 assert m.cosine == pytest.approx(float(unit[m.video_id] @ unit[videos[i].id]), abs=1e-5)
     session.delete(videos[40])  # its embedding goes with it
     session.commit()
-    matches, _ = search.search_library(session, model, vectors[40], k=3, exclude=set(), settings=hashed)
+    matches, _ = search.search_library(
+        session=session, model=model, query=vectors[40], k=3, exclude=set(), settings=hashed
+    )
     assert videos[40].id not in {m.video_id for m in matches} and len(matches) == 3
 
 
@@ -458,7 +458,7 @@ def test_stored_vectors_read_in_order_on_sqlite_too(tmp_path: Path) -> None:
         _add_videos(s, model, vectors, tag="sqlite")
         s.commit()
         ids = [v for (v,) in s.execute(select(Video.id).order_by(Video.id))]
-        got = search.stored_vectors(s, model.id, 8, np.array([ids[3], 999_999, ids[0]]))
+        got = queries.stored_vectors(session=s, model_id=model.id, dim=8, video_ids=np.array([ids[3], 999_999, ids[0]]))
     assert np.array_equal(got[[0, 2]], vectors[[3, 0]]) and np.isnan(got[1]).all()
     engine.dispose()
 
@@ -469,7 +469,7 @@ def test_index_versions_beyond_the_kept_ones_are_deleted(session, settings, mode
     keep_two = settings.model_copy(update={"index_keep_versions": 2})
     made = []
     for _ in range(3):
-        made.append(search.rebuild_index(session, model, settings=keep_two))
+        made.append(rebuild.rebuild_index(session=session, model=model, settings=keep_two))
         session.commit()
     assert Path(made[-1].path).exists() and Path(made[-2].path).exists()
     assert not Path(made[0].path).parent.exists()
@@ -484,12 +484,12 @@ def test_model_keeps_its_newest_version_when_another_models_index_is_activated(s
     vectors = _unit(5, model.dim, seed=15)
     videos = _add_videos(session, model, vectors, tag="warming")
     session.commit()
-    version = search.rebuild_index(session, model, settings=settings)
+    version = rebuild.rebuild_index(session=session, model=model, settings=settings)
     session.commit()
     session.execute(update(IndexVersion).values(is_active=False))  # as if another model's index took over
     session.commit()
     search.invalidate_cache()
-    matches, used = search.search_library(session, model, vectors[2], k=1, exclude=set())
+    matches, used = search.search_library(session=session, model=model, query=vectors[2], k=1, exclude=set())
     assert used == version.id and matches[0].video_id == videos[2].id
     session.execute(update(IndexVersion).where(IndexVersion.id == version.id).values(is_active=True))
     session.commit()

@@ -17,7 +17,7 @@ from support.media import make_video
 from app.db import session_scope
 from app.deliver.outbox import webhook_id_for
 from app.evaluate.footage import real_footage
-from app.index.search import rebuild_index
+from app.index.rebuild import rebuild_index
 from app.learn.registry import active_model
 from app.media.register import register
 from app.models import Delivery, DeliveryAttempt, Embedding, Event, Recommendation, Video
@@ -52,7 +52,7 @@ def library(data_dir: Path, settings, worker) -> dict[str, int]:  # type: ignore
         embed_video.delay(video_id)
     wait_until(lambda: _embedded(list(ids.values())), timeout_s=240, what="the library to be embedded")
     with session_scope() as s:
-        rebuild_index(s, active_model(s), settings=settings)
+        rebuild_index(session=s, model=active_model(s), settings=settings)
     return ids
 
 

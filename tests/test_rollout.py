@@ -9,7 +9,8 @@ from sqlalchemy import select
 from support.media import make_video
 
 from app.db import session_scope
-from app.index.search import rebuild_index, search_library, vector_of
+from app.index.rebuild import rebuild_index
+from app.index.search import search_library, vector_of
 from app.learn import registry
 from app.learn.encoder import EncoderConfig, initial_encoder, save_checkpoint
 from app.media.register import register
@@ -29,7 +30,7 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         with session_scope() as s:
             assert recommend.embed_video(s, video_id, settings=settings).ok
     with session_scope() as s:
-        rebuild_index(s, registry.active_model(s), settings=settings)
+        rebuild_index(session=s, model=registry.active_model(s), settings=settings)
 
     config = EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64)
     checkpoint = save_checkpoint(tmp_path / "new.pt", initial_encoder(config, seed=1))
@@ -64,9 +65,11 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         emb = s.scalars(
             select(Embedding).where(Embedding.video_id == ids[0], Embedding.model_version_id == new_id)
         ).one()
-        matches, used = search_library(s, active, vector_of(emb), k=2, exclude={ids[0]}, collection="rollout")
+        matches, used = search_library(
+            session=s, model=active, query=vector_of(emb), k=2, exclude={ids[0]}, collection="rollout"
+        )
         assert used == index.id and len(matches) == 2
 
     with session_scope() as s:  # leave the shared test database as other tests expect it
         registry.activate(s, old.id)
-        rebuild_index(s, s.get_one(ModelVersion, old.id), settings=settings)
+        rebuild_index(session=s, model=s.get_one(ModelVersion, old.id), settings=settings)

@@ -21,7 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.deliver import outbox
-from app.index import search
+from app.index import rebuild
 from app.learn import registry
 from app.learn.registry import active_model
 from app.logs import log_context
@@ -236,7 +236,7 @@ def advance_rollouts() -> list[int]:
             if recommend.videos_to_embed(session, model_id=model_id, limit=1):
                 continue
             model = session.get_one(ModelVersion, model_id)
-            search.rebuild_index(session, model, settings=settings)
+            rebuild.rebuild_index(session=session, model=model, settings=settings)
             registry.finish_rollout(session, model)
             switched.append(model_id)
         logger.info("model %d now serves", model_id)
@@ -246,7 +246,7 @@ def advance_rollouts() -> list[int]:
 @celery_app.task(name="vidsim.rebuild_index", time_limit=TIME_LIMITS["maintenance"])
 def rebuild_index() -> int:
     with session_scope() as session:
-        version = search.rebuild_index(session, active_model(session), settings=get_settings())
+        version = rebuild.rebuild_index(session=session, model=active_model(session), settings=get_settings())
         return version.id
 
 
@@ -256,8 +256,8 @@ def refresh_index() -> int | None:
     new version when there are enough of them; skipped while another rebuild runs."""
     try:
         with session_scope() as session:
-            version = search.refresh_index(session, active_model(session), settings=get_settings())
+            version = rebuild.refresh_index(session=session, model=active_model(session), settings=get_settings())
             return version.id if version is not None else None
-    except search.RebuildBusy:
+    except rebuild.RebuildBusy:
         logger.info("index refresh skipped: another rebuild is running")
         return None

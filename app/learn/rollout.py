@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import session_scope
-from app.index import search
+from app.index import rebuild
 from app.learn import registry
 from app.models import ModelVersion, Video
 from app.serve import recommend
@@ -100,6 +100,6 @@ def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int,
             progress(done, len(todo))
     with session_scope() as session:
         model = session.get_one(ModelVersion, model_id)
-        version = search.rebuild_index(session, model, settings=settings)
+        version = rebuild.rebuild_index(session=session, model=model, settings=settings)
         registry.finish_rollout(session, model)
         return version.id

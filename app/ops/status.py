@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.index.search import embeddings_since_index
+from app.index.queries import embeddings_since_index
 from app.models import Delivery, Embedding, Event, ModelVersion, Video, utcnow
 
 
@@ -41,7 +41,7 @@ def overview(session: Session, *, failures: int = 10) -> Overview:
     index_text, lag = None, 0
     if model is not None:
         embedded = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id)) or 0
-        idx, lag = embeddings_since_index(session, model)
+        idx, lag = embeddings_since_index(session=session, model=model)
         if idx is not None:
             index_text = f"{idx.id}: {idx.size} vectors, {idx.dim}-d {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M}"
     since = utcnow() - timedelta(hours=1)

@@ -92,9 +92,9 @@ def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outco
 
     started = time.perf_counter()
     matches, index_version = search_library(
-        session,
-        model,
-        vector_of(emb),
+        session=session,
+        model=model,
+        query=vector_of(emb),
         k=ev.k,
         exclude={query_video.id},
         collection=event.collection,

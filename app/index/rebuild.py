@@ -1,0 +1,121 @@
+"""Rebuilding the library's index from the database: every embedding of a model read
+into a new version (``app.index.build``) that becomes active; the periodic refresh
+that does so when enough embeddings are newer than the active build; the files of old
+versions removed. Rebuilds never overlap (a database lock held until the caller
+commits), and searches keep using the previous version until the new row is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import event, text
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.index import queries
+from app.index.build import build_version
+from app.index.params import IndexParams, index_params
+from app.index.search import invalidate_cache
+from app.index.version import MANIFEST
+from app.models import IndexVersion, ModelVersion
+
+logger = logging.getLogger(__name__)
+
+
+class RebuildBusy(RuntimeError):
+    """Another rebuild holds the lock."""
+
+
+def rebuild_index(
+    *,
+    session: Session,
+    model: ModelVersion,
+    settings: Settings,
+    dtype: str | None = None,
+    params: IndexParams | None = None,
+) -> IndexVersion:
+    """Builds a new index version from every embedding of ``model`` and makes it active
+    (``params``, else the settings; ``dtype`` overrides the storage). Never runs twice
+    at once (a database lock held until the caller commits); searches keep using the old
+    version until the new row is committed. Deletes the files of versions older than
+    the newest ``settings.index_keep_versions``."""
+    _take_rebuild_lock(session=session)
+    started = time.perf_counter()
+    params = params or index_params(settings, dtype=dtype)
+    watermark = queries.embedding_watermark(session=session, model_id=model.id)
+    keys, vectors = queries.embeddings_up_to(session=session, model_id=model.id, dim=model.dim, watermark=watermark)
+    loaded = time.perf_counter() - started
+    directory = settings.index_dir / f"model{model.id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    built = build_version(keys=keys, vectors=vectors, directory=directory, params=params)
+    queries.deactivate_versions(session=session)
+    version = IndexVersion(
+        model_version_id=model.id,
+        path=str(built.path),
+        sha256=built.sha256,
+        size=built.size,
+        dim=built.dim,
+        dtype=built.dtype,
+        embedding_watermark=watermark,
+        build_seconds=time.perf_counter() - started,
+        params={**built.params, "bytes": built.bytes, "load_s": round(loaded, 3)},
+        is_active=True,
+    )
+    session.add(version)
+    session.flush()
+    # This process notices its own switch at once (others within index_refresh_s).
+    event.listen(session, "after_commit", lambda _session: invalidate_cache(), once=True)
+    _remove_old_versions(session=session, settings=settings)
+    logger.info("index version %d: %d vectors, %s, %.1fs", version.id, len(keys), built.dtype, version.build_seconds)
+    return version
+
+
+def refresh_index(*, session: Session, model: ModelVersion, settings: Settings) -> IndexVersion | None:
+    """The periodic rebuild: a new version when at least ``index_rebuild_min_new``
+    embeddings are newer than the active build (or there is none yet and anything to
+    index), else None. Raises RebuildBusy when another rebuild holds the lock."""
+    version, newer = queries.embeddings_since_index(session=session, model=model)
+    if newer == 0 or (version is not None and newer < settings.index_rebuild_min_new):
+        return None
+    return rebuild_index(session=session, model=model, settings=settings)
+
+
+def _remove_old_versions(*, session: Session, settings: Settings) -> None:
+    """Deletes the files (not the rows: they are history) of all but the newest
+    ``index_keep_versions`` versions, and leftovers of builds that died. A worker still
+    serving a deleted version keeps its memory maps (POSIX keeps unlinked files alive)."""
+    root = settings.index_dir.resolve()
+    rows = queries.version_paths(session=session)
+    keep = {Path(path).resolve() for _, path in rows[: max(1, settings.index_keep_versions)]}
+    for _, path in rows[max(1, settings.index_keep_versions) :]:
+        target = Path(path).resolve()
+        if target.name == MANIFEST:
+            target = target.parent
+        if root not in target.parents or any(target == k or target in k.parents for k in keep):
+            continue
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    stale = time.time() - 3600
+    for leftover in root.glob("*.tmp") if root.is_dir() else []:
+        if leftover.stat().st_mtime >= stale:
+            continue  # perhaps a build in progress
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _take_rebuild_lock(*, session: Session) -> None:
+    """Takes the lock for this transaction (Postgres: an advisory lock released at
+    commit or rollback), or raises RebuildBusy."""
+    if session.get_bind().dialect.name == "postgresql":
+        got = session.scalar(text("SELECT pg_try_advisory_xact_lock(724101)"))
+        if not got:
+            raise RebuildBusy("another index rebuild is running")
+    # SQLite (embedded, one machine) serialises writers itself.

@@ -188,7 +188,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
 
     with console.status("drawing the results page..."), session_scope() as session:
         page = write_results_page(
-            session, demo_dir / "report", settings=settings, event_ids=[*expected, known, broken],
+            demo_dir / "report", session=session, settings=settings, event_ids=[*expected, known, broken],
             expected=expected, notes=notes, title="vidsim demo: query frames and recommended videos",
         )  # fmt: skip
     console.print(f"results page: [bold]{page}[/bold]  ({time.perf_counter() - started:.0f}s in all)")

@@ -677,7 +677,7 @@ def test_crawl_task_runs_in_a_live_worker_with_production_defaults(site: Site, w
 def test_cli_manages_sources_and_runs_stages(site: Site) -> None:
     from typer.testing import CliRunner
 
-    from scripts.crawl_cli import crawl_app
+    from scripts.commands.crawl import crawl_app
 
     cli = CliRunner()
     added = cli.invoke(crawl_app, ["add", "feed-cli", "feed", site.url("/feed.xml")])

@@ -71,9 +71,9 @@ def _frames(video: Video, *, settings: Settings, count: int, out: Path, stem: st
 
 
 def write_results_page(
-    session: Session,
     out_dir: Path,
     *,
+    session: Session,
     settings: Settings,
     event_ids: list[str] | None = None,
     limit: int = 50,

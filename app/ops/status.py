@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.index.queries import embeddings_since_index
-from app.models import Delivery, Embedding, Event, ModelVersion, Video, utcnow
+from app.models import Delivery, Embedding, Event, IndexVersion, ModelVersion, Video, utcnow
 
 
 @dataclass
@@ -33,14 +33,29 @@ class Overview:
     failures: list[Failure] = field(default_factory=list)
 
 
-def overview(session: Session, *, failures: int = 10) -> Overview:
+@dataclass
+class IndexStatus:
+    model: ModelVersion
+    embedded: int  # the model's embeddings
+    index: IndexVersion | None  # the active index version; None: searches are exact
+
+
+def _embedding_count(session: Session, model: ModelVersion) -> int:
+    return session.scalar(select(func.count()).where(Embedding.model_version_id == model.id)) or 0
+
+
+def overview(*, session: Session, failures: int = 10) -> Overview:
+    """`vidsim status`: the serving model and index, the last hour's events, deliveries by
+    state and the ``failures`` most recent failures of events, videos and deliveries."""
+    from app.learn.registry import warming_models  # here: it loads torch, which `vidsim status` does without
+
     model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
-    warming = [m.name for m in session.scalars(select(ModelVersion).where(ModelVersion.status == "warming"))]
+    warming = [m.name for m in warming_models(session)]
     library = session.scalar(select(func.count()).where(Video.in_library, Video.enabled)) or 0
     embedded = 0
     index_text, lag = None, 0
     if model is not None:
-        embedded = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id)) or 0
+        embedded = _embedding_count(session, model)
         idx, lag = embeddings_since_index(session=session, model=model)
         if idx is not None:
             index_text = f"{idx.id}: {idx.size} vectors, {idx.dim}-d {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M}"
@@ -77,3 +92,13 @@ def overview(session: Session, *, failures: int = 10) -> Overview:
         deliveries=deliveries,
         failures=recent[:failures],
     )
+
+
+def index_status(*, session: Session) -> IndexStatus:
+    """`vidsim index status`: the active model (on a fresh install, the untrained initial
+    one is made active), its embedding count and the active index version."""
+    from app.learn.registry import active_model
+
+    model = active_model(session)
+    index = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
+    return IndexStatus(model=model, embedded=_embedding_count(session, model), index=index)

@@ -27,7 +27,7 @@ def make_server(*, host: str, port: int, limit: int, settings: Settings) -> Thre
             if path in ("/", "/index.html"):
                 with render_lock, session_scope() as session:
                     page = write_results_page(
-                        session, out_dir, settings=settings, limit=limit, title="vidsim: recent events"
+                        out_dir, session=session, settings=settings, limit=limit, title="vidsim: recent events"
                     )
                 self._send(200, page.read_bytes(), "text/html; charset=utf-8")
             elif path.startswith("/thumbs/"):

@@ -7,58 +7,19 @@ running elsewhere is reported and not started twice.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from app.config import get_settings
+from scripts.commands.common import Fail, console, db_session, stage_bars
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from app.crawl.pipeline import StageReport
 
 crawl_app = typer.Typer(no_args_is_help=True, help="Crawl sources, preprocessing and the training pipeline.")
-console = Console()
-err = Console(stderr=True)
-
-
-def _session() -> AbstractContextManager[Session]:
-    from app.db import migrate, session_scope
-
-    migrate()
-    return session_scope()
-
-
-def _fail(message: str, fix: str | None = None) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}" + (f"\n  fix: {fix}" if fix else ""))
-    return typer.Exit(1)
-
-
-class _Bars:
-    """app.crawl's progress callback, drawn as one rich bar per stage."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int | None, note: str) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total, description=f"{stage} {note}")
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    )
 
 
 def _source_ids(refs: list[str] | None) -> list[int] | None:
@@ -66,11 +27,11 @@ def _source_ids(refs: list[str] | None) -> list[int] | None:
         return None
     from app.crawl.sources import SourceError, find_source
 
-    with _session() as session:
+    with db_session() as session:
         try:
             return [find_source(session, ref).id for ref in refs]
         except SourceError as exc:
-            raise _fail(str(exc), "see `vidsim crawl list`") from None
+            raise Fail(str(exc), "see `vidsim crawl list`") from None
 
 
 def _print_counts(title: str, counts: dict[str, Any]) -> None:
@@ -81,6 +42,33 @@ def _print_counts(title: str, counts: dict[str, Any]) -> None:
                 key, ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
             )
     console.print(table)
+
+
+def _run_stage(
+    source: list[str] | None,
+    *,
+    enqueue: bool,
+    task: str,
+    run_here: Callable[..., StageReport],
+    name: str,
+    enqueued: str,
+    busy: str,
+) -> None:
+    """Runs one pipeline stage over the given sources: as the workers.crawl_tasks ``task``
+    when ``enqueue``, else here through ``run_here`` with progress bars; ``name`` titles
+    its counts ("crawl run 7"), ``busy`` says that another run of it holds the lock."""
+    ids = _source_ids(source)
+    if enqueue:
+        from workers import crawl_tasks
+
+        getattr(crawl_tasks, task).delay(source_ids=ids, trigger="cli")
+        console.print(enqueued)
+        return
+    with stage_bars() as bars:
+        report = run_here(settings=get_settings(), source_ids=ids, progress=bars, trigger="cli")
+    if report.skipped:
+        raise Fail(busy, "wait for it (`vidsim crawl status`)")
+    _print_counts(f"{name} run {report.run_id} ({report.seconds:.1f} s)", report.counts)
 
 
 @crawl_app.command("add")
@@ -115,46 +103,39 @@ def add(
         "max_duration_s": max_duration_s, "max_items": max_items,
         "trim_head_s": trim_head_s, "trim_tail_s": trim_tail_s,
     }  # fmt: skip
-    with _session() as session:
+    with db_session() as session:
         try:
             source = add_source(session, name=name, kind=kind, url=url, options=options)
         except SourceError as exc:
-            raise _fail(str(exc)) from None
+            raise Fail(str(exc)) from None
         console.print(f"source {source.id} {source.name} ({source.kind}) added")
 
 
 @crawl_app.command("list")
 def list_() -> None:
     """Sources, with their items by state."""
-    from sqlalchemy import func, select
-
-    from app.crawl.models import CrawledItem
     from app.crawl.sources import list_sources
+    from app.ops.queries import crawl_item_states
 
+    with db_session() as session:
+        per_state = crawl_item_states(session=session)
+        sources = list_sources(session)
     table = Table("id", "name", "kind", "enabled", "items", "last crawled", "url")
-    with _session() as session:
-        per_state: dict[int, dict[str, int]] = {}
-        for source_id, state, n in session.execute(
-            select(CrawledItem.source_id, CrawledItem.state, func.count()).group_by(
-                CrawledItem.source_id, CrawledItem.state
-            )
-        ):
-            per_state.setdefault(source_id, {})[state] = n
-        for s in list_sources(session):
-            states = ", ".join(f"{k} {v}" for k, v in sorted(per_state.get(s.id, {}).items()))
-            last = f"{s.last_crawled_at:%Y-%m-%d %H:%M}" if s.last_crawled_at else ""
-            table.add_row(str(s.id), s.name, s.kind, "yes" if s.enabled else "no", states, last, s.url or "(list)")
+    for s in sources:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(per_state.get(s.id, {}).items()))
+        last = f"{s.last_crawled_at:%Y-%m-%d %H:%M}" if s.last_crawled_at else ""
+        table.add_row(str(s.id), s.name, s.kind, "yes" if s.enabled else "no", states, last, s.url or "(list)")
     console.print(table)
 
 
 def _set_enabled(ref: str, enabled: bool) -> None:
     from app.crawl.sources import SourceError, set_enabled
 
-    with _session() as session:
+    with db_session() as session:
         try:
             source = set_enabled(session, ref, enabled)
         except SourceError as exc:
-            raise _fail(str(exc), "see `vidsim crawl list`") from None
+            raise Fail(str(exc), "see `vidsim crawl list`") from None
         console.print(f"source {source.id} {source.name} {'enabled' if enabled else 'disabled'}")
 
 
@@ -179,23 +160,15 @@ def run(
     enqueue: Annotated[bool, typer.Option(help="Send it to the workers instead of running here.")] = False,
 ) -> None:
     """Crawl: discover the sources' videos, fetch and vet them."""
+    from functools import partial
+
     from app.crawl import pipeline
 
-    ids = _source_ids(source)
-    if enqueue:
-        from workers.crawl_tasks import crawl_run
-
-        crawl_run.delay(source_ids=ids, trigger="cli")
-        console.print("crawl run enqueued")
-        return
-    with _progress() as bars:
-        report = pipeline.run_crawl(
-            settings=get_settings(), source_ids=ids, max_items=max_items, max_pages=max_pages, max_bytes=max_bytes,
-            progress=_Bars(bars), trigger="cli",
-        )  # fmt: skip
-    if report.skipped:
-        raise _fail("a crawl run is already in progress", "wait for it (`vidsim crawl status`)")
-    _print_counts(f"crawl run {report.run_id} ({report.seconds:.1f} s)", report.counts)
+    _run_stage(
+        source, enqueue=enqueue, task="crawl_run",
+        run_here=partial(pipeline.run_crawl, max_items=max_items, max_pages=max_pages, max_bytes=max_bytes),
+        name="crawl", enqueued="crawl run enqueued", busy="a crawl run is already in progress",
+    )  # fmt: skip
 
 
 @crawl_app.command("preprocess")
@@ -206,18 +179,10 @@ def preprocess(
     """Preprocess: cut fixed and recurring heads and tails into clean files."""
     from app.crawl import pipeline
 
-    ids = _source_ids(source)
-    if enqueue:
-        from workers.crawl_tasks import crawl_preprocess
-
-        crawl_preprocess.delay(source_ids=ids, trigger="cli")
-        console.print("preprocessing enqueued")
-        return
-    with _progress() as bars:
-        report = pipeline.run_preprocess(settings=get_settings(), source_ids=ids, progress=_Bars(bars), trigger="cli")
-    if report.skipped:
-        raise _fail("preprocessing is already in progress", "wait for it (`vidsim crawl status`)")
-    _print_counts(f"preprocess run {report.run_id} ({report.seconds:.1f} s)", report.counts)
+    _run_stage(
+        source, enqueue=enqueue, task="crawl_preprocess", run_here=pipeline.run_preprocess,
+        name="preprocess", enqueued="preprocessing enqueued", busy="preprocessing is already in progress",
+    )  # fmt: skip
 
 
 @crawl_app.command("pipeline")
@@ -243,7 +208,7 @@ def material() -> None:
     from workers.crawl_tasks import crawl_check_material
 
     settings = get_settings()
-    with _session() as session:
+    with db_session() as session:
         n, _ = pipeline.new_material(session)
     console.print(
         f"{n} new clean videos since the last training request (threshold {settings.crawl_train_min_new_items})"
@@ -256,32 +221,31 @@ def material() -> None:
 @crawl_app.command("status")
 def status(runs: Annotated[int, typer.Option(help="Recent runs to show.")] = 8) -> None:
     """Items by state and reason, recent runs, training requests."""
-    from sqlalchemy import select
-
     from app.crawl import pipeline
     from app.crawl.crawler import state_counts
-    from app.crawl.models import CrawlRun, TrainingRequest
+    from app.ops.queries import recent_crawl_runs, recent_training_requests
 
-    with _session() as session:
+    with db_session() as session:
         counts = state_counts(session)
-        console.print("items: " + (", ".join(f"{k} {v}" for k, v in sorted(counts["states"].items())) or "none"))
-        if counts["rejected"]:
-            console.print("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(counts["rejected"].items())))
-        console.print(f"clean files ready for training: {len(pipeline.training_files(session))}")
-        table = Table("run", "stage", "status", "trigger", "started", "seconds", "counts")
-        for r in session.scalars(select(CrawlRun).order_by(CrawlRun.id.desc()).limit(runs)):
-            seconds = f"{(r.finished_at - r.started_at).total_seconds():.1f}" if r.finished_at else ""
-            brief = {
-                k: v
-                for k, v in (r.counts or {}).items()
-                if v and k in ("found", "fetched", "duplicates", "rejected", "preprocessed", "trimmed")
-            }
-            table.add_row(
-                str(r.id), r.stage, r.status, r.trigger, f"{r.started_at:%Y-%m-%d %H:%M:%S}", seconds, str(brief)
-            )
-        console.print(table)
-        for req in session.scalars(select(TrainingRequest).order_by(TrainingRequest.id.desc()).limit(3)):
-            console.print(f"training request {req.id}: {req.new_items} videos, {req.status} {req.task_id or ''}")
+        clean_files = len(pipeline.training_files(session))
+        recent_runs = recent_crawl_runs(session=session, limit=runs)
+        requests = recent_training_requests(session=session, limit=3)
+    console.print("items: " + (", ".join(f"{k} {v}" for k, v in sorted(counts["states"].items())) or "none"))
+    if counts["rejected"]:
+        console.print("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(counts["rejected"].items())))
+    console.print(f"clean files ready for training: {clean_files}")
+    table = Table("run", "stage", "status", "trigger", "started", "seconds", "counts")
+    for r in recent_runs:
+        seconds = f"{(r.finished_at - r.started_at).total_seconds():.1f}" if r.finished_at else ""
+        brief = {
+            k: v
+            for k, v in (r.counts or {}).items()
+            if v and k in ("found", "fetched", "duplicates", "rejected", "preprocessed", "trimmed")
+        }
+        table.add_row(str(r.id), r.stage, r.status, r.trigger, f"{r.started_at:%Y-%m-%d %H:%M:%S}", seconds, str(brief))
+    console.print(table)
+    for req in requests:
+        console.print(f"training request {req.id}: {req.new_items} videos, {req.status} {req.task_id or ''}")
 
 
 @crawl_app.command("items")
@@ -291,24 +255,18 @@ def items(
     limit: int = 30,
 ) -> None:
     """Crawled items, newest first, with why they were refused or what was cut."""
-    from sqlalchemy import select
-
-    from app.crawl.models import CrawledItem
+    from app.ops.queries import crawled_items
 
     ids = _source_ids([source] if source else None)
+    with db_session() as session:
+        rows = crawled_items(session=session, state=state, source_ids=ids, limit=limit)
     table = Table("id", "source", "state", "reason / trimmed", "url")
-    with _session() as session:
-        stmt = select(CrawledItem).order_by(CrawledItem.id.desc()).limit(limit)
-        if state:
-            stmt = stmt.where(CrawledItem.state == state)
-        if ids:
-            stmt = stmt.where(CrawledItem.source_id.in_(ids))
-        for i in session.scalars(stmt):
-            if i.reject_code:
-                detail = f"{i.reject_code}: {i.reason}"
-            elif i.trimmed:
-                detail = f"head {i.trimmed.get('head_s', 0)} s, tail {i.trimmed.get('tail_s', 0)} s"
-            else:
-                detail = i.reason or ""
-            table.add_row(str(i.id), str(i.source_id), i.state, detail, i.url)
+    for i in rows:
+        if i.reject_code:
+            detail = f"{i.reject_code}: {i.reason}"
+        elif i.trimmed:
+            detail = f"head {i.trimmed.get('head_s', 0)} s, tail {i.trimmed.get('tail_s', 0)} s"
+        else:
+            detail = i.reason or ""
+        table.add_row(str(i.id), str(i.source_id), i.state, detail, i.url)
     console.print(table)

@@ -1,0 +1,73 @@
+"""`vidsim status`, `vidsim ui` and `vidsim demo`: see what the service is doing, and try it end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from app.config import get_settings
+from scripts.commands.common import console, db_session
+
+
+def demo(
+    data_dir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+    queries: Annotated[int, typer.Option(help="How many edited queries to publish.")] = 8,
+    train_steps: Annotated[
+        int, typer.Option(help="Barlow Twins steps to pre-train the demo encoder (0: untrained).")
+    ] = 60,
+) -> None:
+    """Build a demo library from real footage, train an encoder on it without labels, embed
+    it, publish events, receive the signed callbacks, and write a results page. Needs no servers."""
+    from scripts.demo import run_demo
+
+    run_demo(data_dir=data_dir, max_queries=queries, console=console, train_steps=train_steps)
+
+
+def status() -> None:
+    """Queues, workers, active model and index, pending deliveries, recent failures."""
+    from app.ops.status import overview
+
+    with db_session() as session:
+        o = overview(session=session)
+    console.print(
+        f"model: {o.model or 'none'}{'' if o.model_trained else ' (untrained)'}; "
+        f"{o.embedded}/{o.library} library videos embedded"
+    )
+    if o.warming:
+        console.print(f"warming up (embedding the library, then switching): {', '.join(o.warming)}")
+    console.print(f"index: {o.index or 'none (exact search)'}; {o.index_lag} newer embeddings searched exactly")
+    console.print("events, last hour: " + (", ".join(f"{k} {v}" for k, v in o.events_last_hour.items()) or "none"))
+    console.print("deliveries: " + (", ".join(f"{k} {v}" for k, v in o.deliveries.items()) or "none"))
+    try:
+        from workers.app import celery_app
+        from workers.metrics import queue_depths
+
+        depths = queue_depths()
+        console.print("queues: " + ", ".join(f"{q} {n}" for q, n in depths.items()))
+        replies = celery_app.control.ping(timeout=1.0) or []
+        console.print(
+            f"workers: {len(replies)} answering"
+            + (f" ({', '.join(next(iter(r)) for r in replies)})" if replies else "")
+        )
+    except Exception as exc:
+        console.print(f"[yellow]broker unavailable:[/yellow] {exc}")
+    if o.failures:
+        table = Table("when", "what", "reason", title="recent failures")
+        for f in o.failures:
+            table.add_row(f"{f.at:%Y-%m-%d %H:%M:%S}", f.what, f.reason)
+        console.print(table)
+
+
+def ui(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    limit: Annotated[int, typer.Option(help="Events shown.")] = 30,
+) -> None:
+    """Serve the read-only results page: recent events, query frames, recommendations."""
+    from app.ops.webui import serve
+
+    console.print(f"results page on http://{host}:{port}/ (Ctrl-C to stop)")
+    serve(host=host, port=port, limit=limit, settings=get_settings())

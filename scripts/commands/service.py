@@ -1,0 +1,51 @@
+"""`vidsim worker` and `vidsim beat`: start the service's Celery processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from app.config import get_settings
+from workers.process import ALL_QUEUES, CELERY
+
+
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ALL_QUEUES,
+    concurrency: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
+    pool: Annotated[str | None, typer.Option(help="prefork, solo or threads (GPU workers: solo).")] = None,
+    beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one per deployment).")] = False,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+) -> None:
+    """Start a Celery worker (extra options go to `celery worker`)."""
+    import shutil
+    import uuid
+
+    from app.db import migrate
+
+    migrate()
+    port = metrics_port or get_settings().metrics_port
+    if port:
+        # Prefork children write their metrics here; the main process serves the sum.
+        folder = get_settings().data_dir.resolve() / "metrics" / uuid.uuid4().hex[:8]
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        os.environ.update(PROMETHEUS_MULTIPROC_DIR=str(folder), VIDSIM_METRICS_PORT=str(port))
+    args = [*CELERY, "worker", "-Q", queues]
+    args += ["--loglevel", get_settings().log_level]
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
+    if pool:
+        args += ["--pool", pool]
+    if beat:
+        args += ["--beat"]
+    os.execv(sys.executable, [*args, *ctx.args])
+
+
+def beat() -> None:
+    """Start the periodic scheduler (the outbox sweeper). Run exactly one."""
+    args = [*CELERY, "beat", "--loglevel", get_settings().log_level]
+    os.execv(sys.executable, args)

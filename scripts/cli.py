@@ -185,7 +185,7 @@ def index_rebuild(dtype: Annotated[str, typer.Option(help="f32, f16 or i8 storag
 
     with _session() as session:
         try:
-            version = search.rebuild_index(session, active_model(session), settings=get_settings(), dtype=dtype)
+            version = search.rebuild_index(session, active_model(session=session), settings=get_settings(), dtype=dtype)
         except search.RebuildBusy as exc:
             raise Fail(str(exc), "wait for it to finish, then run again") from None
         console.print(
@@ -203,7 +203,7 @@ def index_status() -> None:
     from app.models import Embedding, IndexVersion
 
     with _session() as session:
-        model = active_model(session)
+        model = active_model(session=session)
         embedded = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id))
         idx = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
         console.print(
@@ -243,10 +243,9 @@ def _train_command(
                          name=name, init_model_id=init_model_id, epochs=epochs, activate=activate)  # fmt: skip
         console.print("training enqueued on the 'train' queue")
         return
-    with _session():
-        pass  # the schema must exist before training registers its result
-    if files is None:
-        files = rollout.library_files() if init_model_id else rollout.training_files()
+    with _session() as session:  # the schema must exist before training registers its result
+        if files is None:
+            files = rollout.library_files(session=session) if init_model_id else rollout.training_files(session=session)
     settings = get_settings()
     try:
         model_id = rollout.train_model(
@@ -299,7 +298,7 @@ def finetune(
         from app.learn.registry import active_model
 
         with _session() as session:
-            model_id = active_model(session).id
+            model_id = active_model(session=session).id
     _train_command(preset=preset, videos=videos, name=name, steps=None, lambd=None, init_model_id=model_id,
                    epochs=epochs, activate=activate, queue=queue)  # fmt: skip
 

@@ -87,7 +87,7 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
     results: dict[str, dict[str, float]] = {}
     with running_worker(work / "worker.log", pool="prefork", beat=False):
         with session_scope() as session:
-            model = active_model(session)
+            model = active_model(session=session)
         for video_id in ids:
             embed_video.delay(video_id)
         deadline = time.monotonic() + 600

@@ -36,7 +36,7 @@ def _train_demo_model(library: list[Path], *, steps: int, settings, console: Con
     makes it the serving model (nothing is indexed yet, so it takes over at once)."""
     from app.db import session_scope
     from app.learn import registry, rollout
-    from app.learn.train import TrainConfig
+    from app.learn.train.config import TrainConfig
     from app.models import ModelVersion
 
     console.print(f"training an encoder without labels on the demo library (Barlow Twins, {steps} steps)...")
@@ -49,7 +49,7 @@ def _train_demo_model(library: list[Path], *, steps: int, settings, console: Con
         overrides={"steps": steps}, resume=True, progress=True,
     )  # fmt: skip
     with session_scope() as session:
-        model = registry.activate(session, model_id)
+        model = registry.activate(session=session, model_id=model_id)
         run_dir = settings.checkpoint_dir.resolve() / model.name
         console.print(f"model {model.id} {model.name} trained: loss curve {run_dir / 'loss.png'}")
         return session.get_one(ModelVersion, model_id)
@@ -94,7 +94,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
     with session_scope() as session:
         for path in corpus.library:
             path_to_id[path] = register(session, str(path), settings=settings).video_id
-        model = active_model(session)
+        model = active_model(session=session)
     if not model.trained and train_steps > 0:
         model = _train_demo_model(corpus.library, steps=train_steps, settings=settings, console=console)
     elif not model.trained:
@@ -131,7 +131,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
                     break
                 time.sleep(0.5)
         with session_scope() as session:
-            version = rebuild_index(session=session, model=active_model(session), settings=settings)
+            version = rebuild_index(session=session, model=active_model(session=session), settings=settings)
         console.print(f"index version {version.id}: {version.size} videos, {version.dim}-d {version.dtype}")
 
         queries = corpus.queries[:max_queries]

@@ -83,7 +83,7 @@ def _seed_library(n: int, *, seed: int = 0) -> list[int]:
     from app.models import Embedding, Video
 
     with session_scope() as session:
-        model = active_model(session)
+        model = active_model(session=session)
         have = list(session.scalars(select(Video.id).where(Video.uri.like("load://%"), Video.in_library)))
         if len(have) >= n:
             return have[:n]

@@ -40,7 +40,7 @@ def expand_videos(specs: list[str]) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from app.learn.train import PRESETS
+    from app.learn.train.config import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m scripts.train", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
-    from app.learn.train import TrainConfig, finetune, train
+    from app.learn.train.config import TrainConfig
+    from app.learn.train.loop import finetune, train
 
     overrides: dict = {}
     for name, attr in (

@@ -209,7 +209,7 @@ def test_run_reports_every_system(bench: Path, tmp_path: Path) -> None:
 
 
 def test_finetune_trains_on_library_clips_only(bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.learn.train as train_module
+    import app.learn.train.loop as train_module
     from app.evaluate.run import finetune_on_library
     from app.learn.encoder import EncoderConfig
 

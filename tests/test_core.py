@@ -130,7 +130,7 @@ def test_search_finds_fresh_additions_and_never_disabled_videos(session, setting
     from app.learn.registry import active_model
     from app.models import Embedding, Video
 
-    model = active_model(session)
+    model = active_model(session=session)
     vectors = _unit(6, model.dim, seed=42)
     videos = [
         Video(uri=f"test://search/{i}-{os.getpid()}", status="ready", collection="acme" if i < 5 else "other")

@@ -58,7 +58,7 @@ def _add_videos(session, model: ModelVersion, vectors: np.ndarray, *, tag: str) 
 def model(session) -> ModelVersion:  # type: ignore[no-untyped-def]
     from app.learn.registry import active_model
 
-    m = active_model(session)
+    m = active_model(session=session)
     session.commit()
     return m
 

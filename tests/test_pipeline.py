@@ -27,7 +27,7 @@ from workers.tasks import embed_video
 
 def _embedded(video_ids: list[int]) -> bool:
     with session_scope() as s:
-        model = active_model(s)
+        model = active_model(session=s)
         n = s.scalar(
             select(func.count()).where(Embedding.video_id.in_(video_ids), Embedding.model_version_id == model.id)
         )
@@ -52,7 +52,7 @@ def library(data_dir: Path, settings, worker) -> dict[str, int]:  # type: ignore
         embed_video.delay(video_id)
     wait_until(lambda: _embedded(list(ids.values())), timeout_s=240, what="the library to be embedded")
     with session_scope() as s:
-        rebuild_index(session=s, model=active_model(s), settings=settings)
+        rebuild_index(session=s, model=active_model(session=s), settings=settings)
     return ids
 
 

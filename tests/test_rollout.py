@@ -25,24 +25,26 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
     files = [make_video(folder / f"{p}.mp4", seconds=2, pattern=p) for p in ("testsrc2", "mandelbrot", "rgbtestsrc")]
     with session_scope() as s:
         ids = [register(s, str(f), settings=settings, collection="rollout").video_id for f in files]
-        old = registry.active_model(s)
+        old = registry.active_model(session=s)
     for video_id in ids:
         with session_scope() as s:
             assert recommend.embed_video(s, video_id, settings=settings).ok
     with session_scope() as s:
-        rebuild_index(session=s, model=registry.active_model(s), settings=settings)
+        rebuild_index(session=s, model=registry.active_model(session=s), settings=settings)
 
     config = EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64)
     checkpoint = save_checkpoint(tmp_path / "new.pt", initial_encoder(config, seed=1))
     with session_scope() as s:
-        new = registry.register_model(s, name=f"test-new-{tmp_path.name}", checkpoint_path=checkpoint, config=config)
-        registry.start_rollout(s, new.id)
+        new = registry.register_model(
+            session=s, name=f"test-new-{tmp_path.name}", checkpoint_path=checkpoint, config=config
+        )
+        registry.start_rollout(session=s, model_id=new.id)
         new_id = new.id
 
     # Warming: nothing embedded with the new model yet, so the old one keeps serving.
     assert advance_rollouts() == []
     with session_scope() as s:
-        assert registry.active_model(s).id == old.id
+        assert registry.active_model(session=s).id == old.id
         assert s.get_one(ModelVersion, new_id).status == "warming"
 
     with session_scope() as s:
@@ -54,7 +56,7 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
 
     assert advance_rollouts() == [new_id]
     with session_scope() as s:
-        active = registry.active_model(s)
+        active = registry.active_model(session=s)
         index = s.scalars(select(IndexVersion).where(IndexVersion.is_active)).one()
         assert active.id == new_id and active.status == "active"
         assert index.model_version_id == new_id and index.dim == config.output_dim
@@ -71,5 +73,5 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         assert used == index.id and len(matches) == 2
 
     with session_scope() as s:  # leave the shared test database as other tests expect it
-        registry.activate(s, old.id)
+        registry.activate(session=s, model_id=old.id)
         rebuild_index(session=s, model=s.get_one(ModelVersion, old.id), settings=settings)

@@ -13,18 +13,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import app.learn.train as train_module
+import app.learn.train.loop as train_loop
 from app.evaluate.footage import real_footage
 from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
-from app.learn.train import (
-    TrainConfig,
-    WindowDataset,
-    collate_windows,
-    finetune,
-    read_metrics,
-    register_trained,
-    train,
-)
+from app.learn.registry import register_trained
+from app.learn.train.config import TrainConfig
+from app.learn.train.curves import read_metrics
+from app.learn.train.data import WindowDataset, collate_windows
+from app.learn.train.loop import finetune, train
 from app.media.ffmpeg import cut
 
 TINY = TrainConfig(
@@ -137,7 +133,7 @@ def test_checkpoint_round_trip_and_resume_after_interruption(
     reference = train(config, videos, out_dir=tmp_path / "whole")
 
     # The same run, interrupted at step 4 (after the step-3 checkpoint)...
-    real_step = train_module._step
+    real_step = train_loop._step
     calls = {"n": 0}
 
     def crashing_step(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -146,10 +142,10 @@ def test_checkpoint_round_trip_and_resume_after_interruption(
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_step", crashing_step)
+    monkeypatch.setattr(train_loop, "_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         train(config, videos, out_dir=tmp_path / "cut")
-    monkeypatch.setattr(train_module, "_step", real_step)
+    monkeypatch.setattr(train_loop, "_step", real_step)
     with pytest.raises(FileExistsError):  # a run is never overwritten silently
         train(config, videos, out_dir=tmp_path / "cut")
 
@@ -187,7 +183,7 @@ def test_register_trained_records_a_model_version(videos: list[Path], tmp_path: 
     bn = model.backbone.bn1
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and int(bn.num_batches_tracked) == 0
     assert int(model.projector[1].num_batches_tracked) == 4  # the projector's do train: 2 steps x 2 views
-    version = register_trained(session, result, name=f"test-{uuid.uuid4().hex[:8]}")
+    version = register_trained(session=session, result=result, name=f"test-{uuid.uuid4().hex[:8]}")
     assert version.trained and version.checkpoint_path == str(result.checkpoint)
     assert version.dim == TINY.encoder.output_dim and not version.is_active
     assert version.data_summary["videos"] == 6 and version.data_summary["steps"] == 2

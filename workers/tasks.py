@@ -22,10 +22,10 @@ from app.config import Settings, get_settings
 from app.db import session_scope
 from app.deliver import outbox
 from app.index import rebuild
-from app.learn import registry
+from app.learn import registry, rollout
 from app.learn.registry import active_model
 from app.logs import log_context
-from app.models import ModelVersion, TaskAttempt, utcnow
+from app.models import TaskAttempt, utcnow
 from app.serve import recommend
 from workers.app import TIME_LIMITS, celery_app
 
@@ -219,34 +219,31 @@ def activate_model(model_id: int) -> int:
     """Starts a model's rollout: embed the library with it; `advance_rollouts` switches
     serving to it once its index is built. The old model and index serve meanwhile."""
     with session_scope() as session:
-        registry.start_rollout(session, model_id)
+        registry.start_rollout(session=session, model_id=model_id)
     return backfill(model_id=model_id)
 
 
 @celery_app.task(name="vidsim.advance_rollouts", time_limit=TIME_LIMITS["maintenance"])
 def advance_rollouts() -> list[int]:
     """Beat: a warming model whose library is embedded gets its index built, and serving
-    switches to both in one transaction."""
+    switches to both in one transaction (one per model)."""
     switched = []
     settings = get_settings()
     with session_scope() as session:
-        warming = [m.id for m in registry.warming_models(session)]
+        warming = [m.id for m in registry.warming_models(session=session)]
     for model_id in warming:
         with session_scope() as session:
-            if recommend.videos_to_embed(session, model_id=model_id, limit=1):
-                continue
-            model = session.get_one(ModelVersion, model_id)
-            rebuild.rebuild_index(session=session, model=model, settings=settings)
-            registry.finish_rollout(session, model)
+            finished = rollout.finish_if_embedded(session=session, model_id=model_id, settings=settings)
+        if finished is not None:
             switched.append(model_id)
-        logger.info("model %d now serves", model_id)
+            logger.info("model %d now serves", model_id)
     return switched
 
 
 @celery_app.task(name="vidsim.rebuild_index", time_limit=TIME_LIMITS["maintenance"])
 def rebuild_index() -> int:
     with session_scope() as session:
-        version = rebuild.rebuild_index(session=session, model=active_model(session), settings=get_settings())
+        version = rebuild.rebuild_index(session=session, model=active_model(session=session), settings=get_settings())
         return version.id
 
 
@@ -256,7 +253,9 @@ def refresh_index() -> int | None:
     new version when there are enough of them; skipped while another rebuild runs."""
     try:
         with session_scope() as session:
-            version = rebuild.refresh_index(session=session, model=active_model(session), settings=get_settings())
+            version = rebuild.refresh_index(
+                session=session, model=active_model(session=session), settings=get_settings()
+            )
             return version.id if version is not None else None
     except rebuild.RebuildBusy:
         logger.info("index refresh skipped: another rebuild is running")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import get_settings
+from app.db import session_scope
 from app.learn import rollout
 from workers.app import TIME_LIMITS, celery_app
 from workers.tasks import activate_model
@@ -27,7 +28,11 @@ def train(
     checkpoint (the run is named after the message unless ``name`` is given)."""
     kind = "finetune" if init_model_id else "pretrain"
     name = name or f"{kind}-{preset}-{(self.request.id or 'local')[:8]}"
-    files = [Path(v) for v in videos] if videos else rollout.training_files()
+    if videos:
+        files = [Path(v) for v in videos]
+    else:
+        with session_scope() as session:
+            files = rollout.training_files(session=session)
     model_id = rollout.train_model(
         preset=preset,
         videos=files,

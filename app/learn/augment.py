@@ -16,6 +16,7 @@ gives its asymmetric pair of views (blur always / rarely, solarise never / somet
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -167,7 +168,7 @@ class ClipAugment:
         """Draws parameters once and applies them to all frames of ``clip``."""
         return self.apply(clip, self.draw(clip.shape[-2], clip.shape[-1], generator=generator))
 
-    def _crop_box(self, height: int, width: int, uniform) -> tuple[int, int, int, int]:  # type: ignore[no-untyped-def]
+    def _crop_box(self, height: int, width: int, uniform: Callable[[float, float], float]) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box: area fraction in ``scale``, aspect ratio log-uniform in
         ``ratio``; after 10 misses, the central crop at the nearest allowed ratio."""
         area = height * width

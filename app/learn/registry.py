@@ -1,4 +1,8 @@
-"""Model versions: which encoder is active, and loading it once per process."""
+"""Model versions: recording trained ones, which one is active (and which are warming up
+to take over), and loading an encoder once per process.
+
+The functions that touch the database take ``session`` keyword-only and never commit:
+the caller owns the transaction."""
 
 from __future__ import annotations
 
@@ -6,22 +10,26 @@ import functools
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.learn.device import cpu_has_bf16, serving_device
 from app.learn.encoder import EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
 from app.models import ModelVersion
+
+if TYPE_CHECKING:
+    from app.learn.train.loop import TrainResult
 
 logger = logging.getLogger(__name__)
 
 INITIAL_MODEL_NAME = "init-resnet18-seed0"
 
 
-def active_model(session: Session) -> ModelVersion:
+def active_model(*, session: Session) -> ModelVersion:
     """The active model version; on a fresh install, a deterministic untrained one."""
     model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
     if model is not None:
@@ -41,7 +49,7 @@ def active_model(session: Session) -> ModelVersion:
                 )
                 session.add(initial)
                 session.flush()
-            activate(session, initial.id)
+            activate(session=session, model_id=initial.id)
     except IntegrityError:
         return session.scalars(select(ModelVersion).where(ModelVersion.is_active)).one()
     logger.warning(
@@ -51,7 +59,7 @@ def active_model(session: Session) -> ModelVersion:
     return initial
 
 
-def activate(session: Session, model_id: int) -> ModelVersion:
+def activate(*, session: Session, model_id: int) -> ModelVersion:
     """Makes ``model_id`` the one active version."""
     session.execute(update(ModelVersion).where(ModelVersion.is_active).values(is_active=False, status="retired"))
     session.flush()
@@ -62,8 +70,8 @@ def activate(session: Session, model_id: int) -> ModelVersion:
 
 
 def register_model(
-    session: Session,
     *,
+    session: Session,
     name: str,
     checkpoint_path: Path,
     config: EncoderConfig,
@@ -71,6 +79,7 @@ def register_model(
     data_summary: dict | None = None,
     metrics: dict | None = None,
 ) -> ModelVersion:
+    """Records a trained checkpoint as a (not yet active) model version."""
     model = ModelVersion(
         name=name,
         config=config.to_dict(),
@@ -84,6 +93,28 @@ def register_model(
     session.add(model)
     session.flush()
     return model
+
+
+def register_trained(*, session: Session, result: TrainResult, name: str, parent_id: int | None = None) -> ModelVersion:
+    """Records a training run's final checkpoint as a (not yet active) model version, with
+    what it was trained on and how it ended. The version serves once it is rolled out."""
+    return register_model(
+        session=session,
+        name=name,
+        checkpoint_path=result.checkpoint,
+        config=result.config.encoder,
+        parent_id=parent_id,
+        data_summary={
+            "videos": result.videos,
+            "clips": result.clips,
+            "steps": result.steps,
+            "epochs": round(result.epochs, 3),
+            "skipped_videos": len(result.skipped),
+            "init_checkpoint": str(result.init_checkpoint) if result.init_checkpoint else None,
+            "train_config": result.config.to_dict(),
+        },
+        metrics={**result.final_metrics, "clips_per_s": round(result.clips_per_s, 3)},
+    )
 
 
 def encoder_for(model: ModelVersion) -> VideoEncoder:
@@ -103,27 +134,17 @@ def _load(model_id: int, checkpoint_path: str | None, config_json: str) -> Video
             f"model {model_id}: checkpoint gives {encoder.config.output_dim}-d vectors, "
             f"registry says {config.output_dim}"
         )
-    if torch.cuda.is_available():
-        encoder = encoder.cuda()
+    encoder = encoder.to(serving_device())
     logger.info("loaded encoder for model %d (%s)", model_id, checkpoint_path or "untrained")
     return encoder
 
 
 def embed_clips(model: ModelVersion, clips: list[np.ndarray]) -> np.ndarray:
     """(N, dim) float32 L2-normalised vectors, one forward pass for all clips."""
-    return encoder_for(model).embed(clips, bf16=_cpu_has_bf16())
+    return encoder_for(model).embed(clips, bf16=cpu_has_bf16())
 
 
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    # bf16 autocast on CPUs with native support is ~1.6x faster for the same ranking.
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def start_rollout(session: Session, model_id: int) -> ModelVersion:
+def start_rollout(*, session: Session, model_id: int) -> ModelVersion:
     """Marks a model to take over: the library gets embedded with it and an index built;
     the active model keeps serving until then (see :func:`finish_rollout`)."""
     model = session.get_one(ModelVersion, model_id)
@@ -133,10 +154,11 @@ def start_rollout(session: Session, model_id: int) -> ModelVersion:
     return model
 
 
-def warming_models(session: Session) -> list[ModelVersion]:
+def warming_models(*, session: Session) -> list[ModelVersion]:
+    """The models rolling out: their library is being embedded, their index not yet built."""
     return list(session.scalars(select(ModelVersion).where(ModelVersion.status == "warming")))
 
 
-def finish_rollout(session: Session, model: ModelVersion) -> ModelVersion:
+def finish_rollout(*, session: Session, model: ModelVersion) -> ModelVersion:
     """Switches serving to ``model``; call in the transaction that activates its index."""
-    return activate(session, model.id)
+    return activate(session=session, model_id=model.id)

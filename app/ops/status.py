@@ -50,7 +50,7 @@ def overview(*, session: Session, failures: int = 10) -> Overview:
     from app.learn.registry import warming_models  # here: it loads torch, which `vidsim status` does without
 
     model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
-    warming = [m.name for m in warming_models(session)]
+    warming = [m.name for m in warming_models(session=session)]
     library = session.scalar(select(func.count()).where(Video.in_library, Video.enabled)) or 0
     embedded = 0
     index_text, lag = None, 0
@@ -99,6 +99,6 @@ def index_status(*, session: Session) -> IndexStatus:
     one is made active), its embedding count and the active index version."""
     from app.learn.registry import active_model
 
-    model = active_model(session)
+    model = active_model(session=session)
     index = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
     return IndexStatus(model=model, embedded=_embedding_count(session, model), index=index)

@@ -82,7 +82,7 @@ def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outco
     if query_video.status == "failed":
         return _answer(session, ev, query=query_video, error=f"video {query_video.id}: {query_video.error}")
 
-    model = active_model(session)
+    model = active_model(session=session)
     emb = session.scalar(
         select(Embedding).where(Embedding.video_id == query_video.id, Embedding.model_version_id == model.id)
     )
@@ -243,7 +243,7 @@ def embed_video(session: Session, video_id: int, *, settings: Settings, model_id
     video = session.get(Video, video_id)
     if video is None:
         return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
-    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session)
+    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session=session)
     if session.scalar(
         select(Embedding.id).where(Embedding.video_id == video_id, Embedding.model_version_id == model.id)
     ):
@@ -295,7 +295,7 @@ def embed_video(session: Session, video_id: int, *, settings: Settings, model_id
 
 def videos_to_embed(session: Session, *, limit: int | None = None, model_id: int | None = None) -> list[int]:
     """Library videos without an embedding for the active model, or ``model_id`` (the backfill)."""
-    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session)
+    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session=session)
     done = select(Embedding.video_id).where(Embedding.model_version_id == model.id)
     stmt = (
         select(Video.id)

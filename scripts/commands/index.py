@@ -21,7 +21,7 @@ def index_rebuild(dtype: Annotated[str, typer.Option(help="f32, f16 or i8 storag
     with db_session() as session:
         try:
             version = rebuild.rebuild_index(
-                session=session, model=active_model(session), settings=get_settings(), dtype=dtype
+                session=session, model=active_model(session=session), settings=get_settings(), dtype=dtype
             )
         except rebuild.RebuildBusy as exc:
             raise Fail(str(exc), "wait for it to finish, then run again") from None

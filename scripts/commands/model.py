@@ -38,10 +38,9 @@ def _train_command(
                          name=name, init_model_id=init_model_id, epochs=epochs, activate=activate)  # fmt: skip
         console.print("training enqueued on the 'train' queue")
         return
-    with db_session():
-        pass  # the schema must exist before training registers its result
-    if files is None:
-        files = rollout.library_files() if init_model_id else rollout.training_files()
+    with db_session() as session:  # the schema must exist before training registers its result
+        if files is None:
+            files = rollout.library_files(session=session) if init_model_id else rollout.training_files(session=session)
     settings = get_settings()
     try:
         model_id = rollout.train_model(
@@ -92,7 +91,7 @@ def finetune(
         from app.learn.registry import active_model
 
         with db_session() as session:
-            model_id = active_model(session).id
+            model_id = active_model(session=session).id
     _train_command(preset=preset, videos=videos, name=name, steps=None, lambd=None, init_model_id=model_id,
                    epochs=epochs, activate=activate, queue=queue)  # fmt: skip
 

@@ -268,7 +268,7 @@ class Stack:
 
         rng = np.random.default_rng(seed)
         with self.session() as s:
-            model = active_model(s)
+            model = active_model(session=s)
             videos = [Video(uri=f"test://seed/{uuid.uuid4().hex}", status="ready", in_library=True) for _ in range(n)]
             s.add_all(videos)
             s.flush()

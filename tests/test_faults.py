@@ -45,10 +45,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 # A test-only sitecustomize for the module's worker, on its PYTHONPATH: production code
 # has no fault hooks. It is inert unless VIDSIM_TEST_FAULTS is set, and the decoding
-# children (app/media/video.py) never inherit that variable. It makes the embed step of a video
-# whose file name starts with "crash-" SIGKILL its own process (as a decoder segfault
-# would), and of one starting with "hang-" sleep past every limit (as a decoder stuck in C
-# code would); it logs every start; and it shortens the embed queue's hard time limit.
+# children (started by app/media/sandbox.py) never inherit that variable. It makes the embed
+# step of a video whose file name starts with "crash-" SIGKILL its own process (as a decoder
+# segfault would), and of one starting with "hang-" sleep past every limit (as a decoder
+# stuck in C code would); it logs every start; and it shortens the embed queue's hard time
+# limit.
 FAULT_HOOK = """
 import os
 import signal

@@ -157,7 +157,7 @@ def backfill(
 
     settings = get_settings()
     with _session() as session:
-        ids = recommend.videos_to_embed(session, limit=limit)
+        ids = recommend.videos_to_embed(session=session, limit=limit)
     if not inline:
         from workers.tasks import embed_video
 
@@ -170,7 +170,7 @@ def backfill(
     failed = 0
     for video_id in track(ids, description="embedding", console=err):
         with _session() as session:
-            result = recommend.embed_video(session, video_id, settings=settings)
+            result = recommend.embed_video(video_id, session=session, settings=settings)
         if not result.ok:
             failed += 1
             err.print(f"[red]video {video_id}[/red]: {result.error}")

@@ -66,7 +66,7 @@ if os.environ.get("VIDSIM_TEST_FAULTS"):
 
     _embed_video = recommend.embed_video
 
-    def embed_video(session, video_id, **kwargs):
+    def embed_video(video_id, *, session, **kwargs):
         video = session.get(Video, video_id)
         name = os.path.basename(video.uri) if video is not None else ""
         with open(os.environ["VIDSIM_TEST_FAULT_LOG"], "a") as log:
@@ -75,7 +75,7 @@ if os.environ.get("VIDSIM_TEST_FAULTS"):
             os.kill(os.getpid(), signal.SIGKILL)
         if name.startswith("hang-"):
             time.sleep(3600)
-        return _embed_video(session, video_id, **kwargs)
+        return _embed_video(video_id, session=session, **kwargs)
 
     recommend.embed_video = embed_video
 """

@@ -92,10 +92,10 @@ def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int,
     its index and switches serving to both at once. Returns the index version id."""
     with session_scope() as session:
         registry.start_rollout(session, model_id)
-        todo = recommend.videos_to_embed(session, model_id=model_id)
+        todo = recommend.videos_to_embed(session=session, model_id=model_id)
     for done, video_id in enumerate(todo, start=1):
         with session_scope() as session:
-            recommend.embed_video(session, video_id, settings=settings, model_id=model_id)
+            recommend.embed_video(video_id, session=session, settings=settings, model_id=model_id)
         if progress:
             progress(done, len(todo))
     with session_scope() as session:

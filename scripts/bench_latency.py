@@ -49,7 +49,8 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
     from app.learn.registry import active_model, embed_clips
     from app.media import video as video_io
     from app.media.ffmpeg import cut, run_ffmpeg
-    from app.media.register import decode_limits, register
+    from app.media.register import register
+    from app.media.video import decode_limits
     from app.models import Embedding
     from scripts.receiver import CallbackReceiver
     from workers.process import running_worker

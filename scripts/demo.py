@@ -104,7 +104,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
     else:
         console.print(f"serving trained model {model.id} {model.name}")
     with session_scope() as session:
-        todo = videos_to_embed(session)
+        todo = videos_to_embed(session=session)
 
     with running_worker(demo_dir / "worker.log"):
         for video_id in todo:

@@ -45,10 +45,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 # A test-only sitecustomize for the module's worker, on its PYTHONPATH: production code
 # has no fault hooks. It is inert unless VIDSIM_TEST_FAULTS is set, and the decoding
-# children (app/media/video.py) never inherit that variable. It makes the embed step of a video
-# whose file name starts with "crash-" SIGKILL its own process (as a decoder segfault
-# would), and of one starting with "hang-" sleep past every limit (as a decoder stuck in C
-# code would); it logs every start; and it shortens the embed queue's hard time limit.
+# children (started by app/media/sandbox.py) never inherit that variable. It makes the embed
+# step of a video whose file name starts with "crash-" SIGKILL its own process (as a decoder
+# segfault would), and of one starting with "hang-" sleep past every limit (as a decoder
+# stuck in C code would); it logs every start; and it shortens the embed queue's hard time
+# limit.
 FAULT_HOOK = """
 import os
 import signal
@@ -65,7 +66,7 @@ if os.environ.get("VIDSIM_TEST_FAULTS"):
 
     _embed_video = recommend.embed_video
 
-    def embed_video(session, video_id, **kwargs):
+    def embed_video(video_id, *, session, **kwargs):
         video = session.get(Video, video_id)
         name = os.path.basename(video.uri) if video is not None else ""
         with open(os.environ["VIDSIM_TEST_FAULT_LOG"], "a") as log:
@@ -74,7 +75,7 @@ if os.environ.get("VIDSIM_TEST_FAULTS"):
             os.kill(os.getpid(), signal.SIGKILL)
         if name.startswith("hang-"):
             time.sleep(3600)
-        return _embed_video(session, video_id, **kwargs)
+        return _embed_video(video_id, session=session, **kwargs)
 
     recommend.embed_video = embed_video
 """

@@ -55,7 +55,7 @@ REFUSED_AT_THE_DOOR = {
     "symlink_to_etc_passwd": r"outside the allowed media roots$",
 }
 
-# In the decoding child only (app/media/video.py passes PYTHONPATH on, nothing else): a file
+# In the decoding child only (app/media/sandbox.py passes PYTHONPATH on, nothing else): a file
 # whose name contains "decoder-hang" makes the "decoder" sleep, as one stuck in C code
 # would. The child's wall-clock limit must kill it. Production code has no such hook.
 DECODER_HANG_HOOK = """
@@ -64,7 +64,7 @@ try:
     _cmdline = open("/proc/self/cmdline", "rb").read()
 except OSError:
     _cmdline = b""
-if b"app.media.video" in _cmdline and b"--child" in _cmdline and b"decoder-hang" in _cmdline:
+if b"app.media.child" in _cmdline and b"--child" in _cmdline and b"decoder-hang" in _cmdline:
     time.sleep(3600)
 """
 

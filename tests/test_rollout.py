@@ -28,7 +28,7 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         old = registry.active_model(session=s)
     for video_id in ids:
         with session_scope() as s:
-            assert recommend.embed_video(s, video_id, settings=settings).ok
+            assert recommend.embed_video(video_id, session=s, settings=settings).ok
     with session_scope() as s:
         rebuild_index(session=s, model=registry.active_model(session=s), settings=settings)
 
@@ -48,11 +48,11 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         assert s.get_one(ModelVersion, new_id).status == "warming"
 
     with session_scope() as s:
-        todo = recommend.videos_to_embed(s, model_id=new_id)
+        todo = recommend.videos_to_embed(session=s, model_id=new_id)
     assert set(ids) <= set(todo)
     for video_id in todo:
         with session_scope() as s:
-            recommend.embed_video(s, video_id, settings=settings, model_id=new_id)
+            recommend.embed_video(video_id, session=s, settings=settings, model_id=new_id)
 
     assert advance_rollouts() == [new_id]
     with session_scope() as s:

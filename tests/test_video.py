@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from app.media import video
+from app.media import sandbox, video
 from app.media.video import DecodeLimits, Sample, VideoError, VideoInfo, probe, sample_frames
 
 try:
@@ -320,7 +320,7 @@ class _SpyPopen(subprocess.Popen):
 
 def test_timeout_kills_the_child(clip: Path, monkeypatch: pytest.MonkeyPatch, private_tmp: Path) -> None:
     _SpyPopen.started = []
-    monkeypatch.setattr(video.subprocess, "Popen", _SpyPopen)
+    monkeypatch.setattr(sandbox.subprocess, "Popen", _SpyPopen)
     started = time.monotonic()
     with pytest.raises(VideoError, match=r"^decode timed out after 0.05 s$"):
         sample_frames(clip, limits=DecodeLimits(timeout_s=0.05))
@@ -375,7 +375,7 @@ def test_failure_reasons_for_signals() -> None:
     # Signals that need no hostile file to exercise: the parent's reading of them.
     limits = DecodeLimits()
     missing = Path("/nonexistent")
-    reason = video._failure_reason
+    reason = sandbox._failure_reason
     assert reason(-signal.SIGXCPU, None, missing, limits) == "decoder exceeded its CPU time limit"
     assert reason(-signal.SIGKILL, None, missing, limits).startswith("decoder was killed")
     assert reason(86, None, missing, limits) == "decoder ran out of memory (limit 4096 MB)"

@@ -110,7 +110,7 @@ def _fail_event(event_id: str | None, reason: str, raw: Any = None) -> None:
     if not event_id:
         return
     with session_scope() as session:
-        outcome = recommend.fail_event(session, event_id, reason, raw=raw)
+        outcome = recommend.fail_event(event_id, reason, session=session, raw=raw)
     _after(outcome)
 
 
@@ -135,7 +135,7 @@ def video_selected(self: Task, event: Any = None, **extra: Any) -> None:
         return
     with session_scope() as session:
         outcome = recommend.accept_event(
-            session, event, settings=get_settings(), fallback_id=f"invalid-{self.request.id}"
+            event, session=session, settings=get_settings(), fallback_id=f"invalid-{self.request.id}"
         )
     _after(outcome)
 
@@ -146,7 +146,7 @@ def serve_event(self: Task, event_id: str) -> None:
         _fail_event(event_id, "the worker process kept dying while serving this event")
         return
     with session_scope() as session:
-        outcome = recommend.serve_event(session, event_id, settings=get_settings())
+        outcome = recommend.serve_event(event_id, session=session, settings=get_settings())
     _after(outcome)
 
 
@@ -155,7 +155,7 @@ class EmbedTask(RetriedTask):
         video_id = kwargs.get("video_id", args[0] if args else None)
         if video_id is not None:
             with session_scope() as session:
-                recommend.fail_video(session, video_id, f"embedding failed: {type(exc).__name__}: {exc}"[:500])
+                recommend.fail_video(video_id, f"embedding failed: {type(exc).__name__}: {exc}"[:500], session=session)
         if kwargs.get("event_id"):
             serve_event.delay(event_id=kwargs["event_id"])  # answers with the video's error
 
@@ -166,10 +166,10 @@ def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id
     on it is served next (on the events queue)."""
     if _process_died_too_often(self):
         with session_scope() as session:
-            recommend.fail_video(session, video_id, "the worker process kept dying while embedding this video")
+            recommend.fail_video(video_id, "the worker process kept dying while embedding this video", session=session)
     else:
         with session_scope() as session:
-            recommend.embed_video(session, video_id, settings=get_settings(), model_id=model_id)
+            recommend.embed_video(video_id, session=session, settings=get_settings(), model_id=model_id)
     if event_id is not None:
         serve_event.delay(event_id=event_id)
 
@@ -208,7 +208,7 @@ def _delivery_lease_s(settings: Settings) -> float:
 @celery_app.task(name="vidsim.backfill", time_limit=TIME_LIMITS["maintenance"])
 def backfill(limit: int | None = None, model_id: int | None = None) -> int:
     with session_scope() as session:
-        ids = recommend.videos_to_embed(session, limit=limit, model_id=model_id)
+        ids = recommend.videos_to_embed(session=session, limit=limit, model_id=model_id)
     for video_id in ids:
         embed_video.delay(video_id, model_id=model_id)
     return len(ids)

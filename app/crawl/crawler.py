@@ -38,7 +38,7 @@ from app.crawl import platform
 from app.crawl.models import DISCOVERED, DUPLICATE, FETCHED, HOLDS_CONTENT, REJECTED, CrawledItem, CrawlSource
 from app.crawl.net import Downloaded, Fetcher, FetchError
 from app.media import video as video_io
-from app.media.register import decode_limits
+from app.media.video import decode_limits
 from app.models import utcnow
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from app.crawl.models import FETCHED, HOLDS_CONTENT, PREPROCESSED, CrawledItem, 
 from app.files import atomic_path
 from app.media import video as video_io
 from app.media.ffmpeg import run_ffmpeg
-from app.media.register import decode_limits
+from app.media.video import decode_limits
 from app.models import utcnow
 
 logger = logging.getLogger(__name__)

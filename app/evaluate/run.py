@@ -115,9 +115,10 @@ def finetune_on_library(
     the benchmark's **library clips only** (the company's library; never a query, whose
     edits the encoder must not see), from ``init_checkpoint`` or, without one, from the
     preset's initial weights (those of the ``untrained`` baseline). Resumes a run already
-    in ``out_dir``. Returns the :class:`app.learn.train.TrainResult`; its ``checkpoint`` is the
+    in ``out_dir``. Returns the :class:`app.learn.train.loop.TrainResult`; its ``checkpoint`` is the
     system to score."""
-    from app.learn.train import TrainConfig, train
+    from app.learn.train.config import TrainConfig
+    from app.learn.train.loop import train
 
     gt = GroundTruth.load(Path(ground_truth_path))
     videos = [c.path for c in gt.library]

@@ -96,7 +96,7 @@ def finish_if_embedded(*, session: Session, model_id: int, settings: Settings) -
     """The end of a rollout: when the library is embedded with warming model ``model_id``,
     builds its index and switches serving to both in this transaction, and returns the
     index version; None while videos are still to embed (the active model keeps serving)."""
-    if recommend.videos_to_embed(session, model_id=model_id, limit=1):
+    if recommend.videos_to_embed(session=session, model_id=model_id, limit=1):
         return None
     model = session.get_one(ModelVersion, model_id)
     version = rebuild.rebuild_index(session=session, model=model, settings=settings)
@@ -110,11 +110,11 @@ def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int,
     ``progress(done, total)`` is called after each video embedded."""
     with session_scope() as session:
         registry.start_rollout(session=session, model_id=model_id)
-        todo = recommend.videos_to_embed(session, model_id=model_id)
+        todo = recommend.videos_to_embed(session=session, model_id=model_id)
     while True:
         for done, video_id in enumerate(todo, start=1):
             with session_scope() as session:
-                recommend.embed_video(session, video_id, settings=settings, model_id=model_id)
+                recommend.embed_video(video_id, session=session, settings=settings, model_id=model_id)
             if progress:
                 progress(done, len(todo))
         with session_scope() as session:
@@ -123,4 +123,4 @@ def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int,
                 return version.id
             # Videos added to the library meanwhile: embedded in another pass. (Each pass
             # embeds or fails every video it is given, so the passes end.)
-            todo = recommend.videos_to_embed(session, model_id=model_id)
+            todo = recommend.videos_to_embed(session=session, model_id=model_id)

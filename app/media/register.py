@@ -159,7 +159,7 @@ def register(
         status="registered",
     )
     try:
-        info = video_io.probe(path, limits=decode_limits(settings))
+        info = video_io.probe(path, limits=video_io.decode_limits(settings))
         row.duration_s, row.width, row.height = info.duration_s, info.width, info.height
     except video_io.VideoError as exc:
         row.status, row.error = "failed", exc.reason
@@ -173,14 +173,3 @@ def _registered(row: Video, *, created: bool, promote: bool) -> Registered:
     if promote and not row.in_library:
         row.in_library = True  # a query-only video later added to the library
     return Registered(row.id, row.uri, created, row.status, row.error)
-
-
-def decode_limits(settings: Settings) -> video_io.DecodeLimits:
-    return video_io.DecodeLimits(
-        timeout_s=settings.decode_timeout_s,
-        memory_mb=settings.decode_memory_mb,
-        max_seconds=settings.max_video_seconds,
-        max_pixels=settings.max_video_pixels,
-        max_streams=settings.max_video_streams,
-        max_bytes=settings.max_download_bytes,
-    )

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.media import video as video_io
-from app.media.register import decode_limits
+from app.media.video import decode_limits
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, Video
 
 logger = logging.getLogger(__name__)

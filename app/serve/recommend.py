@@ -1,10 +1,11 @@
 """The one place that composes an answer: event -> query video -> embedding -> search ->
 recommendation -> outbox delivery.
 
-Functions here take a session and never commit; they return what the caller (a Celery
-task, the demo) must enqueue next once it has committed. No function waits on another
-piece of work: an event whose video is not embedded yet is parked, and served again by
-the embedding step.
+Functions here take ``session`` keyword-only and never commit; they return what the
+caller (a Celery task, the demo) must enqueue next once it has committed. No function
+waits on another piece of work: an event whose video is not embedded yet is parked, and
+served again by the embedding step. The reads and writes they compose are in
+:mod:`app.serve.queries`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -25,7 +24,8 @@ from app.learn.registry import active_model, embed_clips
 from app.media import register as library
 from app.media import video as video_io
 from app.metrics import EVENTS
-from app.models import Embedding, Event, ModelVersion, Recommendation, Video, utcnow
+from app.models import Event, ModelVersion, Recommendation, Video, utcnow
+from app.serve import queries
 from app.serve.events import InvalidEvent, VideoSelected, parse_event
 
 logger = logging.getLogger(__name__)
@@ -41,51 +41,36 @@ class Outcome:
     delivery_id: int | None = None
 
 
-def accept_event(session: Session, raw: Any, *, settings: Settings, fallback_id: str) -> Outcome:
+def accept_event(raw: Any, *, session: Session, settings: Settings, fallback_id: str) -> Outcome:
     """Records a published event once (by event id) and serves it if it can be served now.
     A malformed event is recorded as failed with its reason (and answered with an error
     callback if it names a usable callback URL)."""
     try:
         event = parse_event(raw, max_k=settings.max_k)
     except InvalidEvent as exc:
-        return _reject(session, raw, str(exc), fallback_id=fallback_id)
-    if session.get(Event, event.event_id) is None:
-        try:
-            with session.begin_nested():
-                session.add(
-                    Event(
-                        event_id=event.event_id,
-                        payload=event.model_dump(exclude_none=True),
-                        k=event.k,
-                        callback_url=event.callback_url,
-                        status="received",
-                    )
-                )
-        except IntegrityError:
-            logger.info("event %s already recorded by another worker", event.event_id)
-    return serve_event(session, event.event_id, settings=settings)
+        return _reject(raw, str(exc), fallback_id=fallback_id, session=session)
+    queries.record_event(event, session=session)
+    return serve_event(event.event_id, session=session, settings=settings)
 
 
-def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outcome:
+def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outcome:
     """Answers a recorded event, idempotently: an event already answered gets its
     existing delivery back, never a second recommendation."""
-    ev = session.get_one(Event, event_id)
-    existing = session.scalar(select(Recommendation).where(Recommendation.event_id == event_id))
+    ev = queries.get_event(event_id, session=session)
+    existing = queries.find_recommendation(event_id, session=session)
     if existing is not None:
-        return _existing_outcome(session, existing)
+        return _existing_outcome(existing, session=session)
     event = VideoSelected.model_validate(ev.payload)
 
     try:
-        query_video = _query_video(session, ev, event, settings=settings)
+        query_video = _query_video(ev, event, session=session, settings=settings)
     except library.SourceError as exc:
-        return _answer(session, ev, error=str(exc))
+        return _answer(ev, error=str(exc), session=session)
     if query_video.status == "failed":
-        return _answer(session, ev, query=query_video, error=f"video {query_video.id}: {query_video.error}")
+        return _answer(ev, query=query_video, error=f"video {query_video.id}: {query_video.error}", session=session)
 
     model = active_model(session=session)
-    emb = session.scalar(
-        select(Embedding).where(Embedding.video_id == query_video.id, Embedding.model_version_id == model.id)
-    )
+    emb = queries.find_embedding(query_video.id, model.id, session=session)
     if emb is None:
         ev.status = "embedding"
         return Outcome(event_id, embed_video_id=query_video.id)
@@ -112,19 +97,20 @@ def serve_event(session: Session, event_id: str, *, settings: Settings) -> Outco
         for rank, m in enumerate(matches, start=1)
     ]
     return _answer(
-        session,
         ev,
         query=query_video,
         model=model,
         index_version=index_version,
         results=results,
         search_ms=(time.perf_counter() - started) * 1000,
+        session=session,
     )
 
 
-def _query_video(session: Session, ev: Event, event: VideoSelected, *, settings: Settings) -> Video:
+def _query_video(ev: Event, event: VideoSelected, *, session: Session, settings: Settings) -> Video:
+    """The event's video: a library video by id, or a file or URL registered (query-only)."""
     if event.video_id is not None:
-        video = session.get(Video, event.video_id)
+        video = queries.find_video(event.video_id, session=session)
         if video is None:
             raise library.SourceError(f"unknown video id {event.video_id}")
         ev.video_id = video.id
@@ -138,11 +124,10 @@ def _query_video(session: Session, ev: Event, event: VideoSelected, *, settings:
         restrict_to_media_roots=True,
     )
     ev.video_id = registered.video_id
-    return session.get_one(Video, registered.video_id)
+    return queries.get_video(registered.video_id, session=session)
 
 
 def _answer(
-    session: Session,
     ev: Event,
     *,
     query: Video | None = None,
@@ -151,6 +136,7 @@ def _answer(
     results: list[dict[str, Any]] | None = None,
     error: str | None = None,
     search_ms: float | None = None,
+    session: Session,
 ) -> Outcome:
     """Stores the one recommendation of an event and its outbox delivery."""
     rec = Recommendation(
@@ -162,14 +148,10 @@ def _answer(
         error=error,
         search_ms=search_ms,
     )
-    try:
-        with session.begin_nested():
-            session.add(rec)
-            session.flush()
-    except IntegrityError:
+    stored = queries.add_recommendation(rec, session=session)
+    if stored is not rec:
         # Served concurrently by another worker (a redelivered message): keep theirs.
-        theirs = session.scalars(select(Recommendation).where(Recommendation.event_id == ev.event_id)).one()
-        return _existing_outcome(session, theirs)
+        return _existing_outcome(stored, session=session)
     ev.status, ev.error, ev.completed_at = ("failed" if error else "served"), error, utcnow()
     EVENTS.labels(ev.status).inc()
     if error:
@@ -195,35 +177,27 @@ def callback_body(ev: Event, rec: Recommendation, *, query: Video | None, model:
     }
 
 
-def _existing_outcome(session: Session, rec: Recommendation) -> Outcome:
-    delivery = session.scalar(select(outbox.Delivery).where(outbox.Delivery.recommendation_id == rec.id))
+def _existing_outcome(rec: Recommendation, *, session: Session) -> Outcome:
+    delivery = queries.find_delivery(rec.id, session=session)
     pending = delivery is not None and delivery.status == "pending"
     return Outcome(rec.event_id, delivery_id=delivery.id if pending and delivery else None)
 
 
-def _reject(session: Session, raw: Any, reason: str, *, fallback_id: str) -> Outcome:
+def _reject(raw: Any, reason: str, *, fallback_id: str, session: Session) -> Outcome:
+    """Records (once) and answers with ``reason`` an event that cannot be served as sent."""
     fields = raw if isinstance(raw, dict) else {}
     event_id = fields.get("event_id")
     if not isinstance(event_id, str) or not 0 < len(event_id) <= 200:
         event_id = fallback_id
     callback_url = fields.get("callback_url")
     callback_url = callback_url if isinstance(callback_url, str) and len(callback_url) <= 2048 else ""
-    ev = session.get(Event, event_id)
+    ev = queries.find_event(event_id, session=session)
     if ev is None:
-        ev = Event(
-            event_id=event_id,
-            payload={"raw": repr(raw)[:2000]},
-            k=0,
-            callback_url=callback_url,
-            status="failed",
-            error=reason,
-        )
-        session.add(ev)
-        session.flush()
-    elif session.scalar(select(Recommendation).where(Recommendation.event_id == event_id)) is not None:
+        ev = queries.record_rejected_event(event_id, raw=raw, callback_url=callback_url, reason=reason, session=session)
+    elif queries.find_recommendation(event_id, session=session) is not None:
         return Outcome(event_id)
     logger.warning("rejected event %s: %s", event_id, reason)
-    return _answer(session, ev, error=reason)
+    return _answer(ev, error=reason, session=session)
 
 
 @dataclass(frozen=True)
@@ -236,17 +210,15 @@ class Embedded:
     embed_s: float = 0.0
 
 
-def embed_video(session: Session, video_id: int, *, settings: Settings, model_id: int | None = None) -> Embedded:
+def embed_video(video_id: int, *, session: Session, settings: Settings, model_id: int | None = None) -> Embedded:
     """Decodes (in a sandboxed child), embeds and stores one video for the active model
     (or ``model_id``, a model warming up). Skips work already done; records a readable
     error on the video when it is unusable."""
-    video = session.get(Video, video_id)
+    video = queries.find_video(video_id, session=session)
     if video is None:
         return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
-    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session=session)
-    if session.scalar(
-        select(Embedding.id).where(Embedding.video_id == video_id, Embedding.model_version_id == model.id)
-    ):
+    model = queries.model_to_embed_with(model_id, session=session)
+    if queries.has_embedding(video_id, model.id, session=session):
         return Embedded(video_id, ok=True)
     if video.status == "failed":
         return Embedded(video_id, ok=False, error=video.error)
@@ -258,7 +230,7 @@ def embed_video(session: Session, video_id: int, *, settings: Settings, model_id
             fps=settings.frame_fps,
             size=frame_size,
             max_frames=settings.max_frames,
-            limits=library.decode_limits(settings),
+            limits=video_io.decode_limits(settings),
         )
     except video_io.VideoError as exc:
         video.status, video.error = "failed", exc.reason
@@ -267,19 +239,7 @@ def embed_video(session: Session, video_id: int, *, settings: Settings, model_id
     decoded = time.perf_counter()
     vector = embed_clips(model, [sample.frames])[0]
     done = time.perf_counter()
-    try:
-        with session.begin_nested():
-            session.add(
-                Embedding(
-                    video_id=video_id,
-                    model_version_id=model.id,
-                    vector=vector.astype("float32").tobytes(),
-                    dim=int(vector.shape[0]),
-                    frames=len(sample.frames),
-                )
-            )
-    except IntegrityError:
-        pass  # embedded concurrently by a redelivered message; theirs is equivalent
+    queries.add_embedding(video_id, model.id, vector, frames=len(sample.frames), session=session)
     info = sample.info
     video.status, video.error = "ready", None
     video.duration_s, video.width, video.height = info.duration_s, info.width, info.height
@@ -293,36 +253,29 @@ def embed_video(session: Session, video_id: int, *, settings: Settings, model_id
     return Embedded(video_id, True, len(sample.frames), None, decoded - started, done - decoded)
 
 
-def videos_to_embed(session: Session, *, limit: int | None = None, model_id: int | None = None) -> list[int]:
+def videos_to_embed(*, session: Session, limit: int | None = None, model_id: int | None = None) -> list[int]:
     """Library videos without an embedding for the active model, or ``model_id`` (the backfill)."""
-    model = session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session=session)
-    done = select(Embedding.video_id).where(Embedding.model_version_id == model.id)
-    stmt = (
-        select(Video.id)
-        .where(Video.in_library, Video.enabled, Video.status != "failed", Video.id.not_in(done))
-        .order_by(Video.id)
-    )
-    if limit:
-        stmt = stmt.limit(limit)
-    return list(session.scalars(stmt))
+    model = queries.model_to_embed_with(model_id, session=session)
+    return queries.videos_without_embedding(model.id, limit=limit, session=session)
 
 
-def fail_event(session: Session, event_id: str, reason: str, *, raw: Any = None) -> Outcome:
+def fail_event(event_id: str, reason: str, *, session: Session, raw: Any = None) -> Outcome:
     """Answers an event with an error when serving it failed for good (an internal error
     after retries, or a worker process that kept dying), so nothing accepted goes
     unanswered."""
-    ev = session.get(Event, event_id)
+    ev = queries.find_event(event_id, session=session)
     if ev is None:  # failed before it was recorded: record it from the message
-        return _reject(session, raw if raw is not None else {"event_id": event_id}, reason, fallback_id=event_id)
-    existing = session.scalar(select(Recommendation).where(Recommendation.event_id == event_id))
+        raw = raw if raw is not None else {"event_id": event_id}
+        return _reject(raw, reason, fallback_id=event_id, session=session)
+    existing = queries.find_recommendation(event_id, session=session)
     if existing is not None:
-        return _existing_outcome(session, existing)
-    query = session.get(Video, ev.video_id) if ev.video_id else None
-    return _answer(session, ev, query=query, error=reason)
+        return _existing_outcome(existing, session=session)
+    query = queries.find_video(ev.video_id, session=session) if ev.video_id else None
+    return _answer(ev, query=query, error=reason, session=session)
 
 
-def fail_video(session: Session, video_id: int, reason: str) -> None:
+def fail_video(video_id: int, reason: str, *, session: Session) -> None:
     """Marks a video unusable with a reason an operator can read."""
-    video = session.get(Video, video_id)
+    video = queries.find_video(video_id, session=session)
     if video is not None and video.status != "ready":
         video.status, video.error = "failed", reason

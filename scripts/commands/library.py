@@ -80,7 +80,7 @@ def backfill(
 
     settings = get_settings()
     with db_session() as session:
-        ids = recommend.videos_to_embed(session, limit=limit)
+        ids = recommend.videos_to_embed(session=session, limit=limit)
     if not inline:
         from workers.tasks import embed_video
 
@@ -91,7 +91,7 @@ def backfill(
     failed = 0
     for video_id in track(ids, description="embedding"):
         with db_session() as session:
-            result = recommend.embed_video(session, video_id, settings=settings)
+            result = recommend.embed_video(video_id, session=session, settings=settings)
         if not result.ok:
             failed += 1
             err.print(f"[red]video {video_id}[/red]: {result.error}")

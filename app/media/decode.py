@@ -1,0 +1,272 @@
+"""What the decoding child does with the file: probe it with PyAV, decode frames with decord.
+
+Runs only inside the child (:mod:`app.media.child`), under its resource limits. The probe
+reads what the container declares and refuses, before anything is decoded, what exceeds
+:class:`~app.media.video.DecodeLimits` or is not a video; a sample then decodes only the
+frames shown at the target times, resized while decoding, and saves them as
+``frames.npy`` in the parent's folder. A refusal is :class:`Refused`, with a reason that
+never contains the file's path.
+
+PyAV and decord are imported here, lazily and timed; never torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.logs import one_line
+from app.media.sandbox import FRAMES_FILE
+from app.media.video import DecodeLimits, VideoInfo, check_file
+
+# Container formats the probe accepts (FFmpeg demuxer names). Anything else is refused
+# before decord sees it: playlist demuxers (hls, concat...) would make FFmpeg open other
+# files or URLs named inside the "video".
+_ALLOWED_FORMATS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,mpeg,asf,m4v,h264,hevc,gif"
+
+
+class Refused(Exception):
+    """Raised in the child with a readable reason; becomes a VideoError in the parent."""
+
+
+def clean_message(exc: BaseException, path: str) -> str:
+    """First meaningful line of a decoder exception, without the file's path."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    # decord: "[12:00:00] /github/workspace/src/video/....cc:151: Check failed: ..."
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ", "", str(text)).strip()
+    line = next((ln for ln in text.splitlines() if ln.strip()), text)
+    if path:
+        line = line.replace(path, "<file>")
+    return one_line(line, 200)
+
+
+def run_request(
+    request: dict[str, Any], limits: DecodeLimits, out: Path, timings: dict[str, float], t: float
+) -> dict[str, Any]:
+    """Probe (and for ``op == "sample"``, decode) the request's file; return the result dict.
+
+    ``timings`` collects each phase's seconds, the first one counted from ``t``. Raises
+    :class:`Refused` (or :class:`~app.media.video.VideoError`) for an unusable file and
+    MemoryError when the decoder ran out of memory.
+    """
+    path: str = request["path"]
+    size_bytes = check_file(Path(path), limits)
+    import av
+    import av.logging
+
+    t = _lap(timings, "import_av", t)
+    try:
+        info, sar = _probe_with_av(av, path, limits, size_bytes)
+    finally:
+        t = _lap(timings, "probe", t)
+    if request["op"] == "probe":
+        return {"ok": True, "info": asdict(info)}
+
+    import decord
+    from decord._ffi.base import DECORDError
+
+    t = _lap(timings, "import_decord", t)
+    try:
+        return _decode(decord, request, limits, info, sar, out, timings, t)
+    except (RuntimeError, DECORDError) as exc:
+        # decord raises RuntimeError at open but DECORDError (not a RuntimeError) while
+        # reading; both mean the file cannot be decoded.
+        msg = clean_message(exc, path)
+        if looks_like_oom(msg):
+            raise MemoryError from None
+        raise Refused(f"cannot decode: {msg}") from None
+
+
+def looks_like_oom(message: str) -> bool:
+    """Whether a decoder's error message means it ran out of memory."""
+    # Under RLIMIT_AS, running out of memory surfaces as text: "Cannot allocate memory"
+    # (ENOMEM), "Resource temporarily unavailable" (EAGAIN: no room for a thread's stack),
+    # "failed to map segment from shared object" (an import), "std::bad_alloc" (C++).
+    message = message.lower()
+    return any(s in message for s in _OOM_MARKERS)
+
+
+_OOM_MARKERS = (
+    "cannot allocate memory",
+    "resource temporarily unavailable",
+    "failed to map segment",
+    "bad_alloc",
+)
+
+
+def _lap(timings: dict[str, float], name: str, t: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - t, 4)
+    return now
+
+
+def _probe_with_av(av: Any, path: str, limits: DecodeLimits, size_bytes: int) -> tuple[VideoInfo, float]:
+    """Read the container's declarations with PyAV and refuse what exceeds the limits.
+
+    Returns (VideoInfo, sample aspect ratio as float).
+    """
+    av.logging.set_level(av.logging.ERROR)  # for Capture below; the log is our own
+    container_options = {"protocol_whitelist": "file", "format_whitelist": _ALLOWED_FORMATS}
+    # max_pixels (given to every stream's decoder) stops FFmpeg from decoding a huge frame
+    # while it learns the streams' parameters (avformat_find_stream_info decodes a few).
+    options = {"max_pixels": str(limits.max_pixels)}
+    try:
+        with av.logging.Capture() as logs:
+            container = av.open(
+                path,
+                options=options,
+                container_options=container_options,
+                metadata_errors="ignore",
+            )
+    except av.error.ArgumentError:
+        # EINVAL from avformat_open_input here means the probed format is not allowed.
+        raise Refused("not a video: unsupported container format") from None
+    except av.FFmpegError as exc:
+        message = clean_message(exc, path)
+        if looks_like_oom(message):
+            raise MemoryError from None
+        raise Refused(f"not a video: {message}") from None
+    with container:
+        if len(container.streams) > limits.max_streams:
+            raise Refused(f"too many streams: {len(container.streams)} (limit {limits.max_streams})")
+        videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not videos:
+            if container.streams.video:
+                raise Refused("not a video: only a cover image, no video stream")
+            raise Refused("not a video: no video stream")
+        # The stream decord will pick (av_find_best_stream), unless it is cover art.
+        best = container.streams.best("video")
+        vs = best if best in videos else videos[0]
+        ctx = vs.codec_context
+        width, height = int(ctx.width or 0), int(ctx.height or 0)
+        if width <= 0 or height <= 0:
+            # With max_pixels set, FFmpeg zeroes a size over the limit; its log says which.
+            for _level, _name, message in logs:
+                m = re.search(r"Picture size (\d+)x(\d+) (?:exceeds|is invalid)", message)
+                if m:
+                    width, height = int(m[1]), int(m[2])
+                    break
+            else:
+                raise Refused("not a video: the video stream has no picture size")
+        if width * height > limits.max_pixels:
+            raise Refused(f"resolution {width}x{height} exceeds limit {limits.max_pixels} pixels")
+
+        durations = []
+        if container.duration:
+            durations.append(container.duration / 1e6)  # AV_TIME_BASE units
+        if vs.duration and vs.time_base:
+            durations.append(float(vs.duration * vs.time_base))
+        # The longest declaration counts: a file must not escape the limit by lying in one
+        # place. Unknown duration is checked again on decord's frame index.
+        duration = max(durations, default=0.0)
+        if not math.isfinite(duration) or duration > limits.max_seconds:
+            raise Refused(f"duration {duration:.0f} s exceeds limit {limits.max_seconds:.0f} s")
+        rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+        fps = float(rate) if rate else 0.0
+        frame_count = int(vs.frames or 0) or round(duration * fps)
+        sar_ratio = vs.sample_aspect_ratio
+        sar = float(sar_ratio) if sar_ratio and 0.1 <= float(sar_ratio) <= 10 else 1.0
+        info = VideoInfo(
+            duration_s=duration,
+            width=width,
+            height=height,
+            fps=fps,
+            frame_count=frame_count,
+            codec=str(ctx.name or "unknown"),
+            size_bytes=size_bytes,
+        )
+    return info, sar
+
+
+def _resized_dims(width: int, height: int, sar: float, size: int) -> tuple[int, int]:
+    """(w, h) to decode at: short side of the *displayed* picture = size, aspect kept."""
+    display_w = width * sar
+    scale = size / min(display_w, height)
+    return max(size, round(display_w * scale)), max(size, round(height * scale))
+
+
+def _sample_times(
+    video_end: float, fps: float, max_frames: int, start_s: float | None, duration_s: float | None
+) -> np.ndarray:
+    """Target times (N,) in seconds from the first frame; N >= 1."""
+    start = start_s or 0.0
+    if start >= video_end:
+        raise Refused(f"window starts at {start:g} s, after the end of the video ({video_end:.2f} s)")
+    end = video_end if duration_s is None else min(start + duration_s, video_end)
+    span = end - start
+    # The small epsilon keeps float noise (e.g. 60.000001 s) from adding a frame.
+    n = max(1, math.ceil(span * fps - 1e-6))
+    if n <= max_frames:
+        return start + np.arange(n) / fps
+    return start + np.arange(max_frames) * (span / max_frames)
+
+
+def _decode(
+    decord: Any,
+    request: dict[str, Any],
+    limits: DecodeLimits,
+    info: VideoInfo,
+    sar: float,
+    out: Path,
+    timings: dict[str, float],
+    t: float,
+) -> dict[str, Any]:
+    size = request["size"]
+    rw, rh = _resized_dims(info.width, info.height, sar, size)
+    # Resizing inside decord's filter graph is cheaper than decoding full frames and
+    # resizing them afterwards. num_threads=0 lets FFmpeg choose.
+    vr = decord.VideoReader(request["path"], ctx=decord.cpu(0), width=rw, height=rh)
+    t = _lap(timings, "open", t)
+    n = len(vr)
+    if n == 0:
+        raise Refused("not a video: no decodable frames")
+    ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)  # (n, 2)
+    # Frame start times, seconds from the first frame. decord keeps them as float32: round
+    # off the noise (0.36000001 -> 0.36).
+    starts = np.round(ts[:, 0] - ts[0, 0], 6)
+    video_end = max(float(ts[-1, 1] - ts[0, 0]), float(starts.max()))
+    if video_end <= 0:  # a single frame without a duration
+        video_end = 1.0 / info.fps if info.fps > 0 else 1e-3
+    if video_end > limits.max_seconds:  # containers without a declared duration
+        raise Refused(f"duration {video_end:.0f} s exceeds limit {limits.max_seconds:.0f} s")
+    targets = _sample_times(
+        video_end,
+        request["fps"],
+        request["max_frames"],
+        request["start_s"],
+        request["duration_s"],
+    )
+    # The frame shown at each target time: the last one starting at or before it (give or
+    # take 1 ms: float32 times are that coarse at 4 h, and 0.4 s must find a frame at 0.4).
+    order = np.argsort(starts, kind="stable")
+    pos = np.searchsorted(starts[order], targets + 1e-3, side="right") - 1
+    pos = np.clip(pos, 0, n - 1)
+    indices = order[pos]  # (T,)
+    # Decode each distinct frame once, in file order (decord seeks less that way).
+    unique, inverse = np.unique(indices, return_inverse=True)
+    t = _lap(timings, "index", t)
+    batch = vr.get_batch(unique.tolist()).asnumpy()  # (U, rh, rw, 3) uint8 RGB
+    del vr
+    t = _lap(timings, "decode", t)
+    if batch.shape[1:] != (rh, rw, 3):
+        raise Refused(f"decoder returned frames {batch.shape[1:]}, expected {(rh, rw, 3)}")
+    y0, x0 = (rh - size) // 2, (rw - size) // 2
+    frames = batch[inverse.reshape(-1), y0 : y0 + size, x0 : x0 + size]  # (T, size, size, 3)
+    np.save(out / FRAMES_FILE, np.ascontiguousarray(frames), allow_pickle=False)
+    _lap(timings, "save", t)
+    sampled_info = VideoInfo(
+        duration_s=video_end,
+        width=info.width,
+        height=info.height,
+        fps=info.fps if info.fps > 0 else n / video_end,
+        frame_count=n,
+        codec=info.codec,
+        size_bytes=info.size_bytes,
+    )
+    return {"ok": True, "info": asdict(sampled_info), "timestamps": starts[indices].tolist()}

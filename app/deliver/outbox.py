@@ -13,7 +13,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.deliver import callbacks
+from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
 from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, utcnow
 
@@ -66,9 +66,9 @@ def claim(session: Session, delivery_id: int, *, lease_s: float, token: datetime
     return session.get(Delivery, delivery_id, populate_existing=True)
 
 
-def attempt(delivery: Delivery, *, settings: Settings) -> callbacks.DeliveryResult:
+def attempt(delivery: Delivery, *, settings: Settings) -> DeliveryResult:
     """One HTTP attempt, outside any transaction."""
-    return callbacks.deliver(
+    return deliver(
         url=delivery.url,
         msg_id=delivery.webhook_id,
         body=delivery.body.encode(),
@@ -78,7 +78,7 @@ def attempt(delivery: Delivery, *, settings: Settings) -> callbacks.DeliveryResu
     )
 
 
-def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult, *, settings: Settings) -> Delivery:
+def record(session: Session, delivery_id: int, result: DeliveryResult, *, settings: Settings) -> Delivery:
     """Stores the attempt and moves the delivery on: delivered, disabled (410), scheduled
     again, or dead after the last attempt of the schedule."""
     delivery = session.get_one(Delivery, delivery_id, with_for_update=True)
@@ -113,7 +113,7 @@ def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult,
         # changes the policy can still `vidsim deliveries replay` it.
         delivery.status, delivery.next_attempt_at = "dead", None
     else:
-        delay = callbacks.next_delay_s(
+        delay = next_delay_s(
             delivery.attempts, schedule=settings.callback_retry_schedule, retry_after_s=result.retry_after_s
         )
         if delay is None:

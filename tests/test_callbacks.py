@@ -1,5 +1,5 @@
 """Signing (app.deliver.signing), one delivery attempt (app.deliver.attempt) and the URL
-policy it follows (app.media.http), against a real HTTP(S) server on 127.0.0.1 (no mocks
+policy it follows (app.media.addresses), against a real HTTP(S) server on 127.0.0.1 (no mocks
 of httpx internals).
 
 The only fakes are of the outside world: ``socket.getaddrinfo`` is patched to make a public
@@ -30,7 +30,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from app.config import DEV_WEBHOOK_SECRET, STANDARD_RETRY_SCHEDULE
 from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
 from app.deliver.signing import generate_secret, sign, verify
-from app.media.http import Blocked, check_url
+from app.media.addresses import Blocked, check_url
 
 SECRET = DEV_WEBHOOK_SECRET
 OTHER_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="  # 32 bytes

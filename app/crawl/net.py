@@ -42,15 +42,13 @@ from protego import Protego
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
 from app.config import Settings
+from app.media.addresses import Blocked, UnresolvableHost, parse_url
 from app.media.http import (
-    Blocked,
     BodyTooLarge,
     BodyTooSlow,
-    UnresolvableHost,
     describe_transport_error,
     iter_body,
     parse_retry_after,
-    parse_url,
     vetted_client,
 )
 

@@ -30,7 +30,7 @@ from app.config import Settings
 from app.crawl.discover import Candidate, Discovery
 from app.crawl.net import Budget, Downloaded, Fetcher, FetchError, sniff_video
 from app.logs import one_line
-from app.media.http import Blocked, check_url
+from app.media.addresses import Blocked, check_url
 
 logger = logging.getLogger(__name__)
 

@@ -4,12 +4,13 @@ This module knows nothing of Celery or the database. The caller stores every att
 schedules the next one with :func:`next_delay_s`; :func:`deliver` makes exactly one attempt
 and never raises for network or HTTP problems.
 
-The request follows :mod:`app.media.http`'s policy: the target host is resolved and vetted
-once, and the request is sent to the vetted IP itself (with the real name in ``Host`` and
-in TLS SNI), so a DNS answer that changes between the check and the connection
-(rebinding) cannot redirect it, whichever client sends it. Redirects are never followed,
-the response body is read at most :data:`MAX_RESPONSE_BYTES`, and no cookies, proxies or
-``.netrc`` from the environment are used.
+The request follows the outbound policy (:mod:`app.media.addresses`, :mod:`app.media.http`):
+the target host is resolved and vetted once, and the request is sent to the vetted IP
+itself (with the real name in ``Host`` and in TLS SNI), so a DNS answer that changes
+between the check and the connection (rebinding) cannot redirect it, whichever client
+sends it. Redirects are never followed, the response body is read at most
+:data:`MAX_RESPONSE_BYTES`, and no cookies, proxies or ``.netrc`` from the environment are
+used.
 """
 
 from __future__ import annotations
@@ -25,16 +26,8 @@ import httpx
 
 from app.deliver.signing import sign
 from app.logs import one_line
-from app.media.http import (
-    MAX_ADDRESSES_TRIED,
-    Blocked,
-    UnresolvableHost,
-    describe_transport_error,
-    drain,
-    parse_retry_after,
-    vet_url,
-    vetted_client,
-)
+from app.media.addresses import Blocked, UnresolvableHost, vet_url
+from app.media.http import MAX_ADDRESSES_TRIED, describe_transport_error, drain, parse_retry_after, vetted_client
 
 __all__ = ["MAX_RESPONSE_BYTES", "DeliveryResult", "deliver", "next_delay_s"]
 

@@ -21,15 +21,8 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.media import video as video_io
-from app.media.http import (
-    Blocked,
-    BodyTooLarge,
-    UnresolvableHost,
-    check_url,
-    describe_transport_error,
-    iter_body,
-    vetted_client,
-)
+from app.media.addresses import Blocked, UnresolvableHost, check_url
+from app.media.http import BodyTooLarge, describe_transport_error, iter_body, vetted_client
 from app.models import Video
 
 logger = logging.getLogger(__name__)

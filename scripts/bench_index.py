@@ -259,6 +259,7 @@ class Store:
             self.model_id = model.id
         with self.engine.begin() as sa_conn:
             conn = sa_conn.connection.driver_connection  # psycopg: COPY streams the rows
+            assert conn is not None
             with conn.cursor().copy("COPY videos (id, uri, in_library, enabled, status, created_at, updated_at)"
                                     " FROM STDIN") as copy:  # fmt: skip
                 for i in range(n):

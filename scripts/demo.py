@@ -31,7 +31,7 @@ def _configure(data_dir: Path | None) -> Path:
     return root
 
 
-def _train_demo_model(library: list[Path], *, steps: int, settings, console: Console):  # type: ignore[no-untyped-def]
+def _train_demo_model(library: list[Path], *, steps: int, settings, console: Console):
     """Pre-trains a small encoder (Barlow Twins, cpu-small preset) on the demo library and
     makes it the serving model (nothing is indexed yet, so it takes over at once)."""
     from app.db import session_scope

@@ -119,7 +119,7 @@ def run_phase(
     *,
     library: list[int],
     receiver,
-    drain_timeout_s: float,  # type: ignore[no-untyped-def]
+    drain_timeout_s: float,
     p95_target_ms: float,
 ) -> Phase:
     """Publishes at ``rate`` for ``duration_s`` (open loop: on schedule whatever the

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from app.deliver.callbacks import verify
+from app.deliver.signing import verify
 
 
 @dataclass
@@ -75,6 +75,7 @@ class CallbackReceiver:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET server's address (typeshed allows bytes)
         return f"http://{host}:{port}/hooks/vidsim"
 
     def wait_for(self, event_ids: set[str], timeout_s: float) -> dict[str, Received]:

@@ -1,4 +1,6 @@
-"""app.deliver.callbacks against a real HTTP(S) server on 127.0.0.1 (no mocks of httpx internals).
+"""Signing (app.deliver.signing), one delivery attempt (app.deliver.attempt) and the URL
+policy it follows (app.media.addresses), against a real HTTP(S) server on 127.0.0.1 (no mocks
+of httpx internals).
 
 The only fakes are of the outside world: ``socket.getaddrinfo`` is patched to make a public
 looking name resolve where a test wants it, and one test uses httpx's documented
@@ -26,16 +28,9 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from app.config import DEV_WEBHOOK_SECRET, STANDARD_RETRY_SCHEDULE
-from app.deliver import callbacks
-from app.deliver.callbacks import (
-    CallbackBlocked,
-    check_url,
-    deliver,
-    generate_secret,
-    next_delay_s,
-    sign,
-    verify,
-)
+from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
+from app.deliver.signing import generate_secret, sign, verify
+from app.media.addresses import Blocked, check_url
 
 SECRET = DEV_WEBHOOK_SECRET
 OTHER_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="  # 32 bytes
@@ -185,7 +180,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _send(receiver: Receiver, **kwargs: object) -> callbacks.DeliveryResult:
+def _send(receiver: Receiver, **kwargs: object) -> DeliveryResult:
     args: dict = {
         "url": receiver.url,
         "msg_id": "msg_test_1",
@@ -445,7 +440,7 @@ BLOCKED = [
 
 @pytest.mark.parametrize("url", BLOCKED)
 def test_blocked_urls(url: str) -> None:
-    with pytest.raises(CallbackBlocked):
+    with pytest.raises(Blocked):
         check_url(url, allow_private=False)
     result = deliver(url=url, msg_id="m", body=BODY, secrets=[SECRET], allow_private=False)
     assert (result.ok, result.status_code) == (False, None)
@@ -461,7 +456,7 @@ def test_blocked_urls(url: str) -> None:
     ],
 )
 def test_scheme_and_credentials_blocked_even_when_private_allowed(url: str) -> None:
-    with pytest.raises(CallbackBlocked):
+    with pytest.raises(Blocked):
         check_url(url, allow_private=True)
 
 
@@ -479,7 +474,7 @@ def test_block_messages_are_readable(fake_dns: Callable[..., list[str]]) -> None
         "https://hooks.example.com/cb": "hooks.example.com resolves to 10.0.0.5, which is a private address",
     }
     for url, message in cases.items():
-        with pytest.raises(CallbackBlocked) as info:
+        with pytest.raises(Blocked) as info:
             check_url(url, allow_private=False)
         assert str(info.value) == message
 
@@ -487,7 +482,7 @@ def test_block_messages_are_readable(fake_dns: Callable[..., list[str]]) -> None
 def test_public_name_resolving_to_private_is_blocked(receiver: Receiver, fake_dns: Callable[..., list[str]]) -> None:
     fake_dns({"hooks.example.com": ["10.0.0.5"], "mixed.example.com": ["93.184.216.34", "::1"]})
     for host in ("hooks.example.com", "mixed.example.com"):
-        with pytest.raises(CallbackBlocked, match=host):
+        with pytest.raises(Blocked, match=host):
             check_url(f"https://{host}/cb", allow_private=False)
         result = deliver(url=f"https://{host}/cb", msg_id="m", body=BODY, secrets=[SECRET], allow_private=False)
         assert result.error is not None and result.error.startswith(f"blocked: {host} resolves")
@@ -498,7 +493,7 @@ def test_public_name_resolving_to_private_is_blocked(receiver: Receiver, fake_dn
 
 
 def test_unresolvable_name() -> None:
-    with pytest.raises(CallbackBlocked, match="DNS lookup failed"):
+    with pytest.raises(Blocked, match="DNS lookup failed"):
         check_url("http://no-such-host.invalid/", allow_private=False)
     result = deliver(
         url="http://no-such-host.invalid/",

@@ -26,11 +26,12 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import select
+from standardwebhooks.webhooks import WebhookVerificationError
 from support.faultkit import Hook, Stack, Supervised, children, rss_mb, shared_stack
 from support.media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
 
-from app.deliver.callbacks import WebhookVerificationError, generate_secret, verify
 from app.deliver.outbox import webhook_id_for
+from app.deliver.signing import generate_secret, verify
 from app.models import Delivery, Event, Recommendation, Video
 
 NEW_SECRET, OLD_SECRET = generate_secret(), generate_secret()
@@ -407,7 +408,7 @@ def test_rotated_secrets_both_verify_and_tampering_is_rejected(
     with stack.session() as s:
         delivery = s.scalars(select(Delivery).where(Delivery.webhook_id == webhook_id_for(event_id))).one()
     # Re-sign the stored body as the worker does, then tamper with the copy.
-    from app.deliver.callbacks import sign
+    from app.deliver.signing import sign
 
     body = delivery.body.encode()
     headers = sign(secrets=[NEW_SECRET, OLD_SECRET], msg_id=delivery.webhook_id, timestamp=int(time.time()), body=body)

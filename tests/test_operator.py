@@ -154,7 +154,7 @@ def test_readme_publisher_example_publishes_an_event(worker) -> None:  # type: i
 def test_readme_signature_verifier_accepts_ours_and_rejects_tampering(settings) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from app.deliver.callbacks import sign
+    from app.deliver.signing import sign
 
     verifier = next(b for b in _python_blocks(README.read_text()) if "def handle(" in b)
     namespace: dict = {}

@@ -32,7 +32,7 @@ class _SafeRedisChannel(kombu_redis.Channel):
     (tests/test_hostile.py). BRPOP has already removed such a message, so dropping it
     loses nothing a worker could have used."""
 
-    def _brpop_read(self, **options):  # type: ignore[no-untyped-def]
+    def _brpop_read(self, **options):
         try:
             return super()._brpop_read(**options)
         except (Empty, *self.connection.connection_errors, *self.connection.channel_errors):
@@ -60,7 +60,7 @@ def make_celery() -> Celery:
             data_folder_in=str(folder), data_folder_out=str(folder), control_folder=str(folder / "control")
         )
     else:
-        broker = settings.redis_url
+        broker = settings.redis_url or ""  # not embedded: settings ensure a URL
         if settings.broker_prefix:
             transport_options["global_keyprefix"] = settings.broker_prefix
         app.conf.broker_transport = f"{__name__}:SafeRedisTransport"

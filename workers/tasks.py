@@ -181,20 +181,20 @@ def deliver_callback(delivery_id: int, lease: str | None = None) -> None:
     settings = get_settings()
     token = datetime.fromisoformat(lease) if lease else None
     with session_scope() as session:
-        delivery = outbox.claim(session, delivery_id, lease_s=_delivery_lease_s(settings), token=token)
+        delivery = outbox.claim(delivery_id, session=session, lease_s=_delivery_lease_s(settings), token=token)
     if delivery is None:
         return  # not due, done, or held by another worker
     with log_context(event_id=json.loads(delivery.body).get("event_id"), delivery_id=delivery_id):
         result = outbox.attempt(delivery, settings=settings)
         with session_scope() as session:
-            outbox.record(session, delivery_id, result, settings=settings)
+            outbox.record(delivery_id, result, session=session, settings=settings)
 
 
 @celery_app.task(name="vidsim.sweep_outbox", time_limit=TIME_LIMITS["maintenance"])
 def sweep_outbox() -> int:
     """Beat: enqueue every delivery whose next attempt is due (or whose lease lapsed)."""
     with session_scope() as session:
-        taken = outbox.take_due(session, lease_s=_delivery_lease_s(get_settings()))
+        taken = outbox.take_due(session=session, lease_s=_delivery_lease_s(get_settings()))
     for delivery_id, lease in taken:
         deliver_callback.delay(delivery_id, lease=lease.isoformat())
     return len(taken)

@@ -2,11 +2,10 @@
 
 One :class:`Fetcher` per crawl run. Every request it makes
 
-- connects only to vetted addresses: the host is resolved *at connect time* (inside the
-  HTTP transport), and each address must pass :func:`app.deliver.callbacks.check_url`'s policy
-  (no loopback, private, link-local/metadata... unless ``crawl_allow_private``), so a DNS
-  answer that changes after a check (rebinding) or a redirect to an internal host cannot
-  reach one;
+- goes through :func:`app.media.http.vetted_client`: the host is resolved and vetted when
+  the connection is opened (no loopback, private, link-local/metadata... unless
+  ``crawl_allow_private``), so a DNS answer that changes after a check (rebinding) or a
+  redirect to an internal host cannot reach one; no cookies, no proxy from the environment;
 - is allowed by the host's robots.txt (Protego; fetched once per host and cached), and is
   spaced from the previous request to that host by the host interval, or by robots.txt's
   ``Crawl-delay``/``Request-rate`` when slower;
@@ -25,12 +24,9 @@ Failures are :class:`FetchError` with a short ``code`` (for counting) and a read
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import hashlib
-import ipaddress
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,7 +42,15 @@ from protego import Protego
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
 from app.config import Settings
-from app.deliver.callbacks import CallbackBlocked, check_url
+from app.media.addresses import Blocked, UnresolvableHost, parse_url
+from app.media.http import (
+    BodyTooLarge,
+    BodyTooSlow,
+    describe_transport_error,
+    iter_body,
+    parse_retry_after,
+    vetted_client,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,79 +70,12 @@ class FetchError(Exception):
         self.code, self.reason, self.transient = code, reason, transient
 
 
-class _Blocked(Exception):
-    """Raised inside the transport when a host resolves to a forbidden address."""
-
-
 class _Transient(Exception):
     """A failure worth retrying now (connection error, 429, 5xx)."""
 
     def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason, self.retry_after_s = reason, retry_after_s
-
-
-# --------------------------------------------------------------------------- SSRF-safe transport
-
-
-def vetted_addresses(host: str, port: int, *, allow_private: bool) -> list[str]:
-    """Addresses of ``host`` that may be connected to (app.deliver.callbacks' policy, per address).
-
-    Raises _Blocked when any address is forbidden (a host mixing public and internal answers
-    is refused whole) or the name does not resolve."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise _Blocked(f"DNS lookup failed for {host}: {exc}") from None
-    addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
-    if not addresses:
-        raise _Blocked(f"{host} has no address")
-    if not allow_private:
-        for ip in addresses:
-            literal = f"[{ip}]" if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address) else ip
-            try:
-                check_url(f"http://{literal}/", allow_private=False)
-            except CallbackBlocked as exc:
-                raise _Blocked(f"{host} resolves to {exc}") from None
-    return addresses
-
-
-class _VettingBackend(httpcore.SyncBackend):
-    """Resolves and vets the host when a connection is opened, then connects to the
-    vetted IP (TLS still uses the host name for SNI and certificate checks)."""
-
-    def __init__(self, *, allow_private: bool) -> None:
-        self.allow_private = allow_private
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Any = None,
-    ) -> httpcore.NetworkStream:
-        last: Exception | None = None
-        for ip in vetted_addresses(host, port, allow_private=self.allow_private)[:3]:
-            try:
-                return super().connect_tcp(ip, port, timeout, local_address, socket_options)
-            except httpcore.ConnectError as exc:
-                last = exc
-        assert last is not None
-        raise last
-
-
-class _VettingTransport(httpx.HTTPTransport):
-    def __init__(self, *, allow_private: bool) -> None:
-        super().__init__(trust_env=False)
-        # httpx offers no hook for the network backend; replace its pool with one using ours.
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=20,
-            max_keepalive_connections=10,
-            keepalive_expiry=5.0,
-            network_backend=_VettingBackend(allow_private=allow_private),
-        )
 
 
 # --------------------------------------------------------------------------- budget, rates, robots
@@ -253,7 +190,6 @@ class Fetcher:
         settings: Settings,
         budget: Budget | None = None,
         sleep: Callable[[float], None] = time.sleep,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.settings = settings
         self.budget = budget or Budget.from_settings(settings)
@@ -261,10 +197,8 @@ class Fetcher:
         self._sleep = sleep
         self._robots: dict[str, _Robots] = {}
         self.requests = 0
-        self._client = httpx.Client(
-            transport=transport or _VettingTransport(allow_private=settings.crawl_allow_private),
-            follow_redirects=False,
-            trust_env=False,
+        self._client = vetted_client(
+            allow_private=settings.crawl_allow_private,
             headers={"User-Agent": settings.crawl_user_agent, "Accept-Encoding": "gzip, deflate, identity"},
         )
 
@@ -322,11 +256,10 @@ class Fetcher:
         return interval
 
     def _check(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError("blocked", f"not an http(s) URL: {url[:200]}")
-        if parts.username or parts.password:
-            raise FetchError("blocked", "credentials in the URL are not allowed")
+        try:
+            parse_url(url)
+        except Blocked as exc:
+            raise FetchError("blocked", str(exc)) from None
         if not self.allowed(url):
             blocked = self.robots(url).blocked
             if blocked:
@@ -391,14 +324,14 @@ class Fetcher:
             self.requests += 1
             try:
                 response = self._client.send(request, stream=True)
-            except _Blocked as exc:
+            except (Blocked, UnresolvableHost) as exc:  # raised when connecting (app.media.http)
                 raise FetchError("blocked", str(exc)) from None
             except httpx.TimeoutException:
                 if time.monotonic() >= deadline:
                     raise FetchError("timeout", "no response before the deadline") from None
                 raise _Transient("timed out connecting or waiting for the response") from None
             except (httpx.TransportError, httpcore.NetworkError) as exc:
-                raise _Transient(f"{type(exc).__name__}: {exc}"[:200]) from None
+                raise _Transient(describe_transport_error(exc, timeout_s=per_op)) from None
             status = response.status_code
             if status in _REDIRECTS and "location" in response.headers:
                 response.close()
@@ -408,31 +341,30 @@ class Fetcher:
                 return response
             response.close()
             if status == 429 or status >= 500:
-                raise _Transient(f"HTTP {status}", _retry_after(response.headers.get("retry-after")))
+                raise _Transient(f"HTTP {status}", parse_retry_after(response.headers.get("retry-after")))
             raise FetchError("http", f"HTTP {status}")
         raise FetchError("redirects", f"more than {self.settings.crawl_max_redirects} redirects")
 
     def _get(self, url: str, *, max_bytes: int, deadline: float, check_robots: bool = True) -> Page:
         with self._open(url, deadline=deadline, check_robots=check_robots) as response:
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise FetchError("too_large", f"declares {declared} bytes (limit {max_bytes})")
-            body = bytearray()
-            for chunk in self._stream(response, deadline):
-                body += chunk
-                if len(body) > max_bytes:
-                    raise FetchError("too_large", f"more than {max_bytes} bytes")
-            return Page(str(response.url), response.status_code, response.headers.get("content-type", ""), bytes(body))
+            body = b"".join(self._stream(response, max_bytes=max_bytes, deadline=deadline))
+            return Page(str(response.url), response.status_code, response.headers.get("content-type", ""), body)
 
-    def _stream(self, response: httpx.Response, deadline: float) -> Iterator[bytes]:
-        """The decoded body in chunks, counted against the run's byte budget, stopping at
-        the deadline (checked on every chunk; the read timeout is bounded by it too)."""
+    def _stream(self, response: httpx.Response, *, max_bytes: int, deadline: float) -> Iterator[bytes]:
+        """The decoded body in chunks, counted against the run's byte budget, refused past
+        ``max_bytes`` (declared or received), stopping at the deadline (checked on every
+        chunk; the read timeout is bounded by it too)."""
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise FetchError("too_large", f"declares {declared} bytes (limit {max_bytes})")
         try:
-            for chunk in response.iter_bytes():  # as it arrives (a chunk_size would buffer)
+            for chunk in iter_body(response, max_bytes=max_bytes, deadline=deadline):
                 self.budget.bytes += len(chunk)
                 yield chunk
-                if time.monotonic() > deadline:
-                    raise FetchError("timeout", "download took longer than its time cap")
+        except BodyTooLarge as exc:
+            raise FetchError("too_large", f"{exc} (no or false Content-Length)") from None
+        except BodyTooSlow:
+            raise FetchError("timeout", "download took longer than its time cap") from None
         except httpx.TimeoutException:
             raise FetchError("timeout", "the server stopped sending before the time cap") from None
         except httpx.DecodingError as exc:
@@ -468,14 +400,9 @@ class Fetcher:
         digest, size, kind = hashlib.sha256(), 0, None
         try:
             with self._open(url, deadline=deadline, compressed=False) as response, open(tmp, "wb") as out:
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > cap:
-                    raise FetchError("too_large", f"declares {declared} bytes (limit {cap})")
                 head = b""
-                for chunk in self._stream(response, deadline):
+                for chunk in self._stream(response, max_bytes=cap, deadline=deadline):
                     size += len(chunk)
-                    if size > cap:
-                        raise FetchError("too_large", f"more than {cap} bytes received (no or false Content-Length)")
                     if size > remaining_budget:
                         raise FetchError("budget", "run byte budget exhausted during the download", transient=True)
                     if kind is None:
@@ -507,16 +434,3 @@ class Fetcher:
             what = guessed.mime if guessed else "unknown type"
             raise FetchError("not_video", f"the content is not a video by its magic bytes ({what})")
         return kind
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time()) if when else None

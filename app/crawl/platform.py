@@ -29,8 +29,8 @@ from typing import Any
 from app.config import Settings
 from app.crawl.discover import Candidate, Discovery
 from app.crawl.net import Budget, Downloaded, Fetcher, FetchError, sniff_video
-from app.deliver.callbacks import CallbackBlocked, check_url
 from app.logs import one_line
+from app.media.addresses import Blocked, check_url
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _vet(url: str | None, settings: Settings) -> None:
         return
     try:
         check_url(url, allow_private=False)
-    except CallbackBlocked as exc:
+    except Blocked as exc:
         raise FetchError("blocked", str(exc)) from None
 
 

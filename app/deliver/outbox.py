@@ -8,14 +8,18 @@ import json
 import logging
 import uuid
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.deliver import callbacks
+from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
 from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +31,8 @@ def webhook_id_for(event_id: str) -> str:
     return f"msg_{uuid.uuid5(_WEBHOOK_NS, event_id).hex}"
 
 
-def create_delivery(session: Session, rec: Recommendation, *, url: str, body: dict) -> Delivery:
+def create_delivery(rec: Recommendation, *, session: Session, url: str, body: dict[str, Any]) -> Delivery:
+    """The recommendation's delivery, pending and due now (flushed, not committed)."""
     delivery = Delivery(
         recommendation_id=rec.id,
         url=url,
@@ -41,7 +46,7 @@ def create_delivery(session: Session, rec: Recommendation, *, url: str, body: di
     return delivery
 
 
-def claim(session: Session, delivery_id: int, *, lease_s: float, token: datetime | None = None) -> Delivery | None:
+def claim(delivery_id: int, *, session: Session, lease_s: float, token: datetime | None = None) -> Delivery | None:
     """Takes a due delivery for one attempt, or returns None if it is not due, finished,
     or leased by another worker. Commit right after, before the HTTP call. ``token`` is
     the lease :func:`take_due` put on the delivery when the sweeper enqueued this attempt:
@@ -50,7 +55,7 @@ def claim(session: Session, delivery_id: int, *, lease_s: float, token: datetime
     free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
     if token is not None:
         free = or_(free, Delivery.lease_until == token)
-    taken = session.execute(
+    statement = (
         update(Delivery)
         .where(
             Delivery.id == delivery_id,
@@ -60,15 +65,16 @@ def claim(session: Session, delivery_id: int, *, lease_s: float, token: datetime
         )
         .values(lease_until=now + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
+    taken = cast("CursorResult[Any]", session.execute(statement)).rowcount  # an UPDATE: rowcount is set
     if not taken:
         return None
     return session.get(Delivery, delivery_id, populate_existing=True)
 
 
-def attempt(delivery: Delivery, *, settings: Settings) -> callbacks.DeliveryResult:
+def attempt(delivery: Delivery, *, settings: Settings) -> DeliveryResult:
     """One HTTP attempt, outside any transaction."""
-    return callbacks.deliver(
+    return deliver(
         url=delivery.url,
         msg_id=delivery.webhook_id,
         body=delivery.body.encode(),
@@ -78,7 +84,7 @@ def attempt(delivery: Delivery, *, settings: Settings) -> callbacks.DeliveryResu
     )
 
 
-def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult, *, settings: Settings) -> Delivery:
+def record(delivery_id: int, result: DeliveryResult, *, session: Session, settings: Settings) -> Delivery:
     """Stores the attempt and moves the delivery on: delivered, disabled (410), scheduled
     again, or dead after the last attempt of the schedule."""
     delivery = session.get_one(Delivery, delivery_id, with_for_update=True)
@@ -113,7 +119,7 @@ def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult,
         # changes the policy can still `vidsim deliveries replay` it.
         delivery.status, delivery.next_attempt_at = "dead", None
     else:
-        delay = callbacks.next_delay_s(
+        delay = next_delay_s(
             delivery.attempts, schedule=settings.callback_retry_schedule, retry_after_s=result.retry_after_s
         )
         if delay is None:
@@ -132,24 +138,7 @@ def record(session: Session, delivery_id: int, result: callbacks.DeliveryResult,
     return delivery
 
 
-def due(session: Session, *, limit: int = 500, now: datetime | None = None) -> list[int]:
-    """Deliveries whose next attempt is due and which no worker holds."""
-    now = now or utcnow()
-    return list(
-        session.scalars(
-            select(Delivery.id)
-            .where(
-                Delivery.status == "pending",
-                Delivery.next_attempt_at <= now,
-                or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
-            )
-            .order_by(Delivery.next_attempt_at)
-            .limit(limit)
-        )
-    )
-
-
-def take_due(session: Session, *, lease_s: float, limit: int = 500) -> list[tuple[int, datetime]]:
+def take_due(*, session: Session, lease_s: float, limit: int = 500) -> list[tuple[int, datetime]]:
     """For the sweeper: the due deliveries no worker holds, each leased for ``lease_s``,
     as (id, lease) pairs; the lease is the token its enqueued task claims with.
 
@@ -170,10 +159,10 @@ def take_due(session: Session, *, lease_s: float, limit: int = 500) -> list[tupl
         .returning(Delivery.id, Delivery.lease_until)
         .execution_options(synchronize_session=False)
     ).all()
-    return [(delivery_id, lease) for delivery_id, lease in rows]
+    return [(delivery_id, cast(datetime, lease)) for delivery_id, lease in rows]  # just set: never None
 
 
-def replay(session: Session, delivery_id: int) -> Delivery:
+def replay(delivery_id: int, *, session: Session) -> Delivery:
     """Operator action: send a delivery again now, whatever its state (same webhook id)."""
     delivery = session.get_one(Delivery, delivery_id)
     delivery.status, delivery.next_attempt_at, delivery.lease_until = "pending", utcnow(), None

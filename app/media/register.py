@@ -20,11 +20,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.deliver.callbacks import CallbackBlocked, check_url
 from app.media import video as video_io
+from app.media.addresses import Blocked, UnresolvableHost, check_url
+from app.media.http import BodyTooLarge, describe_transport_error, iter_body, vetted_client
 from app.models import Video
 
 logger = logging.getLogger(__name__)
+
+_DOWNLOAD_TIMEOUT_S = 30.0  # connecting, and each read of the response
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv"}
 
@@ -88,32 +91,43 @@ def resolve_local(uri: str, *, settings: Settings, restrict: bool) -> Path:
 
 
 def download(url: str, *, settings: Settings) -> Path:
-    """Streams a URL into the media folder with a byte cap, named by content hash."""
+    """Streams a URL into the media folder with a byte cap, named by content hash.
+
+    The URL is checked first for a readable refusal, and the connection goes to a vetted
+    address only (app.media.http), so a name that resolves elsewhere by then is refused too.
+    """
     try:
         check_url(url, allow_private=settings.callback_allow_private)
-    except CallbackBlocked as exc:
+    except Blocked as exc:
         raise SourceError(f"{url}: {exc}") from None
     settings.media_dir.mkdir(parents=True, exist_ok=True)
     suffix = Path(urlparse(url).path).suffix.lower()
     suffix = suffix if suffix in VIDEO_SUFFIXES else ".mp4"
     fd, tmp_name = tempfile.mkstemp(dir=settings.media_dir, suffix=".part")
-    digest, size = hashlib.sha256(), 0
+    digest = hashlib.sha256()
     try:
         with (
             os.fdopen(fd, "wb") as out,
-            httpx.stream("GET", url, timeout=30.0, follow_redirects=False) as resp,
+            vetted_client(allow_private=settings.callback_allow_private, max_connections=1) as client,
+            # Identity: a video gains nothing from compression, and a compressed bomb would
+            # inflate a whole chunk in memory before the byte cap sees it.
+            client.stream("GET", url, headers={"Accept-Encoding": "identity"}, timeout=_DOWNLOAD_TIMEOUT_S) as resp,
         ):
             if resp.status_code != 200:
                 raise SourceError(f"{url}: HTTP {resp.status_code}")
-            for chunk in resp.iter_bytes(1 << 16):
-                size += len(chunk)
-                if size > settings.max_download_bytes:
-                    raise SourceError(f"{url}: larger than {settings.max_download_bytes} bytes")
+            for chunk in iter_body(resp, max_bytes=settings.max_download_bytes):
                 digest.update(chunk)
                 out.write(chunk)
         final = settings.media_dir / f"{digest.hexdigest()}{suffix}"
         os.replace(tmp_name, final)
         return final
+    except BodyTooLarge:
+        raise SourceError(f"{url}: larger than {settings.max_download_bytes} bytes") from None
+    except (Blocked, UnresolvableHost) as exc:  # vetted again when connecting
+        raise SourceError(f"{url}: {exc}") from None
+    except httpx.TransportError as exc:
+        why = describe_transport_error(exc, timeout_s=_DOWNLOAD_TIMEOUT_S)
+        raise SourceError(f"{url}: download failed ({why})") from None
     except httpx.HTTPError as exc:
         raise SourceError(f"{url}: download failed ({exc.__class__.__name__}: {exc})") from None
     finally:

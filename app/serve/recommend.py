@@ -159,7 +159,7 @@ def _answer(
     body = callback_body(ev, rec, query=query, model=model)
     if not ev.callback_url:
         return Outcome(ev.event_id)
-    delivery = outbox.create_delivery(session, rec, url=ev.callback_url, body=body)
+    delivery = outbox.create_delivery(rec, session=session, url=ev.callback_url, body=body)
     return Outcome(ev.event_id, delivery_id=delivery.id)
 
 

@@ -58,7 +58,7 @@ def deliveries_replay(delivery_id: int) -> None:
 
     with db_session() as session:
         try:
-            outbox.replay(session, delivery_id)
+            outbox.replay(delivery_id, session=session)
         except NoResultFound:
             raise Fail(f"unknown delivery id {delivery_id}", "see `vidsim deliveries list`") from None
     deliver_callback.delay(delivery_id)

@@ -569,7 +569,7 @@ class Hook:
         return f"http://127.0.0.1:{self.port}/hooks/vidsim"
 
     def up(self) -> None:
-        from app.deliver.callbacks import verify
+        from app.deliver.signing import verify
 
         hook = self
 

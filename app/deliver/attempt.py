@@ -1,0 +1,181 @@
+"""One delivery attempt of a signed callback, and the schedule of the next one.
+
+This module knows nothing of Celery or the database. The caller stores every attempt and
+schedules the next one with :func:`next_delay_s`; :func:`deliver` makes exactly one attempt
+and never raises for network or HTTP problems.
+
+The request follows the outbound policy (:mod:`app.media.addresses`, :mod:`app.media.http`):
+the target host is resolved and vetted once, and the request is sent to the vetted IP
+itself (with the real name in ``Host`` and in TLS SNI), so a DNS answer that changes
+between the check and the connection (rebinding) cannot redirect it, whichever client
+sends it. Redirects are never followed, the response body is read at most
+:data:`MAX_RESPONSE_BYTES`, and no cookies, proxies or ``.netrc`` from the environment are
+used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from app.deliver.signing import sign
+from app.logs import one_line
+from app.media.addresses import Blocked, UnresolvableHost, vet_url
+from app.media.http import MAX_ADDRESSES_TRIED, describe_transport_error, drain, parse_retry_after, vetted_client
+
+__all__ = ["MAX_RESPONSE_BYTES", "DeliveryResult", "deliver", "next_delay_s"]
+
+USER_AGENT = "vidsim"
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_RETRY_AFTER_S = 24 * 3600.0
+# Status codes whose Retry-After we honour: 429 and 503 (RFC 9110), and 502/504, which
+# Standard Webhooks also lists as "throttle" answers.
+_RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    ok: bool  # 2xx
+    status_code: int | None  # None when no response (refused, timeout, blocked)
+    error: str | None  # one readable line, e.g. 'HTTP 500', 'connection refused'
+    retry_after_s: float | None  # from Retry-After (seconds or HTTP date) on 429/502/503/504
+    disable: bool  # 410 Gone: the receiver asks us to stop
+    duration_ms: float
+
+
+@functools.cache
+def _default_client(allow_private: bool) -> httpx.Client:
+    # No keep-alive: requests go to the IP, so the pool is keyed by it, and a kept
+    # connection could carry another host's callback under the first host's TLS session.
+    return vetted_client(allow_private=allow_private, max_connections=100, keepalive=False)
+
+
+def deliver(
+    *,
+    url: str,
+    msg_id: str,
+    body: bytes,
+    secrets: list[str],
+    allow_private: bool,
+    timeout_s: float = 15.0,
+    client: httpx.Client | None = None,
+) -> DeliveryResult:
+    """One attempt: POST ``body`` with fresh signature headers; never raises for network
+    or HTTP problems (it does raise ValueError for bad secrets / id / body: configuration).
+
+    2xx is success; 3xx is a failure (redirects are never followed); 410 sets ``disable``;
+    429/502/503/504 report ``Retry-After``. ``timeout_s`` applies to connecting and to each
+    read/write; body reading also stops at the overall deadline. ``client`` (tests) may be
+    any httpx client: the request still goes to the vetted address only.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+
+    def result(
+        *,
+        ok: bool = False,
+        status: int | None = None,
+        error: str | None = None,
+        retry_after: float | None = None,
+        disable: bool = False,
+    ) -> DeliveryResult:
+        return DeliveryResult(
+            ok=ok,
+            status_code=status,
+            error=error,
+            retry_after_s=retry_after,
+            disable=disable,
+            duration_ms=(time.monotonic() - started) * 1000.0,
+        )
+
+    signature_headers = sign(secrets=secrets, msg_id=msg_id, timestamp=int(time.time()), body=body)
+    try:
+        target = vet_url(url, allow_private=allow_private)
+    except Blocked as exc:
+        return result(error=f"blocked: {one_line(exc)}")
+    except UnresolvableHost as exc:
+        return result(error=one_line(exc))
+
+    http_client = client if client is not None else _default_client(allow_private)
+    headers = {
+        "Host": target.url.netloc.decode("ascii"),  # the real name (and port), not the IP
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "Accept-Encoding": "identity",
+        "Connection": "close",  # never reuse a connection opened for another host name
+        **signature_headers,
+    }
+    extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
+
+    error = "no address to connect to"
+    for ip in target.addresses[:MAX_ADDRESSES_TRIED]:
+        request = http_client.build_request(
+            "POST",
+            target.url.copy_with(host=str(ip)),  # connect to the vetted address only
+            content=body,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            extensions=extensions,
+        )
+        try:
+            response = http_client.send(request, stream=True, follow_redirects=False)
+        except Blocked as exc:  # vetted again on connecting: the same verdict, unless policy changed
+            return result(error=f"blocked: {one_line(exc)}")
+        except httpx.ConnectError as exc:
+            error = describe_transport_error(exc, timeout_s=timeout_s)
+            if time.monotonic() < deadline:
+                continue  # try the host's next address
+            break
+        except httpx.TransportError as exc:
+            return result(error=describe_transport_error(exc, timeout_s=timeout_s))
+        except httpx.HTTPError as exc:
+            return result(error=f"{type(exc).__name__}: {one_line(exc)}")
+        try:
+            drain(response, max_bytes=MAX_RESPONSE_BYTES, deadline=deadline)
+        finally:
+            response.close()
+
+        status = response.status_code
+        retry_after = (
+            parse_retry_after(response.headers.get("Retry-After")) if status in _RETRY_AFTER_STATUSES else None
+        )
+        if 200 <= status < 300:
+            return result(ok=True, status=status)
+        if 300 <= status < 400:
+            return result(status=status, error=f"redirect (HTTP {status}) not followed")
+        return result(status=status, error=f"HTTP {status}", retry_after=retry_after, disable=status == 410)
+    return result(error=error)
+
+
+_RNG = random.Random()
+
+
+def next_delay_s(
+    attempt: int,
+    *,
+    schedule: Sequence[float],
+    retry_after_s: float | None = None,
+    rng: random.Random | None = None,
+) -> float | None:
+    """Seconds to wait before attempt ``attempt + 1``; None when the schedule is exhausted.
+
+    ``attempt`` counts from 1 (the attempt that just failed). ``schedule[i]`` is the delay
+    before attempt ``i + 1`` (Standard Webhooks: 0, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
+    20 h, 24 h), so ``len(schedule)`` is the total number of attempts. The delay gets +-10 %
+    jitter and is at least ``retry_after_s`` (itself capped at 24 h) when given.
+    """
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError("attempt counts from 1")
+    if attempt >= len(schedule):
+        return None
+    base = max(0.0, float(schedule[attempt]))
+    delay = base * (rng or _RNG).uniform(0.9, 1.1)
+    if retry_after_s is not None and not math.isnan(retry_after_s) and retry_after_s > 0:
+        delay = max(delay, min(float(retry_after_s), MAX_RETRY_AFTER_S))
+    return delay

@@ -28,7 +28,7 @@ browser:
 		echo "installing Debian's chromium for the browser test..."; \
 		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
 		(apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1) || \
-		echo "chromium not installed: the browser test will be skipped"; \
+		echo "chromium not installed: the browser test is skipped here and fails under CI"; \
 	fi
 
 demo: setup footage

@@ -13,7 +13,6 @@ import email.utils
 import http.server
 import json
 import random
-import shutil
 import socket
 import ssl
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from support.helpers import require_tool
 
 from app.config import DEV_WEBHOOK_SECRET, STANDARD_RETRY_SCHEDULE
 from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
@@ -547,9 +547,7 @@ def test_connects_to_the_vetted_address_only(scheme: str, fake_dns: Callable[...
 
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed")
+    openssl = require_tool("openssl", why="the TLS test makes its certificate with it")
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(

@@ -19,7 +19,7 @@ import pytest
 from conftest import start_worker
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
-from support.helpers import wait_until
+from support.helpers import require_tool, wait_until
 from support.media import make_video
 
 from app.db import session_scope
@@ -166,11 +166,8 @@ def test_readme_signature_verifier_accepts_ours_and_rejects_tampering(settings) 
         namespace["handle"](headers, body.replace(b"e1", b"e2"), settings.webhook_secrets[0])
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
 def test_results_page_in_headless_chromium(data_dir: Path, two_videos: list[Path], settings) -> None:  # type: ignore[no-untyped-def]
+    chromium = require_tool("chromium", "chromium-browser", why="the results page is tested in Debian's Chromium")
     from playwright.sync_api import sync_playwright
 
     from app.media.register import register
@@ -195,7 +192,7 @@ def test_results_page_in_headless_chromium(data_dir: Path, two_videos: list[Path
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
-                executable_path=CHROMIUM,
+                executable_path=chromium,
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
             )
             page = browser.new_page(viewport={"width": 1200, "height": 900})

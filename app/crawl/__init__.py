@@ -1,4 +1,4 @@
-"""The crawler: sources, fetching, politeness, head/tail trimming (see DESIGN.md).
+"""The crawler: training material from the web — sources, fetching, politeness, head/tail trimming.
 
 Modules: ``models`` (tables), ``sources`` (managing sources), ``net`` (polite, capped,
 SSRF-safe HTTP), ``discover`` (pages, feeds, sitemaps, URL lists), ``platform`` (yt-dlp),

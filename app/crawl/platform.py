@@ -6,7 +6,7 @@
 - ``match_filter`` refuses live streams and entries over the duration or size limits
   before anything is downloaded; the format is capped in height.
 - yt-dlp's ``max_filesize`` only reads Content-Length, so a progress hook enforces the
-  byte cap on bytes received and the wall-clock cap on every chunk (FIELD-NOTES, Crawler).
+  byte cap on bytes received and the wall-clock cap on every chunk.
 - The page URL and the chosen media URLs pass the SSRF policy before any download (yt-dlp
   does its own networking: unlike :mod:`app.crawl.net`, a DNS answer that changes between
   that check and yt-dlp's connection is not caught; keep ``allow_generic`` for trusted

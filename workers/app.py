@@ -23,6 +23,37 @@ QUEUES = ("events", "embed", "callbacks", "maintenance", "crawl", "train")
 TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 1800, "crawl": 1800, "train": 3000}
 
 
+# Delivery tags of messages this process held when its broker connection broke, which
+# could not be put back then (Redis was down); the next channel puts them back.
+_UNRESTORED_TAGS: set[str] = set()
+
+
+class _RestoringQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that messages it cannot put back when the connection
+    breaks are put back as soon as a new channel is open, instead of an hour later.
+
+    On a lost connection Celery drops the requests it had reserved but not started
+    (their tags belong to the dead channel) and kombu tries to restore their messages to
+    their queues, which fails while Redis is down; they would wait in the unacked hash for
+    the visibility timeout (3600 s). Requests still running are left alone: they ack, or
+    come back after the visibility timeout as before."""
+
+    def restore_unacked(self, client=None):
+        tags = set(self._delivered)
+        try:
+            return super().restore_unacked(client)
+        except self.channel.connection.connection_errors:
+            _UNRESTORED_TAGS.update(tags - _running_tags())
+            self._delivered.clear()
+            return []
+
+
+def _running_tags() -> set[str]:
+    from celery.worker.state import active_requests
+
+    return {r.message.delivery_tag for r in tuple(active_requests)}
+
+
 class _SafeRedisChannel(kombu_redis.Channel):
     """kombu's Redis channel, except that a message it cannot even parse is dropped with
     an error in the log instead of killing the worker. Anything that can LPUSH to the
@@ -31,6 +62,18 @@ class _SafeRedisChannel(kombu_redis.Channel):
     worker's event loop, Celery calls it an "Unrecoverable error" and exits
     (tests/test_hostile.py). BRPOP has already removed such a message, so dropping it
     loses nothing a worker could have used."""
+
+    QoS = _RestoringQoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for tag in tuple(_UNRESTORED_TAGS):
+            try:
+                self.qos.restore_by_tag(tag)  # a tag already acked or restored is a no-op
+            except self.connection.connection_errors:
+                break
+            _UNRESTORED_TAGS.discard(tag)
+            logging.getLogger(__name__).info("put back a message held when the broker connection broke: %s", tag)
 
     def _brpop_read(self, **options):
         try:

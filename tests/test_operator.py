@@ -3,6 +3,7 @@ README's code examples, and the results page in real headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -76,21 +77,26 @@ def _free_port() -> int:
 
 
 def test_worker_metrics_endpoint(data_dir: Path, receiver, two_videos: list[Path], settings) -> None:  # type: ignore[no-untyped-def]
-    from app.media.register import register
+    from conftest import _pg_url, create_database, drop_database
 
-    with session_scope() as s:
-        video_id = register(s, str(two_videos[0]), settings=settings).video_id
     port = _free_port()
     metrics_dir = data_dir / f"metrics-{uuid.uuid4().hex[:6]}"
     metrics_dir.mkdir()
-    # Its own broker keys, so that no other worker of this test run takes its messages.
+    # Its own database and broker keys: no other worker of this test run may take its
+    # messages, nor (through the outbox sweeper of the session's worker) its delivery.
+    database = create_database()
     env = {"VIDSIM_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+           "DATABASE_URL": _pg_url(database),
            "VIDSIM_BROKER_PREFIX": f"{settings.broker_prefix}metrics-{uuid.uuid4().hex[:6]}:"}  # fmt: skip
-    with start_worker(data_dir / "metrics-worker.log", pool="prefork", beat=False, extra_env=env):
+    subprocess.run([sys.executable, "-c", "from app.db import migrate; migrate()"],
+                   env={**os.environ, **env}, check=True, timeout=120)  # fmt: skip
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(drop_database, database)
+        cleanup.enter_context(start_worker(data_dir / "metrics-worker.log", pool="prefork", beat=False, extra_env=env))
         event_id = f"metrics-{uuid.uuid4().hex[:8]}"
         publish = (
             "from workers.publish import publish_video_selected as p; "
-            f"p(event_id={event_id!r}, video_id={video_id}, callback_url={receiver.url!r})"
+            f"p(event_id={event_id!r}, video_uri={str(two_videos[0])!r}, callback_url={receiver.url!r})"
         )
         subprocess.run([sys.executable, "-c", publish], env={**os.environ, **env}, check=True, timeout=120)
         receiver.wait_for({event_id}, timeout_s=120)

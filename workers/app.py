@@ -170,7 +170,7 @@ def _say(msg: str, f: Any = sys.__stderr__) -> None:
     """Celery's ``safe_say``, which writes the worker's shutdown notices ("worker: Warm
     shutdown (MainProcess)") bare from its signal handlers, as one log record. Written
     with os.write, as Celery does: a signal handler must not re-enter a buffered stream."""
-    record = logging.LogRecord(celery_worker.__name__, logging.INFO, __file__, 0, " ".join(msg.split()), None, None)
+    record = logging.LogRecord(celery_worker.__name__, logging.INFO, __file__, 0, msg.strip(), None, None)
     line = formatter(get_settings().log_format).format(record) + "\n"
     with contextlib.suppress(OSError, AttributeError, ValueError):  # best effort, as Celery's
         os.write(f.fileno(), line.encode())

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from app.config import get_settings
+
 ALL_QUEUES = "events,embed,callbacks,maintenance,crawl"
 
 
@@ -20,8 +22,6 @@ def celery_command(command: str) -> list[str]:
     "beat"; add its options). With JSON logs it runs quiet: Celery's start-up banner is
     text, not log records, and log shippers read every line as one (workers.app logs
     what the banner says)."""
-    from app.config import get_settings
-
     quiet = ["--quiet"] if get_settings().log_format == "json" else []
     return [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", *quiet, command]
 

@@ -82,3 +82,37 @@ def install_fake_dns(monkeypatch: pytest.MonkeyPatch, table: DnsTable) -> list[s
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return lookups
+
+
+def refuse_egress(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No connection from this process leaves the machine: a connect to an address
+    outside the loopback range fails as refused, and is recorded (the addresses a faked
+    public name resolves to are never really dialled). Returns the refused targets."""
+    import ipaddress
+
+    refused: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def outside(address: object) -> bool:
+        if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
+            return False  # a Unix socket path
+        try:
+            return not ipaddress.ip_address(address[0].split("%")[0]).is_loopback
+        except ValueError:
+            return False  # a name: resolved (through the fake DNS) before a real connect
+
+    def connect(self: socket.socket, address: object) -> None:
+        if outside(address):
+            refused.append(str(address))
+            raise ConnectionRefusedError(f"test refused a connection leaving the machine: {address}")
+        real_connect(self, address)  # type: ignore[arg-type]
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        if outside(address):
+            refused.append(str(address))
+            return 111  # ECONNREFUSED
+        return real_connect_ex(self, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    return refused

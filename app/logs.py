@@ -11,9 +11,11 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 _context: ContextVar[dict[str, Any]] = ContextVar("vidsim_log_context", default={})  # noqa: B039 (never mutated)
@@ -70,15 +72,44 @@ class TextFormatter(logging.Formatter):
         return line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
 
 
+def formatter(fmt: str = "json") -> logging.Formatter:
+    """The formatter of ``fmt``: "json" (one object per line) or "text"."""
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
 def configure_logging(level: str | int = "INFO", fmt: str = "json") -> None:
-    """Routes the root logger to stderr in ``fmt`` ("json" or "text")."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    """Routes the root logger to stderr in ``fmt`` ("json" or "text"), and with it what
+    would otherwise reach stderr bare: Python warnings, uncaught exceptions (of the main
+    thread and others), and records of loggers that do not propagate and have no handler
+    of their own (billiard's ``multiprocessing`` logger reports a pool process that died
+    that way), which logging hands to its handler of last resort."""
+    # The real stderr, even once sys.stderr is redirected into logging (a worker's is).
+    stream = sys.__stderr__ or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    last_resort = logging.StreamHandler(stream)
+    last_resort.setLevel(logging.WARNING)  # as logging's own last resort
+    last_resort.setFormatter(formatter(fmt))
+    logging.lastResort = last_resort
+    logging.captureWarnings(True)
+    # An uncaught exception as one record, not a traceback printed piece by piece (into
+    # a stderr that may itself be redirected into logging: hundreds of records).
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger("uncaught").critical("uncaught %s", exc_type.__name__, exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None:  # None: the thread's SystemExit
+        _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
 
 
 def one_line(reason: BaseException | str, limit: int = 200) -> str:

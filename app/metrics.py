@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 
 EVENT_TO_CALLBACK = Histogram(
     "vidsim_event_to_callback_seconds",
-    "From an event's arrival to its callback's successful delivery.",
+    "From an event's arrival to its callback's first successful delivery (once per event).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 TASK_DURATION = Histogram(

@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from support.net import refuse_egress
 
 from workers.process import running_worker
 
@@ -75,6 +76,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         for key in client.scan_iter(match=f"{_state['dbname']}:*"):
             client.delete(key)
         client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_egress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests talk to this machine only: a connection from the test process to an address
+    outside the loopback range is refused (a faked public name is vetted, never dialled)."""
+    refuse_egress(monkeypatch)
 
 
 @pytest.fixture(scope="session")

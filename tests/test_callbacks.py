@@ -10,6 +10,7 @@ looking name resolve where a test wants it, and one test uses httpx's documented
 from __future__ import annotations
 
 import email.utils
+import functools
 import http.server
 import json
 import random
@@ -26,6 +27,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support.helpers import require_tool
+from support.net import DnsTable, install_fake_dns
 
 from app.config import DEV_WEBHOOK_SECRET, STANDARD_RETRY_SCHEDULE
 from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
@@ -143,35 +145,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def fake_dns(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
-    """Make chosen names resolve to chosen addresses (the outside internet, faked).
-
-    ``fake_dns({"hooks.example.com": ["10.0.0.5"]})``; a value may also be a callable
-    taking the call number (0, 1, ...) and returning the addresses. Returns the list of
-    names looked up, in order. Other names (and IP literals) resolve for real.
-    """
-    real = socket.getaddrinfo
-    lookups: list[str] = []
-
-    def install(table: dict[str, list[str] | Callable[[int], list[str]]]) -> list[str]:
-        def getaddrinfo(host, port, *args, **kwargs):
-            if host not in table:
-                return real(host, port, *args, **kwargs)
-            entry = table[host]
-            addresses = entry(lookups.count(host)) if callable(entry) else entry
-            lookups.append(host)
-            port = int(port or 0)
-            return [
-                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, port, 0, 0))
-                if ":" in a
-                else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-                for a in addresses
-            ]
-
-        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-        return lookups
-
-    return install
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> Callable[[DnsTable], list[str]]:
+    """``fake_dns({"hooks.example.com": ["10.0.0.5"]})``: see support.net.install_fake_dns."""
+    return functools.partial(install_fake_dns, monkeypatch)
 
 
 def _free_port() -> int:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from sqlalchemy import select
 from standardwebhooks.webhooks import WebhookVerificationError
 from support.faultkit import Hook, Stack, Supervised, children, rss_mb, shared_stack
 from support.media import HOSTILE_BUT_VALID, HOSTILE_REASONS, make_hostile_files, make_video
+from support.net import Canary
 
 from app.deliver.outbox import webhook_id_for
 from app.deliver.signing import generate_secret, verify
@@ -422,49 +421,6 @@ def test_rotated_secrets_both_verify_and_tampering_is_rejected(
 
 
 # --------------------------------------------------------------------------- SSRF
-
-
-class Canary:
-    """Listening sockets on 127.0.0.1 and ::1 that record every connection made to them:
-    a blocked callback must never reach one."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.connections: list[str] = []
-        self._socks: list[socket.socket] = []
-        self._stop = threading.Event()
-
-    def __enter__(self) -> Canary:
-        v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        v4.bind(("127.0.0.1", 0))
-        self.port = v4.getsockname()[1]
-        self._socks.append(v4)
-        try:
-            v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            v6.bind(("::1", self.port))
-            self._socks.append(v6)
-        except OSError:
-            pass  # no IPv6 loopback here
-        for sock in self._socks:
-            sock.listen(16)
-            sock.settimeout(0.2)
-            threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
-        return self
-
-    def _accept(self, sock: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, addr = sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.connections.append(str(addr))
-            conn.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for sock in self._socks:
-            sock.close()
 
 
 def test_hostile_callback_urls_are_refused_without_connecting(tmp_path: Path) -> None:

@@ -4,17 +4,23 @@ under the broker's visibility timeout on every task."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 from queue import Empty
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, task_prerun
+from celery.apps import worker as celery_worker
+from celery.signals import celeryd_after_setup, celeryd_init, setup_logging, task_postrun, task_prerun
 from kombu import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from app.config import get_settings
-from app.logs import configure_logging, set_log_context
+from app.logs import configure_logging, formatter, set_log_context
+
+logger = logging.getLogger(__name__)
 
 QUEUES = ("events", "embed", "callbacks", "maintenance", "crawl", "train")
 
@@ -81,7 +87,7 @@ class _SafeRedisChannel(kombu_redis.Channel):
         except (Empty, *self.connection.connection_errors, *self.connection.channel_errors):
             raise
         except Exception as exc:
-            logging.getLogger(__name__).error("dropped a malformed broker message: %s: %s", type(exc).__name__, exc)
+            logger.error("dropped a malformed broker message: %s: %s", type(exc).__name__, exc)
             return True
 
 
@@ -194,9 +200,41 @@ celery_app = make_celery()
 @setup_logging.connect
 def _configure_logging(loglevel: Any = None, **_: Any) -> None:
     """Worker and beat logs in VIDSIM_LOG_FORMAT (JSON by default) instead of Celery's
-    own format; the level is `--loglevel`'s."""
+    own format; the level is `--loglevel`'s. What the process prints (a task's or a
+    library's ``print``) is logged too, as Celery does when it sets logging up itself
+    (``worker_redirect_stdouts``): log shippers read every line of a worker as a record."""
     settings = get_settings()
     configure_logging(loglevel or settings.log_level, settings.log_format)
+    if celery_app.conf.worker_redirect_stdouts:
+        celery_app.log.redirect_stdouts(celery_app.conf.worker_redirect_stdouts_level)
+
+
+def _say(msg: str, f: Any = sys.__stderr__) -> None:
+    """Celery's ``safe_say``, which writes the worker's shutdown notices ("worker: Warm
+    shutdown (MainProcess)") bare from its signal handlers, as one log record. Written
+    with os.write, as Celery does: a signal handler must not re-enter a buffered stream."""
+    record = logging.LogRecord(celery_worker.__name__, logging.INFO, __file__, 0, msg.strip(), None, None)
+    line = formatter(get_settings().log_format).format(record) + "\n"
+    with contextlib.suppress(OSError, AttributeError, ValueError):  # best effort, as Celery's
+        os.write(f.fileno(), line.encode())
+
+
+@celeryd_init.connect
+def _log_from_the_start(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """A worker writes log records from its first line: Celery checks its privileges (a
+    warning when run as root) before it sets logging up, and says its shutdown notices
+    outside logging."""
+    settings = get_settings()
+    configure_logging((options or {}).get("loglevel") or settings.log_level, settings.log_format)
+    celery_worker.safe_say = _say
+
+
+@celeryd_after_setup.connect
+def _log_start(sender: str, instance: Any, **_: Any) -> None:
+    """What Celery's start-up banner says (`vidsim worker` runs without it when logs are
+    JSON: the banner is not log records), as one record."""
+    queues = ",".join(sorted(instance.app.amqp.queues.consume_from))
+    logger.info("worker %s starting: queues %s, concurrency %s", sender, queues, instance.concurrency)
 
 
 @task_prerun.connect

@@ -12,9 +12,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from app.config import get_settings
+
 ALL_QUEUES = "events,embed,callbacks,maintenance,crawl"
-# `celery` on vidsim's app, with this interpreter; add "worker ..." or "beat ...".
-CELERY = (sys.executable, "-m", "celery", "-A", "workers.app:celery_app")
+
+
+def celery_command(command: str) -> list[str]:
+    """`celery` on vidsim's app with this interpreter, running ``command`` ("worker",
+    "beat"; add its options). With JSON logs it runs quiet: Celery's start-up banner is
+    text, not log records, and log shippers read every line as one (workers.app logs
+    what the banner says)."""
+    quiet = ["--quiet"] if get_settings().log_format == "json" else []
+    return [sys.executable, "-m", "celery", "-A", "workers.app:celery_app", *quiet, command]
 
 
 @contextlib.contextmanager
@@ -31,7 +40,7 @@ def running_worker(
     """A real ``celery worker`` process (with the beat scheduler unless ``beat=False``);
     yields once it consumes, stops it (SIGTERM, then SIGKILL) on exit."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    args = [*CELERY, "worker", "--pool", pool,
+    args = [*celery_command("worker"), "--pool", pool,
             "-Q", queues, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
             "-n", f"vidsim-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
     if concurrency:

@@ -104,12 +104,16 @@ def record(delivery_id: int, result: DeliveryResult, *, session: Session, settin
         None,
     )
     if result.ok:
-        delivery.status, delivery.delivered_at, delivery.next_attempt_at = "delivered", utcnow(), None
-        received_at = session.scalar(
-            select(Event.received_at).join(Recommendation).where(Recommendation.id == delivery.recommendation_id)
-        )
-        if received_at is not None:
-            EVENT_TO_CALLBACK.observe((delivery.delivered_at - received_at).total_seconds())
+        delivery.status, delivery.next_attempt_at = "delivered", None
+        # delivered_at and the event's latency are those of its first answer: an operator's
+        # replay of a delivered callback is one more attempt, not a second event.
+        if delivery.delivered_at is None:
+            delivery.delivered_at = utcnow()
+            received_at = session.scalar(
+                select(Event.received_at).join(Recommendation).where(Recommendation.id == delivery.recommendation_id)
+            )
+            if received_at is not None:
+                EVENT_TO_CALLBACK.observe((delivery.delivered_at - received_at).total_seconds())
     elif result.disable:
         delivery.status, delivery.next_attempt_at = "disabled", None
     elif (result.error or "").startswith("blocked: "):

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.media import video as video_io
-from app.media.addresses import Blocked, UnresolvableHost, check_url
+from app.media.addresses import Blocked, UnresolvableHost, parse_url, vet_url
 from app.media.http import BodyTooLarge, describe_transport_error, iter_body, vetted_client
 from app.models import Video
 
@@ -95,10 +95,18 @@ def download(url: str, *, settings: Settings) -> Path:
 
     The URL is checked first for a readable refusal, and the connection goes to a vetted
     address only (app.media.http), so a name that resolves elsewhere by then is refused too.
+    The reason goes back to whoever sent the URL (an event's error callback): a refused
+    address reads the same whichever it was (see :func:`_refused`).
     """
     try:
-        check_url(url, allow_private=settings.callback_allow_private)
+        parse_url(url)  # scheme, credentials, host: nothing about the network
     except Blocked as exc:
+        raise SourceError(f"{url}: {exc}") from None
+    try:
+        vet_url(url, allow_private=settings.callback_allow_private)
+    except Blocked as exc:
+        raise _refused(url, exc) from None
+    except UnresolvableHost as exc:
         raise SourceError(f"{url}: {exc}") from None
     settings.media_dir.mkdir(parents=True, exist_ok=True)
     suffix = Path(urlparse(url).path).suffix.lower()
@@ -123,7 +131,9 @@ def download(url: str, *, settings: Settings) -> Path:
         return final
     except BodyTooLarge:
         raise SourceError(f"{url}: larger than {settings.max_download_bytes} bytes") from None
-    except (Blocked, UnresolvableHost) as exc:  # vetted again when connecting
+    except Blocked as exc:  # vetted again when connecting: the name now resolves elsewhere
+        raise _refused(url, exc) from None
+    except UnresolvableHost as exc:
         raise SourceError(f"{url}: {exc}") from None
     except httpx.TransportError as exc:
         why = describe_transport_error(exc, timeout_s=_DOWNLOAD_TIMEOUT_S)
@@ -133,6 +143,14 @@ def download(url: str, *, settings: Settings) -> Path:
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def _refused(url: str, exc: Blocked) -> SourceError:
+    """The one reason given for every address the policy refuses. Which internal address a
+    name has (or had when connecting) would map an internal network for whoever sent the
+    URL, so only the log, for operators, says which it was."""
+    logger.warning("download of %s refused: %s", url, exc)
+    return SourceError(f"{url}: refused: the host is not a public address")
 
 
 def register(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnExpressionArgument, func, select
 from sqlalchemy.orm import Session
 
 from app.index.queries import embeddings_since_index
@@ -24,8 +24,9 @@ class Overview:
     model: str | None
     model_trained: bool
     warming: list[str]
-    embedded: int
-    library: int
+    embedded: int  # library videos (enabled) the active model embedded
+    library: int  # library videos (enabled)
+    query_only: int  # query-only videos (cold events') the active model embedded besides
     index: str | None
     index_lag: int  # embeddings newer than the index (searched exactly)
     events_last_hour: dict[str, int]
@@ -38,10 +39,17 @@ class IndexStatus:
     model: ModelVersion
     embedded: int  # the model's embeddings
     index: IndexVersion | None  # the active index version; None: searches are exact
+    newer: int  # embeddings newer than that build (searched exactly beside it)
 
 
 def _embedding_count(session: Session, model: ModelVersion) -> int:
     return session.scalar(select(func.count()).where(Embedding.model_version_id == model.id)) or 0
+
+
+def _embedded_videos(session: Session, model: ModelVersion, *where: ColumnExpressionArgument[bool]) -> int:
+    """The model's embeddings of the videos ``where`` selects."""
+    joined = select(func.count()).select_from(Embedding).join(Video, Video.id == Embedding.video_id)
+    return session.scalar(joined.where(Embedding.model_version_id == model.id, *where)) or 0
 
 
 def overview(*, session: Session, failures: int = 10) -> Overview:
@@ -52,10 +60,11 @@ def overview(*, session: Session, failures: int = 10) -> Overview:
     model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
     warming = [m.name for m in warming_models(session=session)]
     library = session.scalar(select(func.count()).where(Video.in_library, Video.enabled)) or 0
-    embedded = 0
+    embedded = query_only = 0
     index_text, lag = None, 0
     if model is not None:
-        embedded = _embedding_count(session, model)
+        embedded = _embedded_videos(session, model, Video.in_library, Video.enabled)
+        query_only = _embedded_videos(session, model, ~Video.in_library)
         idx, lag = embeddings_since_index(session=session, model=model)
         if idx is not None:
             index_text = f"{idx.id}: {idx.size} vectors, {idx.dim}-d {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M}"
@@ -86,6 +95,7 @@ def overview(*, session: Session, failures: int = 10) -> Overview:
         warming=warming,
         embedded=embedded,
         library=library,
+        query_only=query_only,
         index=index_text,
         index_lag=lag,
         events_last_hour=events,
@@ -101,4 +111,5 @@ def index_status(*, session: Session) -> IndexStatus:
 
     model = active_model(session=session)
     index = session.scalar(select(IndexVersion).where(IndexVersion.is_active))
-    return IndexStatus(model=model, embedded=_embedding_count(session, model), index=index)
+    _, newer = embeddings_since_index(session=session, model=model)
+    return IndexStatus(model=model, embedded=_embedding_count(session, model), index=index, newer=newer)

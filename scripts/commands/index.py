@@ -13,8 +13,13 @@ index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the vector
 
 
 @index_app.command("rebuild")
-def index_rebuild(dtype: Annotated[str, typer.Option(help="f32, f16 or i8 storage.")] = "f16") -> None:
-    """Build a new index from the active model's embeddings and switch to it."""
+def index_rebuild(
+    dtype: Annotated[
+        str | None, typer.Option(help="f32, f16 or i8 storage, for this build (default: VIDSIM_INDEX_DTYPE).")
+    ] = None,
+) -> None:
+    """Build a new index from the active model's embeddings and switch to it, with the
+    build settings (VIDSIM_INDEX_*) as they are now."""
     from app.index import rebuild
     from app.learn.registry import active_model
 
@@ -48,5 +53,5 @@ def index_status() -> None:
     else:
         console.print(
             f"index {idx.id}: {idx.size} vectors, {idx.dtype}, built {idx.created_at:%Y-%m-%d %H:%M:%S}, "
-            f"{state.embedded - idx.size} newer embeddings searched exactly"
+            f"{state.newer} newer embeddings searched exactly"
         )

@@ -35,6 +35,7 @@ def status() -> None:
     console.print(
         f"model: {o.model or 'none'}{'' if o.model_trained else ' (untrained)'}; "
         f"{o.embedded}/{o.library} library videos embedded"
+        + (f" (and {o.query_only} query-only videos from events)" if o.query_only else "")
     )
     if o.warming:
         console.print(f"warming up (embedding the library, then switching): {', '.join(o.warming)}")

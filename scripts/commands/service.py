@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Annotated
@@ -9,7 +10,7 @@ from typing import Annotated
 import typer
 
 from app.config import get_settings
-from workers.process import ALL_QUEUES, CELERY
+from workers.process import ALL_QUEUES, celery_command
 
 
 def worker(
@@ -26,6 +27,7 @@ def worker(
 
     from app.db import migrate
 
+    _log_as_the_service_does()
     migrate()
     port = metrics_port or get_settings().metrics_port
     if port:
@@ -34,7 +36,7 @@ def worker(
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         os.environ.update(PROMETHEUS_MULTIPROC_DIR=str(folder), VIDSIM_METRICS_PORT=str(port))
-    args = [*CELERY, "worker", "-Q", queues]
+    args = [*celery_command("worker"), "-Q", queues]
     args += ["--loglevel", get_settings().log_level]
     if concurrency:
         args += ["--concurrency", str(concurrency)]
@@ -47,5 +49,15 @@ def worker(
 
 def beat() -> None:
     """Start the periodic scheduler (the outbox sweeper). Run exactly one."""
-    args = [*CELERY, "beat", "--loglevel", get_settings().log_level]
+    _log_as_the_service_does()
+    args = [*celery_command("beat"), "--loglevel", get_settings().log_level]
     os.execv(sys.executable, args)
+
+
+def _log_as_the_service_does() -> None:
+    # What this process logs before it becomes the worker (migrations) goes to the same
+    # log, so in the same format.
+    from app.logs import configure_logging
+
+    configure_logging(get_settings().log_level, get_settings().log_format)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines name its plugins

@@ -40,7 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-CELERY = (PYTHON, "-m", "celery", "-A", "workers.app:celery_app")  # as workers.process.CELERY
+CELERY = (PYTHON, "-m", "celery", "-A", "workers.app:celery_app")  # workers.process.celery_command, less --quiet
 
 
 def free_port() -> int:

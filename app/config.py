@@ -94,6 +94,19 @@ class Settings(BaseSettings):
     # can share one Redis.
     broker_prefix: str = ""
     task_max_attempts: int = 3
+    # Embedding tasks that may fail on one video with one model (beyond their own
+    # retries) before it is given up for that model: a rollout skips it, and events for
+    # it are answered with the reason instead of asking for it again.
+    embed_max_attempts: int = 3
+    # An embedding asked for this long ago and still not made, while nothing waits in the
+    # embed queue, is asked for again (a rollout's video; a parked event is served
+    # again). The embed queue's hard limit (900 s) bounds any embedding that started.
+    embed_requeue_after_s: float = 900.0
+    # An event still waiting for its video's embedding this long after it arrived is
+    # answered with an error.
+    parked_event_deadline_s: float = 3600.0
+    # How often beat advances rollouts and looks at parked events.
+    sweep_interval_s: float = 30.0
     torch_threads: int = 0  # 0: let torch decide
     metrics_port: int | None = None  # workers serve Prometheus metrics here when set
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
@@ -54,6 +56,12 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def dialect_insert(session: Session) -> Callable[..., Any]:
+    """The ``insert`` of the session's database, which has ``on_conflict_do_update``
+    (Postgres, or SQLite when embedded)."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def _alembic_config():  # type: ignore[no-untyped-def]

@@ -123,6 +123,24 @@ class Embedding(Base):
     __table_args__ = (UniqueConstraint("video_id", "model_version_id"),)
 
 
+class EmbeddingJob(Base):
+    """One video's embedding by one model, while it is owed: when a rollout last asked a
+    worker for it, and how many embedding tasks failed on it (``attempts``, the last
+    reason in ``last_error``). After VIDSIM_EMBED_MAX_ATTEMPTS it is ``given_up``: a
+    rollout skips the video, and events for it are answered with the reason instead of
+    asking for the embedding again."""
+
+    __tablename__ = "embedding_jobs"
+
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id", ondelete="CASCADE"), primary_key=True)
+    requested_at: Mapped[datetime | None] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    given_up: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class IndexVersion(Base):
     """A USearch file built from the embeddings of one model version."""
 

@@ -162,8 +162,13 @@ def make_celery() -> Celery:
             },
             "advance-model-rollouts": {
                 "task": "vidsim.advance_rollouts",
-                "schedule": 30.0,
-                "options": {"expires": 60.0},
+                "schedule": settings.sweep_interval_s,
+                "options": {"expires": max(settings.sweep_interval_s * 2, 1.0)},
+            },
+            "sweep-parked-events": {
+                "task": "vidsim.sweep_parked",
+                "schedule": settings.sweep_interval_s,
+                "options": {"expires": max(settings.sweep_interval_s * 2, 1.0)},
             },
             "refresh-index": {
                 "task": "vidsim.refresh_index",

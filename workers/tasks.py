@@ -15,19 +15,19 @@ from typing import Any
 
 from celery import Task
 from celery.signals import worker_process_init
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import Settings, get_settings
-from app.db import session_scope
+from app.db import dialect_insert, session_scope
 from app.deliver import outbox
 from app.index import rebuild
 from app.learn import registry, rollout
 from app.learn.registry import active_model
 from app.logs import log_context
 from app.models import TaskAttempt, utcnow
-from app.serve import recommend
+from app.serve import parked, recommend
 from workers.app import TIME_LIMITS, celery_app
+from workers.metrics import queue_depths
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ def _process_died_too_often(task: Task) -> bool:
     Retries of the task itself carry the same id and count too."""
     task_id = task.request.id or "unknown"
     with session_scope() as session:
-        insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-        stmt = insert(TaskAttempt).values(task_id=task_id, name=task.name, attempts=1, last_started_at=utcnow())
+        stmt = dialect_insert(session)(TaskAttempt).values(
+            task_id=task_id, name=task.name, attempts=1, last_started_at=utcnow()
+        )
         stmt = stmt.on_conflict_do_update(
             index_elements=["task_id"], set_={"attempts": TaskAttempt.attempts + 1, "last_started_at": utcnow()}
         )
@@ -151,13 +152,18 @@ def serve_event(self: Task, event_id: str) -> None:
 
 
 class EmbedTask(RetriedTask):
+    """Counts the failure against the video and model once the task has failed for good
+    (given up after VIDSIM_EMBED_MAX_ATTEMPTS), then serves the waiting event again."""
+
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         video_id = kwargs.get("video_id", args[0] if args else None)
         if video_id is not None:
+            reason = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
             with session_scope() as session:
-                recommend.fail_video(video_id, f"embedding failed: {type(exc).__name__}: {exc}"[:500], session=session)
+                recommend.embedding_failed(video_id, reason, session=session, settings=get_settings(),
+                                           model_id=kwargs.get("model_id"))  # fmt: skip
         if kwargs.get("event_id"):
-            serve_event.delay(event_id=kwargs["event_id"])  # answers with the video's error
+            serve_event.delay(event_id=kwargs["event_id"])  # answers, or asks for another attempt
 
 
 @celery_app.task(name="vidsim.embed_video", base=EmbedTask, bind=True, time_limit=TIME_LIMITS["embed"], **RETRY_POLICY)
@@ -165,8 +171,10 @@ def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id
     """Embeds one video (for the active model, or a model warming up); an event waiting
     on it is served next (on the events queue)."""
     if _process_died_too_often(self):
+        reason = "the worker process kept dying while embedding this video"
         with session_scope() as session:
-            recommend.fail_video(video_id, "the worker process kept dying while embedding this video", session=session)
+            recommend.embedding_failed(video_id, reason, session=session, settings=get_settings(), model_id=model_id,
+                                       final=True)  # fmt: skip
     else:
         with session_scope() as session:
             recommend.embed_video(video_id, session=session, settings=get_settings(), model_id=model_id)
@@ -217,27 +225,56 @@ def backfill(limit: int | None = None, model_id: int | None = None) -> int:
 @celery_app.task(name="vidsim.activate_model", time_limit=TIME_LIMITS["maintenance"])
 def activate_model(model_id: int) -> int:
     """Starts a model's rollout: embed the library with it; `advance_rollouts` switches
-    serving to it once its index is built. The old model and index serve meanwhile."""
+    serving to it once its index is built. The old model and index serve meanwhile.
+    Returns how many embeddings were asked for."""
     with session_scope() as session:
-        registry.start_rollout(session=session, model_id=model_id)
-    return backfill(model_id=model_id)
+        rollout.start_rollout(session=session, model_id=model_id)
+    return len(_advance(model_id, resend_stale=False).enqueue)
 
 
 @celery_app.task(name="vidsim.advance_rollouts", time_limit=TIME_LIMITS["maintenance"])
 def advance_rollouts() -> list[int]:
-    """Beat: a warming model whose library is embedded gets its index built, and serving
-    switches to both in one transaction (one per model)."""
-    switched = []
-    settings = get_settings()
+    """Beat: each warming model asks for the embeddings still missing, or, once its
+    library is embedded, gets its index built, and serving switches to both in one
+    transaction (one per model). Returns the models that switched."""
     with session_scope() as session:
         warming = [m.id for m in registry.warming_models(session=session)]
-    for model_id in warming:
-        with session_scope() as session:
-            finished = rollout.finish_if_embedded(session=session, model_id=model_id, settings=settings)
-        if finished is not None:
-            switched.append(model_id)
-            logger.info("model %d now serves", model_id)
+    resend_stale = bool(warming) and _embed_queue_empty()
+    switched = [m for m in warming if _advance(m, resend_stale=resend_stale).index is not None]
+    for model_id in switched:
+        logger.info("model %d now serves", model_id)
     return switched
+
+
+def _advance(model_id: int, *, resend_stale: bool) -> rollout.Step:
+    with session_scope() as session:
+        step = rollout.advance(session=session, model_id=model_id, settings=get_settings(), resend_stale=resend_stale)
+    for video_id in step.enqueue:
+        embed_video.delay(video_id, model_id=model_id)
+    return step
+
+
+@celery_app.task(name="vidsim.sweep_parked", time_limit=TIME_LIMITS["maintenance"])
+def sweep_parked() -> int:
+    """Beat: serves again the events parked too long for their video's embedding, and
+    answers with an error those past VIDSIM_PARKED_EVENT_DEADLINE_S."""
+    with session_scope() as session:
+        swept = parked.sweep_parked(session=session, settings=get_settings(), redrive=_embed_queue_empty())
+    for event_id in swept.redrive:
+        serve_event.delay(event_id=event_id)
+    for outcome in swept.answered:
+        _after(outcome)
+    return len(swept.redrive) + len(swept.answered)
+
+
+def _embed_queue_empty() -> bool:
+    """Nothing waits in the embed queue: an embedding asked for long ago and not made was
+    lost (or is running). False when the broker cannot tell."""
+    try:
+        return queue_depths()["embed"] == 0
+    except Exception as exc:
+        logger.warning("embed queue depth unavailable (%s): nothing is asked for again", exc)
+        return False
 
 
 @celery_app.task(name="vidsim.rebuild_index", time_limit=TIME_LIMITS["maintenance"])

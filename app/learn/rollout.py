@@ -2,29 +2,34 @@
 library with it, build its index) -> serve. Shared by the CLI, the Celery tasks and the
 demo; nothing here imports Celery.
 
-A rollout is the same whichever process drives it: :func:`app.learn.registry.start_rollout`
-marks the model warming, the library gets embedded with it (by workers, or here in
-:func:`roll_out_here`), and :func:`finish_if_embedded` builds its index and switches
-serving to both once nothing is left to embed (the beat task ``vidsim.advance_rollouts``
-asks it of every warming model)."""
+A rollout is the same whichever process drives it: :func:`start_rollout` marks the model
+warming, the library gets embedded with it (by workers, or here in :func:`roll_out_here`),
+and :func:`finish_if_embedded` builds its index and switches serving to both once nothing
+is left to embed. With workers, :func:`advance` is each step (the activation's first, then
+beat's ``vidsim.advance_rollouts``): it asks workers for every video still missing that
+nobody was asked for (added since, failed and still to retry, or, with ``resend_stale``,
+asked for so long ago that the message must be lost), skips those given up
+(:mod:`app.serve.embedding_jobs`), and says in the log why the rollout waits."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
 from app.index import rebuild
 from app.learn import registry
-from app.models import IndexVersion, ModelVersion, Video
-from app.serve import recommend
+from app.models import Embedding, IndexVersion, ModelVersion, Video, utcnow
+from app.serve import embedding_jobs, recommend
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +97,102 @@ def train_model(
     return model_id
 
 
+class RolloutFailed(ValueError):
+    """The model could embed none of the library: it must not serve."""
+
+
+def start_rollout(*, session: Session, model_id: int) -> ModelVersion:
+    """Marks a model to take over (:func:`app.learn.registry.start_rollout`) and gives
+    every library video its attempts with it again: activating a model anew after fixing
+    what made its embeddings fail retries them."""
+    model = registry.start_rollout(session=session, model_id=model_id)
+    embedding_jobs.forget(model_id, session=session)
+    return model
+
+
 def finish_if_embedded(*, session: Session, model_id: int, settings: Settings) -> IndexVersion | None:
-    """The end of a rollout: when the library is embedded with warming model ``model_id``,
-    builds its index and switches serving to both in this transaction, and returns the
-    index version; None while videos are still to embed (the active model keeps serving)."""
+    """The end of a rollout: when the library is embedded with warming model ``model_id``
+    (but for the videos given up for it), builds its index and switches serving to both
+    in this transaction, and returns the index version; None while videos are still to
+    embed (the active model keeps serving). Raises :class:`RolloutFailed` when every
+    library video was given up."""
     if recommend.videos_to_embed(session=session, model_id=model_id, limit=1):
         return None
+    failed = embedding_jobs.given_up_in_library(model_id, session=session)
+    if failed.count and not _embedded(session, model_id):
+        raise RolloutFailed(
+            f"model {model_id} could embed none of the library ({failed.count} videos given up; "
+            f"last error: {failed.last_error}); fix it and activate it again"
+        )
     model = session.get_one(ModelVersion, model_id)
     version = rebuild.rebuild_index(session=session, model=model, settings=settings)
     registry.finish_rollout(session=session, model=model)
+    if failed.count:
+        logger.warning("model %d serves without the %d library videos it could not embed (last error: %s)",
+                       model_id, failed.count, failed.last_error)  # fmt: skip
     return version
+
+
+def _embedded(session: Session, model_id: int) -> int:
+    """Enabled library videos embedded by the model."""
+    stmt = select(func.count()).select_from(Embedding).join(Video)
+    return session.scalar(stmt.where(Embedding.model_version_id == model_id, Video.in_library, Video.enabled)) or 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a rollout: the videos to ask workers to embed once the caller has
+    committed, or the index version it switched to."""
+
+    model_id: int
+    enqueue: list[int]
+    index: IndexVersion | None = None
+
+
+def advance(*, session: Session, model_id: int, settings: Settings, resend_stale: bool) -> Step:
+    """One step of warming model ``model_id``'s rollout: switches when the library is
+    embedded (:func:`finish_if_embedded`); otherwise records which missing videos to ask
+    for now and logs why the rollout waits. ``resend_stale``: the caller saw nothing
+    waiting in the embed queue, so requests older than ``embed_requeue_after_s`` are lost
+    (or running) and are sent again."""
+    missing = recommend.videos_to_embed(session=session, model_id=model_id)
+    if not missing:
+        try:
+            return Step(model_id, [], finish_if_embedded(session=session, model_id=model_id, settings=settings))
+        except RolloutFailed as exc:
+            logger.error("rollout of model %d cannot finish: %s", model_id, exc)
+            return Step(model_id, [])
+    stale_before = utcnow() - timedelta(seconds=settings.embed_requeue_after_s) if resend_stale else None
+    todo = embedding_jobs.to_request(model_id, missing, session=session, stale_before=stale_before)
+    embedding_jobs.mark_requested(todo, model_id, session=session)
+    failed = embedding_jobs.given_up_in_library(model_id, session=session)
+    logger.info("rollout of model %d waits for %d library videos to be embedded (%d asked for now, %d already "
+                "asked for: queued or running); %d given up and skipped", model_id, len(missing), len(todo),
+                len(missing) - len(todo), failed.count)  # fmt: skip
+    return Step(model_id, todo)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a rollout stands (`vidsim status`)."""
+
+    model_id: int
+    name: str
+    embedded: int  # enabled library videos embedded with the model
+    to_embed: int  # still to embed (asked for, or to ask for at the next step)
+    given_up: embedding_jobs.GivenUp  # failed for good: skipped
+
+
+def progress(*, session: Session, model_id: int) -> Progress:
+    """Where warming model ``model_id``'s rollout stands."""
+    model = session.get_one(ModelVersion, model_id)
+    return Progress(
+        model_id=model_id,
+        name=model.name,
+        embedded=_embedded(session, model_id),
+        to_embed=len(recommend.videos_to_embed(session=session, model_id=model_id)),
+        given_up=embedding_jobs.given_up_in_library(model_id, session=session),
+    )
 
 
 def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int, int], None] | None = None) -> int:
@@ -109,7 +200,7 @@ def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int,
     its index and switches serving to both at once. Returns the index version id.
     ``progress(done, total)`` is called after each video embedded."""
     with session_scope() as session:
-        registry.start_rollout(session=session, model_id=model_id)
+        start_rollout(session=session, model_id=model_id)
         todo = recommend.videos_to_embed(session=session, model_id=model_id)
     while True:
         for done, video_id in enumerate(todo, start=1):

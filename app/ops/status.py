@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnExpressionArgument, func, select
 from sqlalchemy.orm import Session
 
 from app.index.queries import embeddings_since_index
 from app.models import Delivery, Embedding, Event, IndexVersion, ModelVersion, Video, utcnow
+
+if TYPE_CHECKING:
+    from app.learn.rollout import Progress
 
 
 @dataclass
@@ -23,7 +27,7 @@ class Failure:
 class Overview:
     model: str | None
     model_trained: bool
-    warming: list[str]
+    warming: list[Progress]  # the rollouts in progress
     embedded: int  # library videos (enabled) the active model embedded
     library: int  # library videos (enabled)
     query_only: int  # query-only videos (cold events') the active model embedded besides
@@ -31,6 +35,8 @@ class Overview:
     index_lag: int  # embeddings newer than the index (searched exactly)
     events_last_hour: dict[str, int]
     deliveries: dict[str, int]
+    parked: int = 0  # events waiting for their video's embedding
+    oldest_parked_s: float | None = None
     failures: list[Failure] = field(default_factory=list)
 
 
@@ -55,10 +61,13 @@ def _embedded_videos(session: Session, model: ModelVersion, *where: ColumnExpres
 def overview(*, session: Session, failures: int = 10) -> Overview:
     """`vidsim status`: the serving model and index, the last hour's events, deliveries by
     state and the ``failures`` most recent failures of events, videos and deliveries."""
-    from app.learn.registry import warming_models  # here: it loads torch, which `vidsim status` does without
+    # here: they load torch, which `vidsim status` does without
+    from app.learn.registry import warming_models
+    from app.learn.rollout import progress
+    from app.serve.parked import PARKED_STATUSES
 
     model = session.scalar(select(ModelVersion).where(ModelVersion.is_active))
-    warming = [m.name for m in warming_models(session=session)]
+    warming = [progress(session=session, model_id=m.id) for m in warming_models(session=session)]
     library = session.scalar(select(func.count()).where(Video.in_library, Video.enabled)) or 0
     embedded = query_only = 0
     index_text, lag = None, 0
@@ -75,6 +84,9 @@ def overview(*, session: Session, failures: int = 10) -> Overview:
         ).all()
     )
     deliveries = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
+    parked, oldest = session.execute(
+        select(func.count(), func.min(Event.received_at)).where(Event.status.in_(PARKED_STATUSES))
+    ).one()
     recent: list[Failure] = []
     for ev in session.scalars(
         select(Event).where(Event.status == "failed").order_by(Event.received_at.desc()).limit(failures)
@@ -100,6 +112,8 @@ def overview(*, session: Session, failures: int = 10) -> Overview:
         index_lag=lag,
         events_last_hour=events,
         deliveries=deliveries,
+        parked=parked,
+        oldest_parked_s=(utcnow() - oldest).total_seconds() if oldest is not None else None,
         failures=recent[:failures],
     )
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.learn.registry import active_model
 from app.models import Delivery, Embedding, Event, ModelVersion, Recommendation, Video
+from app.serve.embedding_jobs import given_up_ids
 from app.serve.events import VideoSelected
 
 logger = logging.getLogger(__name__)
@@ -117,11 +118,13 @@ def add_embedding(video_id: int, model_id: int, vector: np.ndarray, *, frames: i
 
 
 def videos_without_embedding(model_id: int, *, limit: int | None, session: Session) -> list[int]:
-    """Enabled library videos, not failed, that have no embedding by the model; by id."""
+    """Enabled library videos, not failed, that have no embedding by the model and were
+    not given up for it (:mod:`app.serve.embedding_jobs`); by id."""
     done = select(Embedding.video_id).where(Embedding.model_version_id == model_id)
     stmt = (
         select(Video.id)
         .where(Video.in_library, Video.enabled, Video.status != "failed", Video.id.not_in(done))
+        .where(Video.id.not_in(given_up_ids(model_id)))
         .order_by(Video.id)
     )
     if limit:

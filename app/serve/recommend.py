@@ -25,7 +25,7 @@ from app.media import register as library
 from app.media import video as video_io
 from app.metrics import EVENTS
 from app.models import Event, ModelVersion, Recommendation, Video, utcnow
-from app.serve import queries
+from app.serve import embedding_jobs, queries
 from app.serve.events import InvalidEvent, VideoSelected, parse_event
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
     model = active_model(session=session)
     emb = queries.find_embedding(query_video.id, model.id, session=session)
     if emb is None:
+        refused = embedding_jobs.refusal(query_video.id, model, session=session)
+        if refused is not None:  # not asked for again: it failed for good
+            return _answer(ev, query=query_video, model=model, error=refused, session=session)
         ev.status = "embedding"
         return Outcome(event_id, embed_video_id=query_video.id)
 
@@ -220,6 +223,9 @@ def embed_video(video_id: int, *, session: Session, settings: Settings, model_id
     model = queries.model_to_embed_with(model_id, session=session)
     if queries.has_embedding(video_id, model.id, session=session):
         return Embedded(video_id, ok=True)
+    refused = embedding_jobs.refusal(video_id, model, session=session)
+    if refused is not None:  # a message sent before it was given up
+        return Embedded(video_id, ok=False, error=refused)
     if video.status == "failed":
         return Embedded(video_id, ok=False, error=video.error)
     frame_size = int(model.config.get("frame_size", 224))
@@ -279,3 +285,26 @@ def fail_video(video_id: int, reason: str, *, session: Session) -> None:
     video = queries.find_video(video_id, session=session)
     if video is not None and video.status != "ready":
         video.status, video.error = "failed", reason
+
+
+def embedding_failed(
+    video_id: int,
+    reason: str,
+    *,
+    session: Session,
+    settings: Settings,
+    model_id: int | None = None,
+    final: bool = False,
+) -> None:
+    """An embedding task failed for good (after its retries, at its hard time limit, or
+    ``final``: its process kept dying). Counts a failed attempt of the video with the
+    model (the active one when ``model_id`` is None), given up after
+    ``embed_max_attempts`` (at once when ``final``), and marks a video that is not ready
+    unusable, as :func:`fail_video`."""
+    if queries.find_video(video_id, session=session) is None:
+        return  # deleted meanwhile: nothing to count
+    model = queries.model_to_embed_with(model_id, session=session)
+    embedding_jobs.record_failure(
+        video_id, model.id, reason, session=session, max_attempts=settings.embed_max_attempts, give_up=final
+    )
+    fail_video(video_id, reason, session=session)

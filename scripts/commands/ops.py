@@ -37,11 +37,21 @@ def status() -> None:
         f"{o.embedded}/{o.library} library videos embedded"
         + (f" (and {o.query_only} query-only videos from events)" if o.query_only else "")
     )
-    if o.warming:
-        console.print(f"warming up (embedding the library, then switching): {', '.join(o.warming)}")
+    for r in o.warming:
+        failed = (
+            f"; {r.given_up.count} given up and skipped (last error: {r.given_up.last_error})"
+            if r.given_up.count
+            else ""
+        )
+        console.print(
+            f"warming up (embedding the library, then switching): {r.model_id} {r.name}: "
+            f"{r.embedded} embedded, {r.to_embed} still to embed{failed}"
+        )
     console.print(f"index: {o.index or 'none (exact search)'}; {o.index_lag} newer embeddings searched exactly")
     console.print("events, last hour: " + (", ".join(f"{k} {v}" for k, v in o.events_last_hour.items()) or "none"))
     console.print("deliveries: " + (", ".join(f"{k} {v}" for k, v in o.deliveries.items()) or "none"))
+    if o.parked:
+        console.print(f"events waiting for an embedding: {o.parked}, the oldest for {o.oldest_parked_s:.0f} s")
     try:
         from workers.app import celery_app
         from workers.metrics import queue_depths

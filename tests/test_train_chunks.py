@@ -36,14 +36,6 @@ from app.ops.status import overview
 CONFIG = dataclasses.replace(TINY, steps=5, checkpoint_every=100, torch_threads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return training_clips(tmp_path_factory.mktemp("footage"))
@@ -239,17 +231,34 @@ def _vidsim(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_cli_stops_an_idle_run_at_once_and_status_shows_runs(videos: list[Path], settings: Any) -> None:
-    run = _start(settings, videos)
-    status = _vidsim("status")
-    assert status.returncode == 0, status.stderr
-    assert f"training {run.name}: queued, step 0/?" in status.stdout
-    stop = _vidsim("train", "--stop", run.name)
-    assert stop.returncode == 0, stop.stderr
-    assert "stopped" in stop.stdout and f"--name {run.name} --queue" in stop.stdout  # how to resume it
-    assert _run(run.id).state == runs.STOPPED
-    unknown = _vidsim("train", "--stop", "no-such-run")
-    assert unknown.returncode == 1 and "no training run named 'no-such-run'" in unknown.stderr
+def test_cli_queues_a_run_that_status_shows_and_stop_stops_at_once(videos: list[Path], settings: Any) -> None:
+    """`vidsim train --queue` records the run before any worker takes it (no train worker
+    runs here): status shows it, and a stop, with no chunk running, is immediate."""
+    import redis as redis_client
+
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    client = redis_client.Redis.from_url(settings.redis_url)
+    queue = settings.broker_prefix + "train"
+    before = client.llen(queue)
+    try:
+        queued = _vidsim("train", "--queue", "--name", name, "--steps", "3", "--videos", str(videos[0].parent))
+        assert queued.returncode == 0, queued.stderr
+        assert f"training run {name} queued" in queued.stdout and f"vidsim train --stop {name}" in queued.stdout
+        assert client.llen(queue) == before + 1  # its first chunk, for the train workers
+        with session_scope() as session:
+            run = session.query(TrainingRun).filter_by(name=name).one()
+        assert (run.state, run.chunks, len(run.videos), run.config["steps"]) == (runs.QUEUED, 0, len(videos), 3)
+        status = _vidsim("status")
+        assert status.returncode == 0, status.stderr
+        assert f"training {name}: queued, step 0/?, 0 chunks done" in status.stdout
+        stop = _vidsim("train", "--stop", name)
+        assert stop.returncode == 0, stop.stderr
+        assert f"{name} stopped at step 0" in stop.stdout and f"--name {name} --queue" in stop.stdout
+        assert _run(run.id).state == runs.STOPPED
+        unknown = _vidsim("train", "--stop", "no-such-run")
+        assert unknown.returncode == 1 and "no training run named 'no-such-run'" in unknown.stderr
+    finally:
+        client.close()
 
 
 def test_a_queued_run_chains_its_chunks_to_the_end_through_a_worker(

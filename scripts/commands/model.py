@@ -34,14 +34,21 @@ def _train_command(
     if queue:
         import time
 
-        from workers.train_tasks import train as train_task
+        from app.db import migrate
+        from workers.train_tasks import train as start_run
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = name or rollout.run_name(preset=preset, init_model_id=init_model_id, suffix=stamp)
-        train_task.delay(preset=preset, videos=[str(f) for f in files] if files else None, overrides=overrides,
-                         name=name, init_model_id=init_model_id, epochs=epochs, activate=activate)  # fmt: skip
+        migrate()  # cheap when current
+        try:
+            # Here, not as a message: the run is recorded at once (`vidsim status` and
+            # `--stop` know it before any worker is free); its chunks go to the workers.
+            start_run(preset=preset, videos=[str(f) for f in files] if files else None, overrides=overrides,
+                      name=name, init_model_id=init_model_id, epochs=epochs, activate=activate)  # fmt: skip
+        except ValueError as exc:
+            raise Fail(str(exc), "vidsim library add PATH... or vidsim train --videos PATH...") from None
         console.print(
-            f"training run {name} enqueued on the 'train' queue: workers train it in chunks "
+            f"training run {name} queued: workers on the 'train' queue train it in chunks "
             f"(`vidsim status` shows its progress, `vidsim train --stop {name}` stops it)"
         )
         return

@@ -257,6 +257,10 @@ def test_cli_queues_a_run_that_status_shows_and_stop_stops_at_once(videos: list[
         assert _run(run.id).state == runs.STOPPED
         unknown = _vidsim("train", "--stop", "no-such-run")
         assert unknown.returncode == 1 and "no training run named 'no-such-run'" in unknown.stderr
+        # Training it here too would write into the workers' run: refused, with the way on.
+        inline = _vidsim("train", "--name", name, "--steps", "3", "--videos", str(videos[0].parent))
+        assert inline.returncode == 1 and f"{name} is a training run of the workers" in inline.stderr
+        assert f"vidsim train --name {name} --queue" in inline.stderr
     finally:
         client.close()
 

@@ -79,6 +79,12 @@ def lock_name(run_id: int) -> str:
     return f"training-run:{run_id}"
 
 
+def find_run(*, session: Session, name: str, for_update: bool = False) -> TrainingRun | None:
+    """The training run named ``name``, if any (with its row locked: ``for_update``)."""
+    stmt = select(TrainingRun).where(TrainingRun.name == name)
+    return session.scalar(stmt.with_for_update() if for_update else stmt)
+
+
 def next_chunk(run: TrainingRun) -> int | None:
     """The chunk of ``run`` to enqueue, if one is due."""
     return run.chunks + 1 if run.state in (QUEUED, RUNNING) else None
@@ -102,7 +108,7 @@ def start_run(
     Enqueue :func:`next_chunk` once this commits."""
     from app.learn.rollout import parent_checkpoint, run_dir
 
-    run = session.scalar(select(TrainingRun).where(TrainingRun.name == name).with_for_update())
+    run = find_run(session=session, name=name, for_update=True)
     if run is not None:
         if run.state in (STOPPED, FAILED):
             logger.info("training run %s: queued again at step %d (was %s)", name, run.step, run.state)
@@ -162,7 +168,7 @@ def stop_run(*, session: Session, name: str, settings: Settings | None = None) -
     """Stops run ``name``: at once (``stopped``) when no chunk of it runs, else
     ``stopping`` until its running chunk ends after its current step. Runs that ended are
     left as they are. Raises LookupError for an unknown name."""
-    run = session.scalar(select(TrainingRun).where(TrainingRun.name == name).with_for_update())
+    run = find_run(session=session, name=name, for_update=True)
     if run is None:
         raise LookupError(f"no training run named {name!r}")
     if run.state in (QUEUED, RUNNING):

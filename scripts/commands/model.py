@@ -53,6 +53,12 @@ def _train_command(
         )
         return
     with db_session() as session:  # the schema must exist before training registers its result
+        if name is not None:
+            from app.learn.runs import find_run
+
+            if find_run(session=session, name=name) is not None:  # its folder is the workers' to write
+                fix = f"vidsim train --name {name} --queue continues it"
+                raise Fail(f"{name} is a training run of the workers", fix)
         if files is None:
             files = rollout.library_files(session=session) if init_model_id else rollout.training_files(session=session)
     settings = get_settings()

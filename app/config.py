@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     # Schedule: the pipeline's period, and how many new clean videos start a training run.
     crawl_pipeline_interval_s: float = 6 * 3600.0
     crawl_train_min_new_items: int = 1000
+    # Training workers train a run in chunks of this many seconds (app.learn.runs), each
+    # resumed from the run's checkpoint; kept under the train queue's hard limit.
+    train_chunk_s: float = 2400.0
     beat_lock_timeout_s: int = 60  # the single-beat lock (RedBeat) lapses this long after a beat dies
 
     @field_validator("crawl_ytdlp_extractors", mode="before")

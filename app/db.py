@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 
 
 @functools.cache
@@ -62,6 +64,49 @@ def dialect_insert(session: Session) -> Callable[..., Any]:
     """The ``insert`` of the session's database, which has ``on_conflict_do_update``
     (Postgres, or SQLite when embedded)."""
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name``."""
+    return int.from_bytes(hashlib.sha256(f"vidsim:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def named_lock(name: str, *, settings: Settings | None = None) -> Iterator[bool]:
+    """Yields True while holding the lock ``name``, False (at once) if someone else has it.
+
+    On Postgres, a session-level advisory lock on a connection of its own, released by
+    Postgres when that connection closes, so a killed worker cannot leave it held; no
+    transaction stays open meanwhile. Embedded on SQLite, an flock on a file."""
+    engine = get_engine()
+    if engine.dialect.name == "postgresql":
+        key = _lock_key(name)
+        with engine.connect() as conn:
+            got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
+            conn.commit()  # the lock is the session's: no transaction stays open meanwhile
+            try:
+                yield got
+            finally:
+                if got:
+                    try:
+                        conn.scalar(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        conn.commit()
+                    except Exception:  # the connection is broken: closing it frees the lock
+                        conn.invalidate()
+                        raise
+        return
+    folder = (settings or get_settings()).data_dir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name.replace(':', '-')}.lock", "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _alembic_config():  # type: ignore[no-untyped-def]

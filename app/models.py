@@ -250,3 +250,37 @@ class TaskAttempt(Base):
     name: Mapped[str] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrainingRun(Base):
+    """A training job that outlives any one task (app.learn.runs): a chain of chunks, each
+    a ``vidsim.train_chunk`` task that resumes the run from ``out_dir/last.pt``, trains
+    within a time budget and enqueues the next. The run's config and videos are fixed
+    when it starts, so every chunk trains the same run.
+
+    queued -> running -> done (``model_version_id`` registered), or -> stopping (asked
+    while a chunk runs) -> stopped, or -> failed (``error``). Stopped and failed runs
+    start again where they stopped when started again under their name."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # the model version's name once done
+    preset: Mapped[str | None] = mapped_column(String(64))  # what it was made from, for people
+    config: Mapped[dict[str, Any]] = mapped_column()  # TrainConfig.to_dict()
+    videos: Mapped[list[str]] = mapped_column(Json)
+    out_dir: Mapped[str] = mapped_column(Text)
+    init_model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))  # a fine-tune's parent
+    init_checkpoint: Mapped[str | None] = mapped_column(Text)
+    activate: Mapped[bool] = mapped_column(Boolean, default=False)  # roll the model out once done
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer)  # known once the first chunk starts
+    chunks: Mapped[int] = mapped_column(Integer, default=0)  # chunks completed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts of the current chunk
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+    # Last sign of life: a step, a chunk's start or end, an enqueue (the watchdog's clock).
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()

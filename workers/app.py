@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 QUEUES = ("events", "embed", "callbacks", "maintenance", "crawl", "train")
 
 # Hard limits (seconds) per queue; all must stay below the visibility timeout, or a
-# long task would be redelivered and run twice in parallel (celery#5935).
+# long task would be redelivered and run twice in parallel (celery#5935). Training runs
+# longer than any of them as a chain of chunks (app.learn.runs, workers/train_tasks.py).
 TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 1800, "crawl": 1800, "train": 3000}
 
 
@@ -149,6 +150,7 @@ def make_celery() -> Celery:
             "vidsim.embed_video": {"queue": "embed"},
             "vidsim.deliver_callback": {"queue": "callbacks"},
             "vidsim.train": {"queue": "train"},
+            "vidsim.train_chunk": {"queue": "train"},
             # A crawl stage runs for up to half an hour: on its own queue it never holds
             # up the outbox sweeper or an index rebuild on `maintenance`.
             "vidsim.crawl.*": {"queue": "crawl"},
@@ -169,6 +171,11 @@ def make_celery() -> Celery:
                 "task": "vidsim.sweep_parked",
                 "schedule": settings.sweep_interval_s,
                 "options": {"expires": max(settings.sweep_interval_s * 2, 1.0)},
+            },
+            "resume-stalled-training": {
+                "task": "vidsim.resume_stalled_training",
+                "schedule": 300.0,
+                "options": {"expires": 600.0},
             },
             "refresh-index": {
                 "task": "vidsim.refresh_index",

@@ -3,10 +3,10 @@
     crawl -> preprocess -> (enough new material) train -> backfill -> index rebuild
 
 A stage never overlaps a still-running run of itself, whoever started it (beat, a
-retried task message, an operator): it holds a lock for the whole run, a Postgres
-session-level advisory lock on a connection of its own (released by Postgres when that
-connection closes, so a killed worker cannot leave it held), or an flock on a file when
-embedded on SQLite. A run that finds the lock taken returns at once with ``skipped``.
+retried task message, an operator): it holds a lock for the whole run
+(:func:`app.db.named_lock`: a Postgres advisory lock that a killed worker cannot leave
+held, or an flock when embedded on SQLite). A run that finds the lock taken returns at
+once with ``skipped``.
 
 Each run is recorded in ``crawl_runs`` with its counts. Training itself belongs to
 ``vidsim.train``: :func:`on_new_material` records the need and, given an ``enqueue``
@@ -16,8 +16,6 @@ callable (the worker passes one when that task exists), starts it after the comm
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
 import time
 import uuid
@@ -25,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
@@ -33,7 +31,7 @@ from app.crawl.crawler import CrawlCounts, Progress, Sessions, _no_progress, cra
 from app.crawl.models import PREPROCESSED, CrawledItem, CrawlRun, TrainingRequest
 from app.crawl.net import Budget, Fetcher
 from app.crawl.trim import preprocess, training_files
-from app.db import get_engine, session_scope
+from app.db import named_lock, session_scope
 from app.models import utcnow
 
 __all__ = [
@@ -42,7 +40,6 @@ __all__ = [
     "on_new_material",
     "run_crawl",
     "run_preprocess",
-    "stage_lock",
     "training_files",
 ]
 
@@ -58,54 +55,12 @@ class StageReport:
     seconds: float = 0.0
 
 
-# --------------------------------------------------------------------------- locks
-
-
-def _lock_key(name: str) -> int:
-    """A stable signed 64-bit advisory-lock key for ``name``."""
-    return int.from_bytes(hashlib.sha256(f"vidsim:{name}".encode()).digest()[:8], "big", signed=True)
-
-
-@contextlib.contextmanager
-def stage_lock(name: str, *, settings: Settings | None = None) -> Iterator[bool]:
-    """Yields True while holding the lock ``name``, False (at once) if someone else has it."""
-    engine = get_engine()
-    if engine.dialect.name == "postgresql":
-        key = _lock_key(name)
-        with engine.connect() as conn:
-            got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
-            conn.commit()  # the lock is the session's: no transaction stays open meanwhile
-            try:
-                yield got
-            finally:
-                if got:
-                    try:
-                        conn.scalar(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                        conn.commit()
-                    except Exception:  # the connection is broken: closing it frees the lock
-                        conn.invalidate()
-                        raise
-        return
-    folder = (settings or get_settings()).data_dir / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{name.replace(':', '-')}.lock", "a+b") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 @contextlib.contextmanager
 def _stage_run(stage: str, *, settings: Settings, sessions: Sessions, trigger: str) -> Iterator[StageReport]:
     """Holds the stage's lock and records the run; report.skipped when the lock is taken."""
     report = StageReport(stage)
     started = time.monotonic()
-    with stage_lock(f"crawl-stage:{stage}", settings=settings) as got:
+    with named_lock(f"crawl-stage:{stage}", settings=settings) as got:
         if not got:
             report.skipped = True
             logger.info("%s: another run is in progress; not starting", stage)

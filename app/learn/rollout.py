@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -30,6 +30,9 @@ from app.index import rebuild
 from app.learn import registry
 from app.models import Embedding, IndexVersion, ModelVersion, Video, utcnow
 from app.serve import embedding_jobs, recommend
+
+if TYPE_CHECKING:
+    from app.learn.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,36 @@ def training_files(*, session: Session) -> list[Path]:
     return files or library_files(session=session)
 
 
+def training_config(
+    preset: str, *, overrides: dict[str, Any] | None = None, finetune_epochs: int | None = None
+) -> TrainConfig:
+    """The config of a run: ``preset`` with ``overrides``; for a fine-tune,
+    ``finetune_epochs`` passes over the videos instead of the preset's budget."""
+    from app.learn.train.config import TrainConfig
+    from app.learn.train.loop import finetune_config
+
+    config = TrainConfig.preset(preset, **(overrides or {}))
+    return finetune_config(config, finetune_epochs) if finetune_epochs is not None else config
+
+
+def run_name(*, preset: str, init_model_id: int | None, suffix: str) -> str:
+    """The default name of a run (and of its model version)."""
+    return f"{'finetune' if init_model_id else 'pretrain'}-{preset}-{suffix}"
+
+
+def run_dir(name: str, *, settings: Settings) -> Path:
+    """Where run ``name`` keeps its checkpoints and curves."""
+    return settings.checkpoint_dir.resolve() / name
+
+
+def parent_checkpoint(*, session: Session, model_id: int) -> Path:
+    """The weights a fine-tune of model ``model_id`` starts from."""
+    parent = session.get_one(ModelVersion, model_id)
+    if parent.checkpoint_path is None:
+        raise ValueError(f"model {parent.id} ({parent.name}) is untrained: pre-train one first")
+    return Path(parent.checkpoint_path)
+
+
 def train_model(
     *,
     preset: str,
@@ -65,31 +98,23 @@ def train_model(
     epochs: int | None = None,
     progress: bool = False,
 ) -> int:
-    """Trains (pre-training, or fine-tuning from ``init_model_id``), registers the result as
-    a model version and returns its id. The version is not active until rolled out.
-    Training takes minutes to days, so no transaction is held across it: the parent is
-    read in one, the result recorded in another."""
-    from app.learn.train.config import TrainConfig
-    from app.learn.train.loop import finetune, train
+    """Trains (pre-training, or fine-tuning from ``init_model_id``) in this process, in one
+    go, registers the result as a model version and returns its id. The version is not
+    active until rolled out. Training takes minutes to days, so no transaction is held
+    across it: the parent is read in one, the result recorded in another. (Workers train
+    in chunks instead: :mod:`app.learn.runs`.)"""
+    from app.learn.train.loop import train
 
     if not videos:
         raise ValueError("no training videos: add library videos or crawl sources first")
-    config = TrainConfig.preset(preset, **(overrides or {}))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    kind = "finetune" if init_model_id else "pretrain"
-    name = name or f"{kind}-{preset}-{stamp}"
-    out_dir = settings.checkpoint_dir.resolve() / name
+    config = training_config(preset, overrides=overrides, finetune_epochs=(epochs or 5) if init_model_id else None)
+    name = name or run_name(preset=preset, init_model_id=init_model_id, suffix=time.strftime("%Y%m%d-%H%M%S"))
+    init = None
     if init_model_id is not None:
         with session_scope() as session:
-            parent = session.get_one(ModelVersion, init_model_id)
-            if parent.checkpoint_path is None:
-                raise ValueError(f"model {parent.id} ({parent.name}) is untrained: pre-train one first")
-            init = Path(parent.checkpoint_path)
-        result = finetune(
-            config, videos, init_checkpoint=init, out_dir=out_dir, epochs=epochs or 5, resume=resume, progress=progress
-        )
-    else:
-        result = train(config, videos, out_dir=out_dir, resume=resume, progress=progress)
+            init = parent_checkpoint(session=session, model_id=init_model_id)
+    result = train(config, videos, out_dir=run_dir(name, settings=settings), resume=resume, init_checkpoint=init,
+                   progress=progress)  # fmt: skip
     with session_scope() as session:
         model = registry.register_trained(session=session, result=result, name=name, parent_id=init_model_id)
         model_id = model.id

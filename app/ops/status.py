@@ -10,7 +10,10 @@ from sqlalchemy import ColumnExpressionArgument, func, select
 from sqlalchemy.orm import Session
 
 from app.index.queries import embeddings_since_index
-from app.models import Delivery, Embedding, Event, IndexVersion, ModelVersion, Video, utcnow
+from app.models import Delivery, Embedding, Event, IndexVersion, ModelVersion, TrainingRun, Video, utcnow
+
+# Training runs still going, and those that ended within this long, are shown.
+RECENT_TRAINING = timedelta(hours=24)
 
 if TYPE_CHECKING:
     from app.learn.rollout import Progress
@@ -21,6 +24,18 @@ class Failure:
     at: datetime
     what: str
     reason: str
+
+
+@dataclass
+class TrainingProgress:
+    """A training run (app.learn.runs) as `vidsim status` shows it."""
+
+    name: str
+    state: str  # queued | running | stopping | stopped | done | failed
+    step: int
+    total_steps: int | None  # None until its first chunk starts
+    chunks: int  # chunks completed
+    model_id: int | None  # the model version it registered
 
 
 @dataclass
@@ -38,6 +53,7 @@ class Overview:
     parked: int = 0  # events waiting for their video's embedding
     oldest_parked_s: float | None = None
     failures: list[Failure] = field(default_factory=list)
+    training: list[TrainingProgress] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +116,9 @@ def overview(*, session: Session, failures: int = 10) -> Overview:
         select(Delivery).where(Delivery.status.in_(("dead", "disabled"))).order_by(Delivery.id.desc()).limit(failures)
     ):
         recent.append(Failure(d.created_at, f"delivery {d.id} ({d.status})", d.last_error or ""))
+    failed_runs = select(TrainingRun).where(TrainingRun.state == "failed")
+    for run in session.scalars(failed_runs.order_by(TrainingRun.finished_at.desc()).limit(failures)):
+        recent.append(Failure(run.finished_at or run.created_at, f"training run {run.name}", run.error or ""))
     recent.sort(key=lambda f: f.at, reverse=True)
     return Overview(
         model=f"{model.id} {model.name}" if model else None,
@@ -115,7 +134,18 @@ def overview(*, session: Session, failures: int = 10) -> Overview:
         parked=parked,
         oldest_parked_s=(utcnow() - oldest).total_seconds() if oldest is not None else None,
         failures=recent[:failures],
+        training=training_progress(session=session),
     )
+
+
+def training_progress(*, session: Session) -> list[TrainingProgress]:
+    """Training runs still going, and those that ended in the last RECENT_TRAINING, oldest first."""
+    since = utcnow() - RECENT_TRAINING
+    stmt = select(TrainingRun).where(TrainingRun.finished_at.is_(None) | (TrainingRun.finished_at >= since))
+    return [
+        TrainingProgress(run.name, run.state, run.step, run.total_steps, run.chunks, run.model_version_id)
+        for run in session.scalars(stmt.order_by(TrainingRun.id))
+    ]
 
 
 def index_status(*, session: Session) -> IndexStatus:

@@ -32,13 +32,33 @@ def _train_command(
     overrides = {k: v for k, v in {"steps": steps, "lambd": lambd}.items() if v is not None}
     files = [Path(p) for p in expand_sources(videos)] if videos else None
     if queue:
-        from workers.train_tasks import train as train_task
+        import time
 
-        train_task.delay(preset=preset, videos=[str(f) for f in files] if files else None, overrides=overrides,
-                         name=name, init_model_id=init_model_id, epochs=epochs, activate=activate)  # fmt: skip
-        console.print("training enqueued on the 'train' queue")
+        from app.db import migrate
+        from workers.train_tasks import train as start_run
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = name or rollout.run_name(preset=preset, init_model_id=init_model_id, suffix=stamp)
+        migrate()  # cheap when current
+        try:
+            # Here, not as a message: the run is recorded at once (`vidsim status` and
+            # `--stop` know it before any worker is free); its chunks go to the workers.
+            start_run(preset=preset, videos=[str(f) for f in files] if files else None, overrides=overrides,
+                      name=name, init_model_id=init_model_id, epochs=epochs, activate=activate)  # fmt: skip
+        except ValueError as exc:
+            raise Fail(str(exc), "vidsim library add PATH... or vidsim train --videos PATH...") from None
+        console.print(
+            f"training run {name} queued: workers on the 'train' queue train it in chunks "
+            f"(`vidsim status` shows its progress, `vidsim train --stop {name}` stops it)"
+        )
         return
     with db_session() as session:  # the schema must exist before training registers its result
+        if name is not None:
+            from app.learn.runs import find_run
+
+            if find_run(session=session, name=name) is not None:  # its folder is the workers' to write
+                fix = f"vidsim train --name {name} --queue continues it"
+                raise Fail(f"{name} is a training run of the workers", fix)
         if files is None:
             files = rollout.library_files(session=session) if init_model_id else rollout.training_files(session=session)
     settings = get_settings()
@@ -68,9 +88,17 @@ def train(
         float | None, typer.Option(help="Barlow Twins off-diagonal weight (spec 0.001, paper 0.0051).")
     ] = None,
     activate: Annotated[bool, typer.Option(help="Roll the new version out when trained.")] = False,
-    queue: Annotated[bool, typer.Option(help="Run as a Celery task on the 'train' queue.")] = False,
+    queue: Annotated[
+        bool, typer.Option(help="Train on the 'train' queue's workers, in resumable chunks (see `vidsim status`).")
+    ] = False,
+    stop: Annotated[
+        str | None, typer.Option("--stop", metavar="NAME", help="Stop the queued training run NAME (resumable).")
+    ] = None,
 ) -> None:
     """Pre-train an encoder with Barlow Twins and register it as a model version."""
+    if stop is not None:
+        _stop(stop)
+        return
     _train_command(preset=preset, videos=videos, name=name, steps=steps, lambd=lambd, init_model_id=None,
                    epochs=None, activate=activate, queue=queue)  # fmt: skip
 
@@ -94,6 +122,23 @@ def finetune(
             model_id = active_model(session=session).id
     _train_command(preset=preset, videos=videos, name=name, steps=None, lambd=None, init_model_id=model_id,
                    epochs=epochs, activate=activate, queue=queue)  # fmt: skip
+
+
+def _stop(name: str) -> None:
+    from app.learn import runs
+
+    with db_session() as session:
+        try:
+            run = runs.stop_run(session=session, name=name)
+        except LookupError as exc:
+            raise Fail(str(exc), "`vidsim status` lists the training runs") from None
+    resume = f"`vidsim train --name {name} --queue` continues it"
+    if run.state == runs.STOPPED:
+        console.print(f"training run {name} stopped at step {run.step}/{run.total_steps or '?'}; {resume}")
+    elif run.state == runs.STOPPING:
+        console.print(f"training run {name} stopping: its running chunk ends after its current step; {resume}")
+    else:
+        console.print(f"training run {name} already {run.state} (step {run.step}/{run.total_steps or '?'})")
 
 
 def _activate(model_id: int, *, inline: bool) -> None:

@@ -48,6 +48,12 @@ def status() -> None:
             f"{r.embedded} embedded, {r.to_embed} still to embed{failed}"
         )
     console.print(f"index: {o.index or 'none (exact search)'}; {o.index_lag} newer embeddings searched exactly")
+    for run in o.training:
+        model = f", model {run.model_id}" if run.model_id is not None else ""
+        console.print(
+            f"training {run.name}: {run.state}, step {run.step}/{run.total_steps or '?'}, "
+            f"{run.chunks} chunk{'' if run.chunks == 1 else 's'} done{model}"
+        )
     console.print("events, last hour: " + (", ".join(f"{k} {v}" for k, v in o.events_last_hour.items()) or "none"))
     console.print("deliveries: " + (", ".join(f"{k} {v}" for k, v in o.deliveries.items()) or "none"))
     if o.parked:

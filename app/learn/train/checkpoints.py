@@ -2,9 +2,9 @@
 resumable state written every ``checkpoint_every`` steps, and the final weights.
 
 ``out_dir`` holds ``last.pt`` (resumable state: weights, optimiser, step, position in
-the stream of windows) and ``model-step<N>.pt`` (the final weights, what the registry
-points to). Both carry the run's :class:`TrainConfig`; serving loads the encoder alone
-(:func:`app.learn.encoder.load_checkpoint`)."""
+the stream of windows, what the run's summary is made of) and ``model-step<N>.pt`` (the
+final weights, what the registry points to). Both carry the run's :class:`TrainConfig`;
+serving loads the encoder alone (:func:`app.learn.encoder.load_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -69,9 +69,13 @@ def save_state(
     items_per_epoch: int,
     clips: int,
     skipped: dict[str, str],
+    recent: list[dict[str, float]],
+    timed: tuple[int, float],
 ) -> None:
     """Writes the resumable state (``last.pt``): a resumed run continues from ``step``, at
-    ``position`` in this rank's stream of windows."""
+    ``position`` in this rank's stream of windows. ``recent`` (the last steps' metrics)
+    and ``timed`` (clips and seconds of the timed steps) carry the run's summary across
+    pieces, so a run trained in pieces ends with the summary of an uninterrupted one."""
     save_checkpoint(
         path,
         encoder,
@@ -83,6 +87,9 @@ def save_state(
             "clips": clips,
             "optimizer": optimizer.state_dict(),
             "skipped": skipped,
+            "recent": recent,
+            "timed_clips": timed[0],
+            "timed_s": timed[1],
         },
     )
 

@@ -13,6 +13,11 @@ GPU. ``out_dir`` holds the checkpoints (:mod:`app.learn.train.checkpoints`),
 
 A loader worker that dies or hangs (decord crashes or hangs on some corrupt files) costs
 one batch: the loader is rebuilt after it, up to ``max_loader_failures`` times.
+
+A run can be trained in pieces (``keep_going``): each piece stops between two steps,
+saves ``last.pt`` there, and the next resumes from it. As the windows of each step are a
+function of (seed, epoch, item) and the state carries the optimiser and the position in
+the stream, the pieces together take the same steps as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,11 +65,19 @@ class TrainResult:
     videos: int  # videos given
     skipped: dict[str, str]  # path -> reason, videos that could not be used
     final_metrics: dict[str, float]  # mean of the last steps: loss, on_diag, off_diag
-    clips_per_s: float  # this run's throughput, first steps (warm-up) excluded
-    seconds: float  # this run's wall time
+    clips_per_s: float  # the run's throughput, the first steps of each piece (warm-up) excluded
+    seconds: float  # this call's wall time
     metrics_path: Path
     loss_plot: Path | None
     init_checkpoint: Path | None = None
+    total_steps: int = 0  # the run's step budget
+    # False: stopped early by keep_going; ``checkpoint`` is then last.pt, to resume from.
+    finished: bool = True
+
+
+# keep_going(step, total_steps): asked before the first step, after each step and before
+# the finishing work (library normalisation, final weights); False stops the run there.
+KeepGoing = Callable[[int, int], bool]
 
 
 def train(
@@ -75,22 +88,30 @@ def train(
     resume: bool = False,
     init_checkpoint: Path | None = None,
     progress: bool = False,
+    keep_going: KeepGoing | None = None,
 ) -> TrainResult:
     """Trains the encoder on ``videos`` with the Barlow Twins objective.
 
     ``resume``: continue from ``out_dir/last.pt`` (weights, optimizer, step, position in
     the epoch) up to the step budget of ``config``; without it, an ``out_dir`` that already
     holds a run is refused. ``init_checkpoint``: start from these weights (fine-tuning);
-    its encoder architecture replaces ``config.encoder``'s. Runs on every rank under
-    ``torchrun``; returns the same result on each.
+    its encoder architecture replaces ``config.encoder``'s. ``keep_going``: see
+    :data:`KeepGoing`; when it says stop, ``last.pt`` is saved at that step and the
+    result is not ``finished``. Runs on every rank under ``torchrun``; returns the same
+    result on each.
     """
     out_dir = Path(out_dir)
     with torch_threads(config.torch_threads):
         ranks = join_process_group()
         try:
-            return _train(config, list(videos), out_dir, resume, init_checkpoint, progress, ranks)
+            return _train(config, list(videos), out_dir, resume, init_checkpoint, progress, ranks, keep_going)
         finally:
             leave_process_group(ranks)
+
+
+def finetune_config(config: TrainConfig, epochs: int) -> TrainConfig:
+    """``config`` for a fine-tune of ``epochs`` passes over the videos."""
+    return dataclasses.replace(config, epochs=epochs, steps=None)
 
 
 def finetune(
@@ -105,8 +126,10 @@ def finetune(
 ) -> TrainResult:
     """Continues training ``init_checkpoint`` for ``epochs`` passes over ``videos`` (the
     company's library); the optimizer and schedule start afresh."""
-    config = dataclasses.replace(config, epochs=epochs, steps=None)
-    return train(config, videos, out_dir=out_dir, resume=resume, init_checkpoint=init_checkpoint, progress=progress)
+    return train(
+        finetune_config(config, epochs), videos, out_dir=out_dir, resume=resume, init_checkpoint=init_checkpoint,
+        progress=progress,
+    )  # fmt: skip
 
 
 def _train(
@@ -117,6 +140,7 @@ def _train(
     init_checkpoint: Path | None,
     progress: bool,
     ranks: Ranks,
+    keep_going: KeepGoing | None,
 ) -> TrainResult:
     started = time.perf_counter()
     device = training_device(ranks.local_rank)
@@ -155,17 +179,30 @@ def _train(
     # position: items of this rank's stream consumed (loaded batches, used or skipped).
     step, position, clips_total = 0, 0, 0
     skipped: dict[str, str] = {}
+    recent: list[dict[str, float]] = []  # the last steps' metrics: the run's final summary
+    timed_clips, timed_s = 0, 0.0  # clips and seconds of the steps that count for throughput
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step, position, clips_total = int(state["step"]), int(state["position"]), int(state["clips"])
         skipped = dict(state.get("skipped", {}))
+        recent = list(state.get("recent", []))
+        timed_clips, timed_s = int(state.get("timed_clips", 0)), float(state.get("timed_s", 0.0))
     metrics_path = out_dir / METRICS_FILE
     if ranks.main:
         truncate_metrics(metrics_path, step)
 
     def save_last() -> None:
         save_state(last_path, encoder, optimizer, config=config, step=step, position=position,
-                   items_per_epoch=per_epoch, clips=clips_total, skipped=skipped)  # fmt: skip
+                   items_per_epoch=per_epoch, clips=clips_total, skipped=skipped, recent=recent,
+                   timed=(timed_clips, timed_s))  # fmt: skip
+
+    def stop_here() -> bool:
+        if keep_going is None:
+            return False
+        stop = torch.tensor([0.0 if keep_going(step, total_steps) else 1.0], device=device)
+        if ranks.enabled:  # every rank stops at the same step, or DDP waits forever
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
 
     logger.info(
         "training on %d videos (%d items/epoch/rank), steps %d -> %d, "
@@ -173,13 +210,13 @@ def _train(
         len(videos), per_epoch, step, total_steps,
         config.batch_size, ranks.world_size, config.encoder.backbone, device, " bf16" if bf16 else "",
     )  # fmt: skip
-    recent: list[dict[str, float]] = []
-    timed_clips, timed_s, first_step = 0, 0.0, step
-    saved_step, failures = -1, 0
+    first_step = step
+    saved_step, failures = step, 0  # last.pt holds `step` already (or nothing: step 0)
     loader: DataLoader | None
     bar = ProgressBar(total_steps, step, enabled=progress and ranks.main)
+    stopped = stop_here()
     with bar, open(metrics_path, "a", encoding="utf-8") if ranks.main else contextlib.nullcontext() as log:
-        while step < total_steps:
+        while step < total_steps and not stopped:
             # Enough items for the steps left, plus a few batches for steps skipped.
             sampler.start(position, (total_steps - step + 8) * local_batch)
             loader = make_loader(dataset, sampler, local_batch, config, device)
@@ -219,9 +256,12 @@ def _train(
                             save_last()
                         saved_step = step
                         barrier(ranks)
-                    t_wait = time.perf_counter()
                     if step >= total_steps:
                         break
+                    if stop_here():
+                        stopped = True
+                        break
+                    t_wait = time.perf_counter()
             except RuntimeError as exc:
                 # A worker that died (a decoder crash) or went silent (a decoder hang):
                 # lose that batch, rebuild the loader after it, go on.
@@ -233,6 +273,21 @@ def _train(
             finally:
                 loader = None  # the iterator's end shuts its workers down
 
+    # The finishing work may take a while (library normalisation decodes up to
+    # norm_videos videos): a piece whose budget the steps spent leaves it to the next.
+    if stopped or stop_here():
+        if ranks.main and saved_step != step:
+            save_last()
+        barrier(ranks)
+        logger.info("stopped at step %d of %d after %.0f s; %s resumes it",
+                    step, total_steps, time.perf_counter() - started, last_path)  # fmt: skip
+        return TrainResult(
+            checkpoint=last_path, out_dir=out_dir, config=config, steps=step, epochs=position / per_epoch,
+            clips=clips_total, videos=len(videos), skipped=skipped, final_metrics={},
+            clips_per_s=timed_clips / timed_s if timed_s > 0 else 0.0, seconds=time.perf_counter() - started,
+            metrics_path=metrics_path, loss_plot=None, init_checkpoint=init_checkpoint, total_steps=total_steps,
+            finished=False,
+        )  # fmt: skip
     if ranks.main and config.encoder.library_norm != "none":
         fit_library_norm(encoder, videos, limit=config.norm_videos, seed=config.seed)
     final = final_path(out_dir, step)
@@ -267,6 +322,7 @@ def _train(
         metrics_path=metrics_path,
         loss_plot=plot,
         init_checkpoint=init_checkpoint,
+        total_steps=total_steps,
     )
 
 

@@ -168,8 +168,7 @@ def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id
         with session_scope() as session:
             recommend.fail_video(video_id, "the worker process kept dying while embedding this video", session=session)
     else:
-        with session_scope() as session:
-            recommend.embed_video(video_id, session=session, settings=get_settings(), model_id=model_id)
+        recommend.embed_video(video_id, sessions=session_scope, settings=get_settings(), model_id=model_id)
     if event_id is not None:
         serve_event.delay(event_id=event_id)
 

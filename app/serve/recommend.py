@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import Sessions
 from app.deliver import outbox
 from app.index.search import search_library, vector_of
 from app.learn.registry import active_model, embed_clips
@@ -210,39 +212,39 @@ class Embedded:
     embed_s: float = 0.0
 
 
-def embed_video(video_id: int, *, session: Session, settings: Settings, model_id: int | None = None) -> Embedded:
+def embed_video(video_id: int, *, sessions: Sessions, settings: Settings, model_id: int | None = None) -> Embedded:
     """Decodes (in a sandboxed child), embeds and stores one video for the active model
     (or ``model_id``, a model warming up). Skips work already done; records a readable
-    error on the video when it is unusable."""
-    video = queries.find_video(video_id, session=session)
-    if video is None:
-        return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
-    model = queries.model_to_embed_with(model_id, session=session)
-    if queries.has_embedding(video_id, model.id, session=session):
-        return Embedded(video_id, ok=True)
-    if video.status == "failed":
-        return Embedded(video_id, ok=False, error=video.error)
-    frame_size = int(model.config.get("frame_size", 224))
+    error on the video when it is unusable.
+
+    Decoding and the forward pass take seconds to minutes, so they run between two short
+    units of work of ``sessions``, never inside one: no connection sits idle in a
+    transaction (holding its snapshot and locks) while a worker computes."""
+    with sessions() as session:
+        job = _embedding_job(video_id, session=session, model_id=model_id)
+    if isinstance(job, Embedded):
+        return job
     started = time.perf_counter()
     try:
         sample = video_io.sample_frames(
-            video.local_path or video.uri,
+            job.source,
             fps=settings.frame_fps,
-            size=frame_size,
+            size=int(job.model.config.get("frame_size", 224)),
             max_frames=settings.max_frames,
             limits=video_io.decode_limits(settings),
         )
     except video_io.VideoError as exc:
-        video.status, video.error = "failed", exc.reason
         logger.warning("video %d failed to decode: %s", video_id, exc.reason)
+        with sessions() as session:
+            if (video := queries.find_video(video_id, session=session)) is not None:
+                video.status, video.error = "failed", exc.reason
         return Embedded(video_id, ok=False, error=exc.reason)
     decoded = time.perf_counter()
-    vector = embed_clips(model, [sample.frames])[0]
+    vector = embed_clips(job.model, [sample.frames])[0]  # (D,)
     done = time.perf_counter()
-    queries.add_embedding(video_id, model.id, vector, frames=len(sample.frames), session=session)
-    info = sample.info
-    video.status, video.error = "ready", None
-    video.duration_s, video.width, video.height = info.duration_s, info.width, info.height
+    with sessions() as session:
+        if not _store_embedding(video_id, job.model.id, vector, sample, session=session):
+            return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
     logger.info(
         "embedded video %d: %d frames, decode %.2fs, embed %.2fs",
         video_id,
@@ -251,6 +253,40 @@ def embed_video(video_id: int, *, session: Session, settings: Settings, model_id
         done - decoded,
     )
     return Embedded(video_id, True, len(sample.frames), None, decoded - started, done - decoded)
+
+
+@dataclass(frozen=True)
+class _EmbeddingJob:
+    source: str  # the file (or URI) to decode
+    model: ModelVersion  # loaded, detached: read outside the session
+
+
+def _embedding_job(video_id: int, *, session: Session, model_id: int | None) -> _EmbeddingJob | Embedded:
+    """What embedding ``video_id`` needs, or its result when there is nothing to do."""
+    video = queries.find_video(video_id, session=session)
+    if video is None:
+        return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
+    model = queries.model_to_embed_with(model_id, session=session)
+    if queries.has_embedding(video_id, model.id, session=session):
+        return Embedded(video_id, ok=True)
+    if video.status == "failed":
+        return Embedded(video_id, ok=False, error=video.error)
+    return _EmbeddingJob(source=video.local_path or video.uri, model=model)
+
+
+def _store_embedding(
+    video_id: int, model_id: int, vector: np.ndarray, sample: video_io.Sample, *, session: Session
+) -> bool:
+    """Stores the (D,) embedding and what decoding learnt of the video; False when the
+    video was deleted meanwhile."""
+    video = queries.find_video(video_id, session=session)
+    if video is None:
+        return False
+    queries.add_embedding(video_id, model_id, vector, frames=len(sample.frames), session=session)
+    info = sample.info
+    video.status, video.error = "ready", None
+    video.duration_s, video.width, video.height = info.duration_s, info.width, info.height
+    return True
 
 
 def videos_to_embed(*, session: Session, limit: int | None = None, model_id: int | None = None) -> list[int]:

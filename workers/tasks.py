@@ -100,6 +100,8 @@ def _process_died_too_often(task: Task) -> bool:
 
 
 def _after(outcome: recommend.Outcome) -> None:
+    if outcome.fetch_uri is not None:
+        fetch_video.delay(event_id=outcome.event_id)
     if outcome.embed_video_id is not None:
         embed_video.delay(outcome.embed_video_id, event_id=outcome.event_id)
     if outcome.delivery_id is not None:
@@ -148,6 +150,17 @@ def serve_event(self: Task, event_id: str) -> None:
     with session_scope() as session:
         outcome = recommend.serve_event(event_id, session=session, settings=get_settings())
     _after(outcome)
+
+
+@celery_app.task(name="vidsim.fetch_video", base=EventTask, bind=True, time_limit=TIME_LIMITS["fetch"], **RETRY_POLICY)
+def fetch_video(self: Task, event_id: str) -> None:
+    """Fetches, hashes and probes the video a parked event names by URI, on the `fetch`
+    queue (a pool of threads: a slow server holds one thread, never a process that
+    serves events), then serves the event or has its video embedded."""
+    if _process_died_too_often(self):
+        _fail_event(event_id, "the worker process kept dying while fetching this event's video")
+        return
+    _after(recommend.fetch_query_video(event_id, sessions=session_scope, settings=get_settings()))
 
 
 class EmbedTask(RetriedTask):

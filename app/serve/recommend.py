@@ -3,9 +3,11 @@ recommendation -> outbox delivery.
 
 Functions here take ``session`` keyword-only and never commit; they return what the
 caller (a Celery task, the demo) must enqueue next once it has committed. No function
-waits on another piece of work: an event whose video is not embedded yet is parked, and
-served again by the embedding step. The reads and writes they compose are in
-:mod:`app.serve.queries`.
+waits on another piece of work: an event whose video is not fetched or not embedded yet
+is parked, and served again by the fetching or embedding step. Those two steps take
+``sessions`` (a unit-of-work factory) instead: a download, a decode or a forward pass
+runs between short transactions, never inside one. The reads and writes they compose
+are in :mod:`app.serve.queries`.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """What to enqueue after commit: an embedding of ``embed_video_id`` (then serve the
-    event again), or the first attempt of ``delivery_id``."""
+    """What to enqueue after commit: fetching the event's video from ``fetch_uri`` (then
+    serve the event again), an embedding of ``embed_video_id`` (likewise), or the first
+    attempt of ``delivery_id``."""
 
     event_id: str
     embed_video_id: int | None = None
     delivery_id: int | None = None
+    fetch_uri: str | None = None
 
 
 def accept_event(raw: Any, *, session: Session, settings: Settings, fallback_id: str) -> Outcome:
@@ -68,6 +72,9 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
         query_video = _query_video(ev, event, session=session, settings=settings)
     except library.SourceError as exc:
         return _answer(ev, error=str(exc), session=session)
+    if isinstance(query_video, str):
+        ev.status = "fetching"
+        return Outcome(event_id, fetch_uri=query_video)
     if query_video.status == "failed":
         return _answer(ev, query=query_video, error=f"video {query_video.id}: {query_video.error}", session=session)
 
@@ -109,24 +116,46 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
     )
 
 
-def _query_video(ev: Event, event: VideoSelected, *, session: Session, settings: Settings) -> Video:
-    """The event's video: a library video by id, or a file or URL registered (query-only)."""
+def _query_video(ev: Event, event: VideoSelected, *, session: Session, settings: Settings) -> Video | str:
+    """The event's video: a library video by id, or the file or URL it names once
+    registered; else the URI to fetch it from (checked, but not read: reading waits on
+    a disk or another host, and is done by :func:`fetch_query_video`)."""
+    if ev.video_id is not None:
+        return queries.get_video(ev.video_id, session=session)
     if event.video_id is not None:
         video = queries.find_video(event.video_id, session=session)
         if video is None:
             raise library.SourceError(f"unknown video id {event.video_id}")
-        ev.video_id = video.id
-        return video
-    assert event.video_uri is not None
-    registered = library.register(
-        session,
-        event.video_uri,
-        settings=settings,
-        in_library=False,
-        restrict_to_media_roots=True,
-    )
-    ev.video_id = registered.video_id
-    return queries.get_video(registered.video_id, session=session)
+    else:
+        assert event.video_uri is not None
+        uri, found = library.lookup(session, event.video_uri, settings=settings, restrict=True)
+        if found is None:
+            return uri
+        video = found
+    ev.video_id = video.id
+    return video
+
+
+def fetch_query_video(event_id: str, *, sessions: Sessions, settings: Settings) -> Outcome:
+    """Fetches the video a parked event names by URI (downloads it, or reads a file in
+    the media roots), hashes and probes it, records it (query-only), then serves the
+    event. A download takes up to ``download_deadline_s``, so it runs with no transaction
+    open; a source that cannot be fetched answers the event with the reason."""
+    with sessions() as session:
+        outcome = serve_event(event_id, session=session, settings=settings)  # still to fetch?
+    if outcome.fetch_uri is None:
+        return outcome
+    uri = outcome.fetch_uri
+    try:
+        fetched, error = library.fetch(uri, settings=settings, restrict=True), None
+    except library.SourceError as exc:
+        fetched, error = None, str(exc)
+    with sessions() as session:
+        ev = queries.get_event(event_id, session=session)
+        if fetched is None:
+            return _answer(ev, error=error, session=session)
+        ev.video_id = library.record(session, uri, fetched, in_library=False).video_id
+        return serve_event(event_id, session=session, settings=settings)
 
 
 def _answer(

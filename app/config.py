@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     max_video_pixels: int = 4096 * 2160
     max_video_streams: int = 16
     max_download_bytes: int = 2 * 1024**3
+    # Wall clock for one event video's download, connecting to the last byte: a server
+    # that trickles its answer is cut off then (and the event answered with an error).
+    download_deadline_s: float = 120.0
     # Where file:// or plain-path videos may be read from (empty: the data dir's media/).
     media_roots: Annotated[tuple[Path, ...], NoDecode] = ()
 

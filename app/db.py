@@ -7,7 +7,7 @@ import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -44,6 +44,11 @@ def get_engine() -> Engine:
 @functools.cache
 def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+# A unit-of-work factory such as session_scope: what long work (a download, a decode, a
+# crawl) takes instead of a session, to open short transactions around it, never across it.
+Sessions = Callable[[], AbstractContextManager[Session]]
 
 
 @contextmanager

@@ -182,7 +182,7 @@ class Event(Base):
     video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"))
     k: Mapped[int] = mapped_column(Integer)
     callback_url: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="received")  # received|embedding|served|failed
+    status: Mapped[str] = mapped_column(String(16), default="received")  # received|fetching|embedding|served|failed
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

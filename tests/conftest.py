@@ -55,6 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
         VIDSIM_CALLBACK_RETRY_SCHEDULE="0,0.5,0.5,0.5",
         VIDSIM_CALLBACK_TIMEOUT_S="5",
         VIDSIM_TORCH_THREADS="1",
+        # Short, so that tests/test_slow_sources.py sees a dripping download cut off soon.
+        VIDSIM_DOWNLOAD_DEADLINE_S="12",
         # Test runs may share one Redis (CI and developers, several at once): own keys.
         VIDSIM_BROKER_PREFIX=f"{dbname}:",
     )

@@ -66,16 +66,17 @@ if os.environ.get("VIDSIM_TEST_FAULTS"):
 
     _embed_video = recommend.embed_video
 
-    def embed_video(video_id, *, session, **kwargs):
-        video = session.get(Video, video_id)
-        name = os.path.basename(video.uri) if video is not None else ""
+    def embed_video(video_id, *, sessions, **kwargs):
+        with sessions() as session:
+            video = session.get(Video, video_id)
+            name = os.path.basename(video.uri) if video is not None else ""
         with open(os.environ["VIDSIM_TEST_FAULT_LOG"], "a") as log:
             log.write(f"{name} {os.getpid()} {time.time():.3f}\\n")
         if name.startswith("crash-"):
             os.kill(os.getpid(), signal.SIGKILL)
         if name.startswith("hang-"):
             time.sleep(3600)
-        return _embed_video(video_id, session=session, **kwargs)
+        return _embed_video(video_id, sessions=sessions, **kwargs)
 
     recommend.embed_video = embed_video
 """

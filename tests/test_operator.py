@@ -73,8 +73,7 @@ def _embedded(paths: list[Path], settings, *, in_library: bool = True) -> list[i
     for path in paths:
         with session_scope() as s:
             ids.append(register(s, str(path), settings=settings, in_library=in_library).video_id)
-        with session_scope() as s:
-            assert recommend.embed_video(ids[-1], session=s, settings=settings).ok
+        assert recommend.embed_video(ids[-1], sessions=session_scope, settings=settings).ok
     return ids
 
 
@@ -332,8 +331,7 @@ def test_results_page_in_headless_chromium(data_dir: Path, two_videos: list[Path
     with session_scope() as s:
         ids = [register(s, str(p), settings=settings).video_id for p in two_videos]
     for video_id in ids:
-        with session_scope() as s:
-            recommend.embed_video(video_id, session=s, settings=settings)
+        recommend.embed_video(video_id, sessions=session_scope, settings=settings)
     event_id = f"ui-{uuid.uuid4().hex[:8]}"
     with session_scope() as s:
         recommend.accept_event({"event_id": event_id, "video_id": ids[0], "callback_url": "http://127.0.0.1:9/x"},

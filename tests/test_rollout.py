@@ -27,8 +27,7 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         ids = [register(s, str(f), settings=settings, collection="rollout").video_id for f in files]
         old = registry.active_model(session=s)
     for video_id in ids:
-        with session_scope() as s:
-            assert recommend.embed_video(video_id, session=s, settings=settings).ok
+        assert recommend.embed_video(video_id, sessions=session_scope, settings=settings).ok
     with session_scope() as s:
         rebuild_index(session=s, model=registry.active_model(session=s), settings=settings)
 
@@ -51,8 +50,7 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
         todo = recommend.videos_to_embed(session=s, model_id=new_id)
     assert set(ids) <= set(todo)
     for video_id in todo:
-        with session_scope() as s:
-            recommend.embed_video(video_id, session=s, settings=settings, model_id=new_id)
+        recommend.embed_video(video_id, sessions=session_scope, settings=settings, model_id=new_id)
 
     assert advance_rollouts() == [new_id]
     with session_scope() as s:
@@ -129,8 +127,7 @@ def test_a_video_that_keeps_failing_is_given_up_and_the_rollout_finishes_without
         todo = recommend.videos_to_embed(session=s, model_id=new_id)
     assert failing not in todo
     for video_id in todo:
-        with session_scope() as s:
-            assert recommend.embed_video(video_id, session=s, settings=settings, model_id=new_id).ok
+        assert recommend.embed_video(video_id, sessions=session_scope, settings=settings, model_id=new_id).ok
     status = subprocess.run([sys.executable, "-m", "scripts.cli", "status"], capture_output=True, text=True,
                             timeout=300, env={**__import__("os").environ, "COLUMNS": "250"})  # fmt: skip
     assert f"{new_id} giveup-{tmp_path.name}:" in status.stdout and "0 still to embed" in status.stdout, status

@@ -22,12 +22,22 @@ from app.logs import configure_logging, formatter, set_log_context
 
 logger = logging.getLogger(__name__)
 
-QUEUES = ("events", "embed", "callbacks", "maintenance", "crawl", "train")
+QUEUES = ("events", "fetch", "embed", "callbacks", "maintenance", "crawl", "train")
 
 # Hard limits (seconds) per queue; all must stay below the visibility timeout, or a
-# long task would be redelivered and run twice in parallel (celery#5935). Training runs
+# long task would be redelivered and run twice in parallel (celery#5935). `fetch` runs
+# in a thread pool, where Celery enforces none: there a fetch is bounded by its own
+# deadlines (download_deadline_s, then decode_timeout_s for the probe). Training runs
 # longer than any of them as a chain of chunks (app.learn.runs, workers/train_tasks.py).
-TIME_LIMITS = {"events": 300, "embed": 900, "callbacks": 120, "maintenance": 1800, "crawl": 1800, "train": 3000}
+TIME_LIMITS = {
+    "events": 300,
+    "fetch": 900,
+    "embed": 900,
+    "callbacks": 120,
+    "maintenance": 1800,
+    "crawl": 1800,
+    "train": 3000,
+}
 
 
 # Delivery tags of messages this process held when its broker connection broke, which
@@ -147,6 +157,9 @@ def make_celery() -> Celery:
         task_routes={
             "vidsim.video_selected": {"queue": "events"},
             "vidsim.serve_event": {"queue": "events"},
+            # Downloads wait on other hosts: on their own queue, in a pool of threads of
+            # their own (workers/process.py), they never hold a process serving events.
+            "vidsim.fetch_video": {"queue": "fetch"},
             "vidsim.embed_video": {"queue": "embed"},
             "vidsim.deliver_callback": {"queue": "callbacks"},
             "vidsim.train": {"queue": "train"},

@@ -101,6 +101,8 @@ def _process_died_too_often(task: Task) -> bool:
 
 
 def _after(outcome: recommend.Outcome) -> None:
+    if outcome.fetch_uri is not None:
+        fetch_video.delay(event_id=outcome.event_id)
     if outcome.embed_video_id is not None:
         embed_video.delay(outcome.embed_video_id, event_id=outcome.event_id)
     if outcome.delivery_id is not None:
@@ -151,6 +153,17 @@ def serve_event(self: Task, event_id: str) -> None:
     _after(outcome)
 
 
+@celery_app.task(name="vidsim.fetch_video", base=EventTask, bind=True, time_limit=TIME_LIMITS["fetch"], **RETRY_POLICY)
+def fetch_video(self: Task, event_id: str) -> None:
+    """Fetches, hashes and probes the video a parked event names by URI, on the `fetch`
+    queue (a pool of threads: a slow server holds one thread, never a process that
+    serves events), then serves the event or has its video embedded."""
+    if _process_died_too_often(self):
+        _fail_event(event_id, "the worker process kept dying while fetching this event's video")
+        return
+    _after(recommend.fetch_query_video(event_id, sessions=session_scope, settings=get_settings()))
+
+
 class EmbedTask(RetriedTask):
     """Counts the failure against the video and model once the task has failed for good
     (given up after VIDSIM_EMBED_MAX_ATTEMPTS), then serves the waiting event again."""
@@ -176,8 +189,7 @@ def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id
             recommend.embedding_failed(video_id, reason, session=session, settings=get_settings(), model_id=model_id,
                                        final=True)  # fmt: skip
     else:
-        with session_scope() as session:
-            recommend.embed_video(video_id, session=session, settings=get_settings(), model_id=model_id)
+        recommend.embed_video(video_id, sessions=session_scope, settings=get_settings(), model_id=model_id)
     if event_id is not None:
         serve_event.delay(event_id=event_id)
 

@@ -22,7 +22,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,13 @@ from app.crawl import discover as disc
 from app.crawl import platform
 from app.crawl.models import DISCOVERED, DUPLICATE, FETCHED, HOLDS_CONTENT, REJECTED, CrawledItem, CrawlSource
 from app.crawl.net import Downloaded, Fetcher, FetchError
+from app.db import Sessions
 from app.media import video as video_io
 from app.media.video import decode_limits
 from app.models import utcnow
 
 logger = logging.getLogger(__name__)
 
-Sessions = Callable[[], AbstractContextManager[Session]]
 # progress(stage, done, total, note): total None while unknown.
 Progress = Callable[[str, int, int | None, str], None]
 

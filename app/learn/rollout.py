@@ -229,8 +229,7 @@ def roll_out_here(model_id: int, *, settings: Settings, progress: Callable[[int,
         todo = recommend.videos_to_embed(session=session, model_id=model_id)
     while True:
         for done, video_id in enumerate(todo, start=1):
-            with session_scope() as session:
-                recommend.embed_video(video_id, session=session, settings=settings, model_id=model_id)
+            recommend.embed_video(video_id, sessions=session_scope, settings=settings, model_id=model_id)
             if progress:
                 progress(done, len(todo))
         with session_scope() as session:

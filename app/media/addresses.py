@@ -222,16 +222,23 @@ def vet_url(url: str, *, allow_private: bool) -> Target:
     return Target(url=parsed, host=host, addresses=vet_host(host, port, allow_private=allow_private))
 
 
-def check_url(url: str, *, allow_private: bool) -> None:
+def check_url(url: str, *, allow_private: bool, resolve: bool = True) -> None:
     """Raise :class:`Blocked` unless ``url`` may be called.
 
     Refused: schemes other than http(s), a missing host, credentials in the URL, and, when
     ``allow_private`` is False, a host that is or resolves to any address that is not
     global (see the module docstring). A host that does not resolve is refused too. The
     connection is vetted again when it is opened, so passing here is advice, not a
-    guarantee for later.
+    guarantee for later. With ``resolve=False`` nothing is looked up (a lookup takes as
+    long as the name's DNS servers make it): a host spelled as an IP address is vetted,
+    a name only when connecting.
     """
     try:
-        vet_url(url, allow_private=allow_private)
+        if resolve:
+            vet_url(url, allow_private=allow_private)
+            return
+        parsed, host = parse_url(url)
+        if _literal_ip(host) is not None:
+            vet_host(host, parsed.port or 0, allow_private=allow_private)
     except UnresolvableHost as exc:
         raise Blocked(str(exc)) from None

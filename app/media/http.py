@@ -12,7 +12,9 @@ chose (callbacks, event video downloads, the crawler) is sent through it.
   connects), keep no cookies, and take no proxy, ``.netrc`` or certificate settings from
   the environment.
 - **Caps.** :func:`iter_body` enforces a byte cap on the bytes actually received and a
-  wall-clock deadline on every chunk; :func:`drain` reads and drops a bounded body.
+  wall-clock deadline on every chunk; a client made with a ``deadline`` times out every
+  connect, write and read (headers included) once it passes; :func:`drain` reads and
+  drops a bounded body.
 - **Readable failures that leak nothing.** :func:`describe_transport_error` names what
   went wrong in one line without quoting what the other host sent (a protocol error from
   an internal service would otherwise carry its banner into a callback or an event's
@@ -60,10 +62,12 @@ MAX_ADDRESSES_TRIED = 3
 
 class _VettingBackend(httpcore.SyncBackend):
     """Resolves and vets the host when a connection is opened, then connects to the
-    vetted IP (TLS still uses the host name for SNI and certificate checks)."""
+    vetted IP (TLS still uses the host name for SNI and certificate checks). With a
+    ``deadline``, its connections give up when it passes (:class:`_DeadlineStream`)."""
 
-    def __init__(self, *, allow_private: bool) -> None:
+    def __init__(self, *, allow_private: bool, deadline: float | None = None) -> None:
         self.allow_private = allow_private
+        self.deadline = deadline
 
     def connect_tcp(
         self,
@@ -78,11 +82,53 @@ class _VettingBackend(httpcore.SyncBackend):
         last: Exception | None = None
         for ip in vet_host(host, port, allow_private=self.allow_private)[:MAX_ADDRESSES_TRIED]:
             try:
-                return super().connect_tcp(str(ip), port, timeout, local_address, socket_options)
+                wait = _until(self.deadline, timeout, httpcore.ConnectTimeout)
+                stream = super().connect_tcp(str(ip), port, wait, local_address, socket_options)
             except httpcore.ConnectError as exc:
                 last = exc
+                continue
+            return stream if self.deadline is None else _DeadlineStream(stream, self.deadline)
         assert last is not None
         raise last
+
+
+def _until(deadline: float | None, timeout: float | None, expired: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left before ``deadline``; raises ``expired`` once it passed."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise expired("the deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection on which no read or write waits past ``deadline`` (time.monotonic()).
+
+    Timeouts are per operation: a server that sends a byte just before each one expires
+    (of the headers, which no body cap sees, or of the body) would hold a request for
+    ever without this."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadline: float) -> None:
+        self._stream, self._deadline = stream, deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _until(self._deadline, timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _until(self._deadline, timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        wait = _until(self._deadline, timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, wait), self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
 
 
 @functools.cache
@@ -95,7 +141,9 @@ def _ssl_context() -> ssl.SSLContext:
 class VettingTransport(httpx.HTTPTransport):
     """An HTTP transport that connects only to vetted addresses (see the module docstring)."""
 
-    def __init__(self, *, allow_private: bool, max_connections: int = 20, keepalive: bool = True) -> None:
+    def __init__(
+        self, *, allow_private: bool, max_connections: int = 20, keepalive: bool = True, deadline: float | None = None
+    ) -> None:
         super().__init__(verify=_ssl_context(), trust_env=False)
         # httpx offers no hook for the network backend; replace its pool with one using ours.
         self._pool = httpcore.ConnectionPool(
@@ -103,7 +151,7 @@ class VettingTransport(httpx.HTTPTransport):
             max_connections=max_connections,
             max_keepalive_connections=max_connections // 2 if keepalive else 0,
             keepalive_expiry=5.0,
-            network_backend=_VettingBackend(allow_private=allow_private),
+            network_backend=_VettingBackend(allow_private=allow_private, deadline=deadline),
         )
 
 
@@ -113,11 +161,18 @@ def vetted_client(
     headers: Mapping[str, str] | None = None,
     max_connections: int = 20,
     keepalive: bool = True,
+    deadline: float | None = None,
 ) -> httpx.Client:
     """An httpx client under this policy: vetted connections, no redirects followed, no
-    cookies kept, nothing taken from the environment. The caller closes it."""
+    cookies kept, nothing taken from the environment. The caller closes it.
+
+    With ``deadline`` (``time.monotonic()``), nothing it does waits past it: connecting,
+    sending, reading the headers and the body each time out when it passes (httpx's own
+    timeouts are per operation, so a server that trickles bytes would outlast them)."""
     return httpx.Client(
-        transport=VettingTransport(allow_private=allow_private, max_connections=max_connections, keepalive=keepalive),
+        transport=VettingTransport(
+            allow_private=allow_private, max_connections=max_connections, keepalive=keepalive, deadline=deadline
+        ),
         follow_redirects=False,
         trust_env=False,
         headers=headers,

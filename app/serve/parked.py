@@ -23,8 +23,9 @@ from app.serve import recommend
 
 logger = logging.getLogger(__name__)
 
-# Event statuses that wait on other work, not on a message of their own.
-PARKED_STATUSES = ("embedding",)
+# Event statuses that wait on other work, not on a message of their own: its video's
+# download (the `fetch` queue) or its embedding.
+PARKED_STATUSES = ("fetching", "embedding")
 
 
 @dataclass
@@ -56,12 +57,13 @@ def sweep_parked(
     for ev in session.scalars(stmt):
         waited = now - ev.received_at
         if waited >= deadline:
-            reason = (
-                f"not answered within {settings.parked_event_deadline_s:.0f} s: "
-                f"video {ev.video_id} was not embedded in time"
+            waited_on = (
+                "its video was not fetched" if ev.status == "fetching" else f"video {ev.video_id} was not embedded"
             )
+            reason = f"not answered within {settings.parked_event_deadline_s:.0f} s: {waited_on} in time"
             swept.answered.append(recommend.fail_event(ev.event_id, reason, session=session))
-        elif redrive and waited >= every * (ev.attempts + 1):
+        elif redrive and ev.status == "embedding" and waited >= every * (ev.attempts + 1):
+            # (A fetch ends by itself within its download deadline and answers the event.)
             ev.attempts += 1  # re-drives so far
             swept.redrive.append(ev.event_id)
             logger.warning("event %s parked for %.0f s waiting for video %s: serving it again (re-drive %d)",

@@ -3,9 +3,11 @@ recommendation -> outbox delivery.
 
 Functions here take ``session`` keyword-only and never commit; they return what the
 caller (a Celery task, the demo) must enqueue next once it has committed. No function
-waits on another piece of work: an event whose video is not embedded yet is parked, and
-served again by the embedding step. The reads and writes they compose are in
-:mod:`app.serve.queries`.
+waits on another piece of work: an event whose video is not fetched or not embedded yet
+is parked, and served again by the fetching or embedding step. Those two steps take
+``sessions`` (a unit-of-work factory) instead: a download, a decode or a forward pass
+runs between short transactions, never inside one. The reads and writes they compose
+are in :mod:`app.serve.queries`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import Sessions
 from app.deliver import outbox
 from app.index.search import search_library, vector_of
 from app.learn.registry import active_model, embed_clips
@@ -33,12 +37,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """What to enqueue after commit: an embedding of ``embed_video_id`` (then serve the
-    event again), or the first attempt of ``delivery_id``."""
+    """What to enqueue after commit: fetching the event's video from ``fetch_uri`` (then
+    serve the event again), an embedding of ``embed_video_id`` (likewise), or the first
+    attempt of ``delivery_id``."""
 
     event_id: str
     embed_video_id: int | None = None
     delivery_id: int | None = None
+    fetch_uri: str | None = None
 
 
 def accept_event(raw: Any, *, session: Session, settings: Settings, fallback_id: str) -> Outcome:
@@ -66,6 +72,9 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
         query_video = _query_video(ev, event, session=session, settings=settings)
     except library.SourceError as exc:
         return _answer(ev, error=str(exc), session=session)
+    if isinstance(query_video, str):
+        ev.status = "fetching"
+        return Outcome(event_id, fetch_uri=query_video)
     if query_video.status == "failed":
         return _answer(ev, query=query_video, error=f"video {query_video.id}: {query_video.error}", session=session)
 
@@ -110,24 +119,46 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
     )
 
 
-def _query_video(ev: Event, event: VideoSelected, *, session: Session, settings: Settings) -> Video:
-    """The event's video: a library video by id, or a file or URL registered (query-only)."""
+def _query_video(ev: Event, event: VideoSelected, *, session: Session, settings: Settings) -> Video | str:
+    """The event's video: a library video by id, or the file or URL it names once
+    registered; else the URI to fetch it from (checked, but not read: reading waits on
+    a disk or another host, and is done by :func:`fetch_query_video`)."""
+    if ev.video_id is not None:
+        return queries.get_video(ev.video_id, session=session)
     if event.video_id is not None:
         video = queries.find_video(event.video_id, session=session)
         if video is None:
             raise library.SourceError(f"unknown video id {event.video_id}")
-        ev.video_id = video.id
-        return video
-    assert event.video_uri is not None
-    registered = library.register(
-        session,
-        event.video_uri,
-        settings=settings,
-        in_library=False,
-        restrict_to_media_roots=True,
-    )
-    ev.video_id = registered.video_id
-    return queries.get_video(registered.video_id, session=session)
+    else:
+        assert event.video_uri is not None
+        uri, found = library.lookup(session, event.video_uri, settings=settings, restrict=True)
+        if found is None:
+            return uri
+        video = found
+    ev.video_id = video.id
+    return video
+
+
+def fetch_query_video(event_id: str, *, sessions: Sessions, settings: Settings) -> Outcome:
+    """Fetches the video a parked event names by URI (downloads it, or reads a file in
+    the media roots), hashes and probes it, records it (query-only), then serves the
+    event. A download takes up to ``download_deadline_s``, so it runs with no transaction
+    open; a source that cannot be fetched answers the event with the reason."""
+    with sessions() as session:
+        outcome = serve_event(event_id, session=session, settings=settings)  # still to fetch?
+    if outcome.fetch_uri is None:
+        return outcome
+    uri = outcome.fetch_uri
+    try:
+        fetched, error = library.fetch(uri, settings=settings, restrict=True), None
+    except library.SourceError as exc:
+        fetched, error = None, str(exc)
+    with sessions() as session:
+        ev = queries.get_event(event_id, session=session)
+        if fetched is None:
+            return _answer(ev, error=error, session=session)
+        ev.video_id = library.record(session, uri, fetched, in_library=False).video_id
+        return serve_event(event_id, session=session, settings=settings)
 
 
 def _answer(
@@ -213,10 +244,57 @@ class Embedded:
     embed_s: float = 0.0
 
 
-def embed_video(video_id: int, *, session: Session, settings: Settings, model_id: int | None = None) -> Embedded:
+def embed_video(video_id: int, *, sessions: Sessions, settings: Settings, model_id: int | None = None) -> Embedded:
     """Decodes (in a sandboxed child), embeds and stores one video for the active model
     (or ``model_id``, a model warming up). Skips work already done; records a readable
-    error on the video when it is unusable."""
+    error on the video when it is unusable.
+
+    Decoding and the forward pass take seconds to minutes, so they run between two short
+    units of work of ``sessions``, never inside one: no connection sits idle in a
+    transaction (holding its snapshot and locks) while a worker computes."""
+    with sessions() as session:
+        job = _embedding_job(video_id, session=session, model_id=model_id)
+    if isinstance(job, Embedded):
+        return job
+    started = time.perf_counter()
+    try:
+        sample = video_io.sample_frames(
+            job.source,
+            fps=settings.frame_fps,
+            size=int(job.model.config.get("frame_size", 224)),
+            max_frames=settings.max_frames,
+            limits=video_io.decode_limits(settings),
+        )
+    except video_io.VideoError as exc:
+        logger.warning("video %d failed to decode: %s", video_id, exc.reason)
+        with sessions() as session:
+            if (video := queries.find_video(video_id, session=session)) is not None:
+                video.status, video.error = "failed", exc.reason
+        return Embedded(video_id, ok=False, error=exc.reason)
+    decoded = time.perf_counter()
+    vector = embed_clips(job.model, [sample.frames])[0]  # (D,)
+    done = time.perf_counter()
+    with sessions() as session:
+        if not _store_embedding(video_id, job.model.id, vector, sample, session=session):
+            return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
+    logger.info(
+        "embedded video %d: %d frames, decode %.2fs, embed %.2fs",
+        video_id,
+        len(sample.frames),
+        decoded - started,
+        done - decoded,
+    )
+    return Embedded(video_id, True, len(sample.frames), None, decoded - started, done - decoded)
+
+
+@dataclass(frozen=True)
+class _EmbeddingJob:
+    source: str  # the file (or URI) to decode
+    model: ModelVersion  # loaded, detached: read outside the session
+
+
+def _embedding_job(video_id: int, *, session: Session, model_id: int | None) -> _EmbeddingJob | Embedded:
+    """What embedding ``video_id`` needs, or its result when there is nothing to do."""
     video = queries.find_video(video_id, session=session)
     if video is None:
         return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
@@ -228,35 +306,22 @@ def embed_video(video_id: int, *, session: Session, settings: Settings, model_id
         return Embedded(video_id, ok=False, error=refused)
     if video.status == "failed":
         return Embedded(video_id, ok=False, error=video.error)
-    frame_size = int(model.config.get("frame_size", 224))
-    started = time.perf_counter()
-    try:
-        sample = video_io.sample_frames(
-            video.local_path or video.uri,
-            fps=settings.frame_fps,
-            size=frame_size,
-            max_frames=settings.max_frames,
-            limits=video_io.decode_limits(settings),
-        )
-    except video_io.VideoError as exc:
-        video.status, video.error = "failed", exc.reason
-        logger.warning("video %d failed to decode: %s", video_id, exc.reason)
-        return Embedded(video_id, ok=False, error=exc.reason)
-    decoded = time.perf_counter()
-    vector = embed_clips(model, [sample.frames])[0]
-    done = time.perf_counter()
-    queries.add_embedding(video_id, model.id, vector, frames=len(sample.frames), session=session)
+    return _EmbeddingJob(source=video.local_path or video.uri, model=model)
+
+
+def _store_embedding(
+    video_id: int, model_id: int, vector: np.ndarray, sample: video_io.Sample, *, session: Session
+) -> bool:
+    """Stores the (D,) embedding and what decoding learnt of the video; False when the
+    video was deleted meanwhile."""
+    video = queries.find_video(video_id, session=session)
+    if video is None:
+        return False
+    queries.add_embedding(video_id, model_id, vector, frames=len(sample.frames), session=session)
     info = sample.info
     video.status, video.error = "ready", None
     video.duration_s, video.width, video.height = info.duration_s, info.width, info.height
-    logger.info(
-        "embedded video %d: %d frames, decode %.2fs, embed %.2fs",
-        video_id,
-        len(sample.frames),
-        decoded - started,
-        done - decoded,
-    )
-    return Embedded(video_id, True, len(sample.frames), None, decoded - started, done - decoded)
+    return True
 
 
 def videos_to_embed(*, session: Session, limit: int | None = None, model_id: int | None = None) -> list[int]:

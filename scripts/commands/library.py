@@ -88,10 +88,11 @@ def backfill(
             embed_video.delay(video_id)
         console.print(f"enqueued {len(ids)} embedding tasks on the 'embed' queue")
         return
+    from app.db import session_scope  # migrated above
+
     failed = 0
     for video_id in track(ids, description="embedding"):
-        with db_session() as session:
-            result = recommend.embed_video(video_id, session=session, settings=settings)
+        result = recommend.embed_video(video_id, sessions=session_scope, settings=settings)
         if not result.ok:
             failed += 1
             err.print(f"[red]video {video_id}[/red]: {result.error}")

@@ -10,18 +10,21 @@ from typing import Annotated
 import typer
 
 from app.config import get_settings
-from workers.process import ALL_QUEUES, celery_command
+from workers.process import ALL_QUEUES, celery_command, serve, worker_commands
 
 
 def worker(
     ctx: typer.Context,
     queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ALL_QUEUES,
-    concurrency: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Worker processes (default: CPU count); threads for `--queues fetch` alone.")
+    ] = None,
     pool: Annotated[str | None, typer.Option(help="prefork, solo or threads (GPU workers: solo).")] = None,
     beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one per deployment).")] = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
 ) -> None:
-    """Start a Celery worker (extra options go to `celery worker`)."""
+    """Start a Celery worker (extra options go to `celery worker`). With the `fetch`
+    queue among others, a second worker process serves it from a pool of threads."""
     import shutil
     import uuid
 
@@ -36,15 +39,12 @@ def worker(
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         os.environ.update(PROMETHEUS_MULTIPROC_DIR=str(folder), VIDSIM_METRICS_PORT=str(port))
-    args = [*celery_command("worker"), "-Q", queues]
-    args += ["--loglevel", get_settings().log_level]
-    if concurrency:
-        args += ["--concurrency", str(concurrency)]
-    if pool:
-        args += ["--pool", pool]
-    if beat:
-        args += ["--beat"]
-    os.execv(sys.executable, [*args, *ctx.args])
+    commands = worker_commands(
+        queues, pool=pool, concurrency=concurrency, beat=beat, loglevel=get_settings().log_level, extra_args=ctx.args
+    )
+    if len(commands) == 1:
+        os.execv(sys.executable, commands[0].args)
+    raise typer.Exit(serve(commands))  # the fetch queue's thread pool beside the others
 
 
 def beat() -> None:

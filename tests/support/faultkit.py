@@ -337,7 +337,7 @@ class Stack:
         name: str = "worker",
         *,
         pool: str = "prefork",
-        queues: str = "events,embed,callbacks,maintenance",
+        queues: str = "events,fetch,embed,callbacks,maintenance",
         **extra: str,
     ) -> Iterator[Supervised]:
         """A real ``celery worker`` of this stack (beat runs apart: :meth:`beat`), kept

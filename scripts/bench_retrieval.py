@@ -120,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}
     for seed in [int(v) for v in args.seeds.split(",")]:
         seed_out = out / f"seed-{seed}"
-        if not (seed_out / "report.json").is_file():
+        done = seed_out / "report.json"
+        # A report from before the split into parts is run again, not read.
+        if not done.is_file() or "parts" not in json.loads(done.read_text()):
             console.rule(f"seed {seed}")
             _run_seed(args, videos, seed, seed_out, console)
-        reports[seed] = json.loads((seed_out / "report.json").read_text())
+        reports[seed] = json.loads(done.read_text())
     _summarise(reports, out, console)
     return 0
 
@@ -144,7 +146,8 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
     if args.finetune_steps > 0:
         from app.evaluate.run import finetune_on_library
 
-        console.print(f"fine-tuning on the library clips for {args.finetune_steps} steps ({args.finetune_preset})")
+        steps, preset = args.finetune_steps, args.finetune_preset
+        console.print(f"fine-tuning on the dev part's library clips for {steps} steps ({preset})")
         result = finetune_on_library(
             gt,
             out / "finetune",
@@ -154,7 +157,7 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
             progress=True,
         )
         console.print(
-            f"fine-tuned {result.steps} steps on {result.videos} library clips: "
+            f"fine-tuned {result.steps} steps on {result.videos} dev library clips: "
             f"{result.clips_per_s:.1f} clips/s, loss curve {result.loss_plot}"
         )
         checkpoints = {"finetuned": result.checkpoint, **checkpoints}

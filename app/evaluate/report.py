@@ -222,7 +222,7 @@ def _plot_families(report: Report, part: str, path: Path) -> None:
         if i == 0:
             ax.legend(fontsize=6, loc="upper right")
     fig.suptitle(f"{part} part, by edit family ({INTERVAL_LEVEL:.0%} bootstrap intervals)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     _save(fig, path)
 
 

@@ -332,8 +332,13 @@ def test_served_path_ranks_as_the_dense_matrix_does() -> None:
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     dense = unit(queries) @ unit(library).T  # (Q, L) cosines: what the benchmark scored before
     expected = calibrated_rows(dense, params=IndexParams())  # the served calibration of those
-    # f32 storage, exact scan and graph walk: the same scores, so the same rankings.
-    for params in (IndexParams(dtype="f32"), IndexParams(dtype="f32", exact_below=0)):
+    # f32 storage, exact scan and graph walk, and hash codes re-ranked with the embeddings
+    # (from the "database": the benchmark's own vectors): the same scores, the same rankings.
+    for params in (
+        IndexParams(dtype="f32"),
+        IndexParams(dtype="f32", exact_below=0),
+        IndexParams(mode="hash", rerank=100, rerank_from="database", exact_below=0),
+    ):
         served = served_scores(queries, library, params=params)
         np.testing.assert_allclose(served, expected, atol=1e-5)
         np.testing.assert_array_equal(np.argsort(-served, axis=1)[:, :10], np.argsort(-expected, axis=1)[:, :10])

@@ -1,7 +1,8 @@
 """Scores as the service serves them, for the benchmark: the library's vectors built into an
 index version (:func:`app.index.build.build_version`, the deployment's ``IndexParams``),
 opened as a worker opens it (checksums, memory maps), searched for each query (graph or
-exact scan, re-ranking where the parameters ask for it), and each hit's cosine
+exact scan, re-ranking where the parameters ask for it, with the library's own vectors
+standing in for the database's embeddings), and each hit's cosine
 calibrated against the version's background sample (:mod:`app.index.calibrate`), the
 score a client thresholds. The serving filters (enabled videos, a collection, the query's
 own video) drop nothing here: every benchmark clip is eligible and no query is in the
@@ -37,7 +38,10 @@ def served_scores(queries: np.ndarray, library: np.ndarray, *, params: IndexPara
             keys=np.arange(n_l, dtype=np.uint64), vectors=library, directory=Path(tmp) / "v", params=params
         )
         version = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=built.dim)
-        keys, cosines = version.search_batch(np.asarray(queries, dtype=np.float32), n_l)  # (Q, L) each
+        stored = np.asarray(library, dtype=np.float32)  # the system of record, for re-ranking from "the database"
+        keys, cosines = version.search_batch(
+            np.asarray(queries, dtype=np.float32), n_l, vectors_of=lambda ids: stored[ids]
+        )  # (Q, L) each
         calibrated = np.stack(
             [np.asarray(calibrate(c.astype(np.float64), calibration_reference(q, version.background)))
              for q, c in zip(queries, cosines, strict=True)]

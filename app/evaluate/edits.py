@@ -51,8 +51,24 @@ EXTRA_EDITS: dict[str, Edit] = {
     )
 }
 INSERTION = "insertion"
-# Every edit a benchmark query can have.
+# Every edit a benchmark query can have. Each is its own edit family in reports.
 DEFAULT_EDITS: tuple[str, ...] = (*EDITS, *EXTRA_EDITS, INSERTION)
+
+# The augmentation of training (an app.learn.augment.ClipAugment parameter) that teaches the
+# encoder each edit's invariance. The others are held out of training: their scores say
+# how far the invariances it learned carry to edits it never saw (reports mark them). The
+# zoom-out is on in the cpu-small preset only (TrainConfig.zoom_out_p).
+TRAINED_BY: dict[str, str] = {
+    "crop": "scale",  # random resized crop
+    "resize": "ratio",  # crops of another aspect ratio, resized to the square frame
+    "hflip": "flip_p",
+    "brightness_contrast": "brightness",  # colour jitter (brightness, contrast, saturation)
+    "grayscale": "grayscale_p",
+    "blur": "blur_p",
+    "letterbox": "zoom_out_p",  # the frame shrunk onto a plain canvas
+    "combined": "scale",  # a crop, a flip and colour: each trained
+}
+HELD_OUT_EDITS: tuple[str, ...] = tuple(e for e in DEFAULT_EDITS if e not in TRAINED_BY)
 
 
 def combine_edits(names: Iterable[str]) -> Edit:

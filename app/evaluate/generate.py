@@ -8,6 +8,10 @@ library clips and edit the queries with ffmpeg, and write ``ground_truth.json``.
   of a video that is not in the library);
 - **negative queries**: edited clips of material held *out* of the library (whole
   sources, and segments of library sources that were not cut into it), with no match.
+
+The sources are split into a development and a test part first
+(:func:`app.evaluate.plan.split_sources`); each part gets its own library clips, queries
+and negatives, and every file is recorded with its sha256 (:mod:`.ground_truth`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.evaluate.edits import DEFAULT_EDITS, combine_edits
-from app.evaluate.ground_truth import FORMAT_VERSION, GROUND_TRUTH, GroundTruth, LibraryClip, Query
+from app.evaluate.ground_truth import FORMAT_VERSION, GROUND_TRUTH, TEST, GroundTruth, LibraryClip, Query, SourceRecord
 from app.evaluate.plan import Filler, QueryPlan, Source, plan_benchmark
 from app.media import video as video_io
 from app.media.ffmpeg import cut, run_ffmpeg
+from app.media.register import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +72,15 @@ def _probe_sources(paths: list[Path]) -> list[Source]:
 
 
 def _source_fingerprint(src: Source) -> dict[str, Any]:
+    """What the reuse check compares (cheap: no hashing); the ground truth records each
+    source's content hash too."""
     st = src.path.stat()
     return {"path": str(src.path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _content(path: Path) -> dict[str, Any]:
+    """A file's content fingerprint, as the ground truth records it."""
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def generate(
@@ -90,13 +102,16 @@ def generate(
     """Makes a benchmark from ``videos`` (files, or folders searched for videos) in
     ``out_dir``; returns the path of its ``ground_truth.json``.
 
-    Each source is cut into segments of ``segment_s`` seconds. Sources with 3 or more
-    segments keep ``holdout_fraction`` of them (at least one) out of the library, and at
-    most ``max_segments_per_video`` go in. ``holdout_sources`` whole sources (default: a
-    quarter of them when there are 4 or more; the ones with fewest segments) stay out of
-    the library entirely. Each library source gets ``queries_per_video`` positive
-    queries, and ``negatives`` negative queries are cut from the held-out material. Each
-    query has one edit from ``edits``, or two with probability ``two_edit_prob``.
+    The sources are split by source into a ``dev`` and a ``test`` part (deterministic
+    from ``seed``), each planned as a benchmark of its own. Each source is cut into
+    segments of ``segment_s`` seconds. Sources with 3 or more segments keep
+    ``holdout_fraction`` of them (at least one) out of the library, and at most
+    ``max_segments_per_video`` go in. ``holdout_sources`` whole sources of each part
+    (default: a quarter of them when the part has 4 or more; the ones with fewest
+    segments) stay out of the library entirely. Each library source gets
+    ``queries_per_video`` positive queries, and ``negatives`` negative queries (shared
+    between the parts) are cut from the held-out material. Each query has one edit from
+    ``edits``, or two with probability ``two_edit_prob``.
 
     Deterministic given the sources and ``seed``. A benchmark already in ``out_dir`` with
     the same sources and parameters is reused.
@@ -110,8 +125,6 @@ def generate(
     sources = _probe_sources(_find_videos(videos))
     if not sources:
         raise ValueError(f"no usable videos in {videos}")
-    if holdout_sources is None:
-        holdout_sources = len(sources) // 4 if len(sources) >= 4 else 0
     params = {
         "seed": seed, "segment_s": segment_s, "queries_per_video": queries_per_video,
         "negatives": negatives, "edits": list(edits),
@@ -160,7 +173,10 @@ def generate(
             src = sources[span.source]
             dst = out_dir / "library" / f"{clip_id}.mp4"
             cut(src.path, dst, start_s=span.start_s, duration_s=span.duration_s)
-            library.append(LibraryClip(clip_id, dst, src.name, round(span.start_s, 3), round(span.duration_s, 3)))
+            library.append(
+                LibraryClip(clip_id, dst, src.name, round(span.start_s, 3), round(span.duration_s, 3),
+                            part=plan.parts[span.source], **_content(dst))
+            )  # fmt: skip
             progress.advance(task)
         progress.update(task, description="editing queries")
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -170,14 +186,16 @@ def generate(
                 _make_query(q, origin, dst, Path(tmp), seed=seed)
                 queries.append(
                     Query(q.id, dst, "+".join(q.edits), q.positive, sources[q.source].name,
-                          round(q.start_s, 3), round(q.duration_s, 3))
+                          round(q.start_s, 3), round(q.duration_s, 3), part=q.part, **_content(dst))
                 )  # fmt: skip
                 progress.advance(task)
-    GroundTruth(library, queries, spec).save(gt_path)
+    records = [SourceRecord(s.name, part, **_content(s.path)) for s, part in zip(sources, plan.parts, strict=True)]
+    GroundTruth(library, queries, spec, records).save(gt_path)
     n_neg = sum(q.positive is None for q in queries)
     logger.info(
-        "benchmark: %d library clips from %d sources, %d queries (%d negatives) in %.1f s",
-        len(library), len(sources), len(queries), n_neg, time.perf_counter() - started,
+        "benchmark: %d library clips from %d sources (test part: %s), %d queries (%d negatives) in %.1f s",
+        len(library), len(sources), ", ".join(r.name for r in records if r.part == TEST) or "none",
+        len(queries), n_neg, time.perf_counter() - started,
     )  # fmt: skip
     return gt_path
 

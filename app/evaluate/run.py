@@ -1,6 +1,7 @@
 """Running a benchmark: decode every clip once per frame size (sandboxed,
-:mod:`app.media.video`), score every system on the same data, and report; and fine-tuning
-an encoder on the benchmark's library, as a customer would, to score the result.
+:mod:`app.media.video`), score every system on the same data, part by part (dev and
+test, :mod:`.ground_truth`), and report; and fine-tuning an encoder on the development
+part's library, as a customer would on theirs, to score the result.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app.evaluate.ground_truth import GroundTruth
-from app.evaluate.metrics import evaluate, recall_at_1_by_edit
-from app.evaluate.report import Report, summary_table, write_reports
+from app.config import get_settings
+from app.evaluate.edits import HELD_OUT_EDITS
+from app.evaluate.ground_truth import DEV, GroundTruth
+from app.evaluate.metrics import BOOTSTRAP_RESAMPLES, Scored, score, score_by_family
+from app.evaluate.report import PartReport, Report, summary_tables, write_reports
 from app.evaluate.systems import BASELINES, Clip, build_systems
+from app.index.params import IndexParams, index_params
 from app.media import video as video_io
 
 logger = logging.getLogger(__name__)
@@ -45,22 +49,23 @@ def run(
     fps: float = 1.0,
     max_frames: int = 64,
     batch_size: int = 8,
+    index: IndexParams | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
     console: Console | None = None,
     show_progress: bool = True,
 ) -> Report:
-    """Runs every system (trained ``checkpoints`` by name, then ``baselines``) on one
-    benchmark; prints a table and writes ``report.json``, ``report.md`` and ``report.png``
-    into ``out_dir``. Clips are decoded once per frame size, ``fps`` frames a second."""
+    """Runs every system (trained ``checkpoints`` by name, then ``baselines``) on each part
+    of one benchmark, on the served path of ``index`` (default: the settings'
+    ``IndexParams``); prints the tables and writes ``report.json``, ``report.md`` and the
+    plots into ``out_dir``. Clips are decoded once per frame size, ``fps`` frames a second;
+    intervals come from ``resamples`` bootstrap resamples of each part's queries."""
     console = console or Console()
     gt = GroundTruth.load(Path(ground_truth_path))
-    systems = build_systems(dict(checkpoints or {}), baselines, batch_size)
-    q_paths = [q.path for q in gt.queries]
-    l_paths = [c.path for c in gt.library]
-    positives = gt.positives
-    metrics: dict[str, dict[str, float]] = {}
-    per_edit: dict[str, dict[str, float]] = {}
+    params = index or index_params(get_settings())
+    systems = build_systems(dict(checkpoints or {}), baselines, batch_size, params=params)
     seconds: dict[str, float] = {}
     decoded: dict[int, tuple[list[Clip], list[Clip]]] = {}
+    parts: dict[str, PartReport] = {}
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, disable=not show_progress,
@@ -71,33 +76,45 @@ def run(
             if size not in decoded:
                 t0 = time.perf_counter()
                 decoded[size] = (
-                    _decode_all(q_paths, size=size, fps=fps, max_frames=max_frames, progress=progress),
-                    _decode_all(l_paths, size=size, fps=fps, max_frames=max_frames, progress=progress),
-                )
+                    _decode_all([q.path for q in gt.queries], size=size, fps=fps, max_frames=max_frames,
+                                progress=progress),
+                    _decode_all([c.path for c in gt.library], size=size, fps=fps, max_frames=max_frames,
+                                progress=progress),
+                )  # fmt: skip
                 seconds[f"decode@{size}"] = time.perf_counter() - t0
-            queries, library = decoded[size]
-            t0 = time.perf_counter()
-            scores = np.asarray(system.score_matrix(queries, library), dtype=np.float64)
-            seconds[system.name] = time.perf_counter() - t0
-            if scores.shape != (len(queries), len(library)):
-                raise ValueError(f"{system.name}: scores {scores.shape}, expected {(len(queries), len(library))}")
-            metrics[system.name] = evaluate(scores, positives)
-            per_edit[system.name] = recall_at_1_by_edit(scores, gt)
-            logger.info("%s: %s in %.1f s", system.name, metrics[system.name], seconds[system.name])
-    counts = {
-        "library": len(gt.library),
-        "sources": len({c.source for c in gt.library}),
-        "queries": len(gt.queries),
-        "negatives": sum(p is None for p in positives),
-    }
-    edit_counts: dict[str, int] = {}
-    for q in gt.queries:
-        for name in q.edits if q.positive is not None else ():
-            edit_counts[name] = edit_counts.get(name, 0) + 1
-    baseline_names = [s.name for s in systems if s.baseline]
-    report = Report(metrics, per_edit, seconds, baseline_names, counts, dict(sorted(edit_counts.items())))
+        for name in gt.parts:
+            sub = gt.part(name)
+            rows = [i for i, q in enumerate(gt.queries) if q.part == name]
+            cols = [i for i, c in enumerate(gt.library) if c.part == name]
+            scored: dict[str, Scored] = {}
+            families: dict[str, dict[str, Scored]] = {}
+            for system in systems:
+                queries, library = decoded[system.frame_size]
+                t0 = time.perf_counter()
+                scores = np.asarray(
+                    system.score_matrix([queries[i] for i in rows], [library[j] for j in cols]), dtype=np.float64
+                )
+                seconds[system.name] = seconds.get(system.name, 0.0) + time.perf_counter() - t0
+                if scores.shape != (len(rows), len(cols)):
+                    raise ValueError(f"{system.name}: scores {scores.shape}, expected {(len(rows), len(cols))}")
+                scored[system.name] = score(scores, sub, resamples=resamples)
+                families[system.name] = score_by_family(scores, sub, resamples=resamples)
+                logger.info("%s on the %s part: %s", system.name, name, scored[system.name].metrics)
+            counts = {
+                "library": len(sub.library),
+                "sources": len({c.source for c in sub.library}),
+                "queries": len(sub.queries),
+                "negatives": sum(q.positive is None for q in sub.queries),
+            }
+            sources = sorted({s.name for s in sub.sources} or {c.source for c in sub.library})
+            parts[name] = PartReport(counts, sources, scored, families)
+    report = Report(
+        parts, seconds, [s.name for s in systems if s.baseline], list(HELD_OUT_EDITS),
+        index=params.to_dict(), resamples=resamples,
+    )  # fmt: skip
     write_reports(report, Path(out_dir), gt_path=Path(ground_truth_path), fps=fps)
-    console.print(summary_table(report))
+    for table in summary_tables(report):
+        console.print(table)
     return report
 
 
@@ -112,17 +129,21 @@ def finetune_on_library(
     progress: bool = False,
 ) -> Any:
     """The product's ``vidsim finetune``, inside the benchmark: self-supervised training on
-    the benchmark's **library clips only** (the company's library; never a query, whose
-    edits the encoder must not see), from ``init_checkpoint`` or, without one, from the
-    preset's initial weights (those of the ``untrained`` baseline). Resumes a run already
-    in ``out_dir``. Returns the :class:`app.learn.train.loop.TrainResult`; its ``checkpoint`` is the
-    system to score."""
+    the **development part's library clips only** (the company's library; never a query,
+    whose edits the encoder must not see, nor any footage of the test part, which must
+    stay unseen for its scores to mean anything: both refused by
+    :func:`app.learn.train.guards.refuse_benchmark_footage`), from ``init_checkpoint`` or,
+    without one, from the preset's initial weights (those of the ``untrained`` baseline).
+    Resumes a run already in ``out_dir``. Returns the
+    :class:`app.learn.train.loop.TrainResult`; its ``checkpoint`` is the system to score."""
     from app.learn.train.config import TrainConfig
+    from app.learn.train.guards import refuse_benchmark_footage
     from app.learn.train.loop import train
 
     gt = GroundTruth.load(Path(ground_truth_path))
-    videos = [c.path for c in gt.library]
-    queries = {q.path.resolve() for q in gt.queries}
-    assert not queries & {v.resolve() for v in videos}, "a query file is in the library"
+    videos = [c.path for c in gt.part(DEV).library]
+    if not videos:
+        raise ValueError(f"{ground_truth_path} has no development part to fine-tune on (a single source?)")
+    refuse_benchmark_footage(videos, [Path(ground_truth_path)])
     config = TrainConfig.preset(preset, **{**(overrides or {}), "steps": steps, "epochs": None})
     return train(config, videos, out_dir=Path(out_dir), resume=True, init_checkpoint=init_checkpoint, progress=progress)

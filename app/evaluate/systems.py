@@ -1,7 +1,14 @@
 """The systems a benchmark scores: trained encoders, and the baselines they have to beat
 (the untrained network, tiny frames, and a per-second perceptual hash).
 
-A system turns decoded clips into a (queries x library) score matrix, higher = more similar.
+A system turns decoded clips into a (queries x library) score matrix, higher = more
+similar, through the same pipeline for every system: vector systems search an index
+version of the library and calibrate what it returns, exactly as serving does
+(:mod:`.served`); the perceptual hash, no vector, is calibrated the same way from its
+matrix. Every encoder, trained or not, has its library normalisation (centring and
+whitening, ``EncoderConfig.library_norm``) fitted on the library it is scored against, so
+"untrained" is the untrained network given the whole pipeline: the baseline training must
+beat.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from app.evaluate.served import calibrated_rows, served_scores
+from app.index.params import IndexParams
 
 Clip = np.ndarray  # (T, S, S, 3) uint8 RGB frames, sampled at a fixed rate
 ScoreFn = Callable[[list[Clip], list[Clip]], np.ndarray]
@@ -37,24 +47,35 @@ def vector_system(
     frame_size: int,
     describe: Callable[[list[Clip]], np.ndarray],
     *,
+    params: IndexParams,
     baseline: bool = True,
+    fit: Callable[[list[Clip]], None] | None = None,
 ) -> System:
-    """A system from a descriptor (clips -> (N, D) L2-normalised vectors): cosine scores."""
+    """A system from a descriptor (clips -> (N, D) vectors), scored on the served path
+    (:func:`app.evaluate.served.served_scores`). ``fit`` is given the library clips first
+    (the statistics a descriptor learns from the library it serves)."""
 
     def score(queries: list[Clip], library: list[Clip]) -> np.ndarray:
-        return describe(queries) @ describe(library).T  # (Q, D) @ (D, L)
+        if fit is not None:
+            fit(library)
+        return served_scores(describe(queries), describe(library), params=params)
 
     return System(name, frame_size, score, baseline)
 
 
-def encoder_system(name: str, model: Any, *, baseline: bool, batch_size: int = 8) -> System:
-    """A :class:`app.learn.encoder.VideoEncoder`, embedding ``batch_size`` clips per forward."""
+def encoder_system(name: str, model: Any, *, baseline: bool, params: IndexParams, batch_size: int = 8) -> System:
+    """A :class:`app.learn.encoder.VideoEncoder`, embedding ``batch_size`` clips per forward,
+    its library normalisation (when its config has one) fitted on the library it is scored
+    against, whatever statistics the checkpoint carried: every encoder gets the same."""
 
     def describe(clips: list[Clip]) -> np.ndarray:
         parts = [model.embed(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, model.config.output_dim), np.float32)
 
-    return vector_system(name, int(model.config.frame_size), describe, baseline=baseline)
+    def fit(library: list[Clip]) -> None:
+        model.fit_library_norm(library, batch_size=batch_size)
+
+    return vector_system(name, int(model.config.frame_size), describe, params=params, baseline=baseline, fit=fit)
 
 
 def _gray(frames: np.ndarray) -> np.ndarray:
@@ -78,9 +99,9 @@ def tiny_frames_descriptor(clips: list[Clip], *, size: int = 16) -> np.ndarray:
     return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6)
 
 
-def tiny_frames_system(frame_size: int = SMALL_FRAME) -> System:
-    """The tiny-frames baseline: cosine similarity of :func:`tiny_frames_descriptor`."""
-    return vector_system("tiny frames", frame_size, tiny_frames_descriptor)
+def tiny_frames_system(*, params: IndexParams, frame_size: int = SMALL_FRAME) -> System:
+    """The tiny-frames baseline: :func:`tiny_frames_descriptor` on the served path."""
+    return vector_system("tiny frames", frame_size, tiny_frames_descriptor, params=params)
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -115,18 +136,24 @@ def phash_similarity(queries: list[Clip], library: list[Clip]) -> np.ndarray:
     return np.add.reduceat(best, q_starts, axis=0) / np.array([len(h) for h in qh])[:, None]
 
 
-def phash_system(frame_size: int = SMALL_FRAME) -> System:
-    """The perceptual-hash baseline: :func:`phash_similarity`."""
-    return System("pHash", frame_size, phash_similarity)
+def phash_system(*, params: IndexParams, frame_size: int = SMALL_FRAME) -> System:
+    """The perceptual-hash baseline: :func:`phash_similarity`, calibrated as served scores are."""
+
+    def score(queries: list[Clip], library: list[Clip]) -> np.ndarray:
+        return calibrated_rows(phash_similarity(queries, library), params=params)
+
+    return System("pHash", frame_size, score)
 
 
 # The baselines by the names a benchmark run is given.
 BASELINES = ("untrained", "tiny_frames", "phash")
 
 
-def build_systems(checkpoints: dict[str, Path], baselines: Sequence[str], batch_size: int) -> list[System]:
+def build_systems(
+    checkpoints: dict[str, Path], baselines: Sequence[str], batch_size: int, *, params: IndexParams
+) -> list[System]:
     """The systems to score: the trained ``checkpoints`` by name, in order, then the named
-    ``baselines`` (from :data:`BASELINES`)."""
+    ``baselines`` (from :data:`BASELINES`), all on the served path of ``params``."""
     from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint
 
     systems: list[System] = []
@@ -134,16 +161,17 @@ def build_systems(checkpoints: dict[str, Path], baselines: Sequence[str], batch_
     for name, path in checkpoints.items():
         model, _ = load_checkpoint(Path(path))
         config = config or model.config
-        systems.append(encoder_system(name, model, baseline=False, batch_size=batch_size))
+        systems.append(encoder_system(name, model, baseline=False, params=params, batch_size=batch_size))
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
     if "untrained" in baselines:
-        # The same architecture as the (first) trained encoder, before any training.
+        # The same architecture and library normalisation as the (first) trained encoder,
+        # before any training.
         model = initial_encoder(config or EncoderConfig())
-        systems.append(encoder_system("untrained", model, baseline=True, batch_size=batch_size))
+        systems.append(encoder_system("untrained", model, baseline=True, params=params, batch_size=batch_size))
     if "tiny_frames" in baselines:
-        systems.append(tiny_frames_system())
+        systems.append(tiny_frames_system(params=params))
     if "phash" in baselines:
-        systems.append(phash_system())
+        systems.append(phash_system(params=params))
     return systems

@@ -46,6 +46,7 @@ from app.learn.train.config import TrainConfig
 from app.learn.train.curves import LOSS_PLOT, METRICS_FILE, truncate_metrics, write_loss_plot
 from app.learn.train.data import EpochSampler, WindowDataset, make_loader
 from app.learn.train.distributed import Ranks, barrier, join_process_group, leave_process_group
+from app.learn.train.guards import check_training_videos
 from app.learn.train.model import fit_library_norm, prepare_for_training
 from app.learn.train.optim import make_optimizer, set_scheduled_lr
 from app.learn.train.progress import ProgressBar
@@ -101,6 +102,7 @@ def train(
     result on each.
     """
     out_dir = Path(out_dir)
+    check_training_videos(videos, out_dir=out_dir, resume=resume)  # benchmark footage; a resume's video list
     with torch_threads(config.torch_threads):
         ranks = join_process_group()
         try:

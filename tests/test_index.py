@@ -659,3 +659,16 @@ def test_embedded_sqlite_finds_fresh_and_newly_listed_videos(tmp_path: Path) -> 
     out = subprocess.run([sys.executable, "-c", _EMBEDDED], env=env, capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent)  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_bench_exact_reference_spreads_its_batch_over_threads() -> None:
+    """`vidsim bench index` gives the exact reference's batch the threads USearch's batch
+    gets: the same answer on any number of them, every block of queries filled."""
+    from scripts.bench_index import exact_topk
+
+    library, queries_ = _unit(500, 32, seed=50), _unit(37, 32, seed=51)
+    one = exact_topk(library, queries_, 5, threads=1)
+    for threads in (3, 64):
+        rows, scores = exact_topk(library, queries_, 5, threads=threads)
+        assert np.array_equal(rows, one[0]) and np.allclose(scores, one[1])
+    assert np.array_equal(one[0][:, 0], [exact_search(np.arange(500), library, q, 1)[0].key for q in queries_])

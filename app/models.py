@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    FetchedValue,
     Float,
     ForeignKey,
     Index,
@@ -70,7 +71,7 @@ class Video(Base):
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    collection: Mapped[str | None] = mapped_column(String(200))
+    collection: Mapped[str | None] = mapped_column(String(200), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -107,8 +108,10 @@ class ModelVersion(Base):
 
 
 class Embedding(Base):
-    """One video's vector under one model version, float32 bytes. ``id`` grows with
-    insertion, so an index built up to id N knows which rows arrived after it."""
+    """One video's vector under one model version, float32 bytes. ``xact`` stamps when it
+    was written, or its video last became an enabled library video (database triggers,
+    migration 0004): on Postgres the writing transaction's id, so an index version knows
+    which rows may have committed after its build read (``IndexVersion.horizon``)."""
 
     __tablename__ = "embeddings"
 
@@ -118,9 +121,13 @@ class Embedding(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     dim: Mapped[int] = mapped_column(Integer)
     frames: Mapped[int] = mapped_column(Integer)
+    xact: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())  # set by the database
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (UniqueConstraint("video_id", "model_version_id"),)
+    __table_args__ = (
+        UniqueConstraint("video_id", "model_version_id"),
+        Index("embeddings_fresh", "model_version_id", "xact"),
+    )
 
 
 class EmbeddingJob(Base):
@@ -153,8 +160,11 @@ class IndexVersion(Base):
     size: Mapped[int] = mapped_column(Integer)
     dim: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(8))
-    # Embedding ids <= watermark are in the file; later ones are searched exactly.
+    # The newest embedding id when it was built (a figure: ids are not commit order).
     embedding_watermark: Mapped[int] = mapped_column(BigInteger)
+    # Every embedding stamped below it (Embedding.xact) was committed before the build read:
+    # those stamped at or above it may be missing from the file and are searched exactly.
+    horizon: Mapped[int] = mapped_column(BigInteger)
     build_seconds: Mapped[float] = mapped_column(Float)
     # How the file was built and is searched (metric, quantisation, shards, calibration).
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -20,8 +20,12 @@ precision and recall on the known copies among each query's exact top k), and wi
 
 Outputs a table, ``OUT/bench_index.json`` and ``OUT/bench_index.png``.
 
+Batch figures (``batch q/s``) of the exact reference and of every mode use the same
+``--threads`` (default: every core; the table's title says how many); single-query
+latencies run on one thread, as a serving worker's search does.
+
 Budget on a busy 2-core machine: at 1M x 512, generating takes ~25 s, the exact
-reference 45-90 s (1000 queries, one BLAS thread), a hash build ~7 min; an f16 HNSW
+reference 45-90 s (1000 queries, one thread), a hash build ~7 min; an f16 HNSW
 build took 10 min at 500k, so ``--modes f16`` at 1M needs ~25 min. ``--modes`` picks
 what to build; ``--ef`` and ``--rerank`` lists are swept at search time on each build.
 """
@@ -29,6 +33,7 @@ what to build; ``--ef`` and ``--rerank`` lists are swept at search time on each 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import json
 import logging
@@ -43,9 +48,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# One BLAS thread, as in a serving worker process: on a small shared machine a
-# multi-threaded OpenBLAS makes every small matrix-vector product wait for its threads
-# (measured here: 3000 x 256 products 25x slower under load). Set before numpy loads.
+# One BLAS thread per product, as in a serving worker process: on a small shared machine
+# a multi-threaded OpenBLAS makes every small matrix-vector product wait for its threads
+# (measured here: 3000 x 256 products 25x slower under load). Batches use --threads
+# threads of their own (``exact_topk``). Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
@@ -127,18 +133,26 @@ def clustered(n: int, dim: int, *, queries: int, seed: int = 0, per_cluster: int
     return Data(normalise(x), normalise(q), family, query_family)
 
 
-def exact_topk(library: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top ``k`` (rows of ``library``) of each query, batched: (Q, k) each."""
-    block = int(np.clip(2**28 // (4 * max(1, len(library))), 16, 256))  # (block, N) scores: <= 256 MB
+def exact_topk(library: np.ndarray, queries: np.ndarray, k: int, *, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top ``k`` (rows of ``library``) of each query, batched: (Q, k) each.
+    Blocks of queries are spread over ``threads`` threads, each product on one BLAS thread
+    (numpy releases the GIL), as USearch's batch search spreads queries over its threads."""
+    threads = max(1, threads)
+    block = int(np.clip(2**28 // (4 * max(1, len(library)) * threads), 16, 256))  # (block, N) scores: <= 256 MB in all
+    block = max(1, min(block, -(-len(queries) // threads)))  # every thread gets a block
     rows = np.empty((len(queries), k), dtype=np.int64)
     scores = np.empty((len(queries), k), dtype=np.float32)
-    for s in range(0, len(queries), block):
+
+    def search_block(s: int) -> None:
         sims = queries[s : s + block] @ library.T  # (B, N)
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         top_scores = np.take_along_axis(sims, top, 1)
         order = np.argsort(-top_scores, axis=1)
         rows[s : s + block] = np.take_along_axis(top, order, 1)
         scores[s : s + block] = np.take_along_axis(top_scores, order, 1)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(search_block, range(0, len(queries), block)))
     return rows, scores
 
 
@@ -187,21 +201,21 @@ def _latency(search: Callable[[np.ndarray], Any], queries: np.ndarray) -> tuple[
     return wall, cpu, found
 
 
-def bench_exact(data: Data, k: int, *, latency_queries: int) -> tuple[Row, np.ndarray]:
+def bench_exact(data: Data, k: int, *, latency_queries: int, threads: int) -> tuple[Row, np.ndarray]:
     n, dim = data.library.shape
     t0 = time.perf_counter()
-    truth, _ = exact_topk(data.library, data.queries, k)
+    truth, _ = exact_topk(data.library, data.queries, k, threads=threads)
     batch_s = time.perf_counter() - t0
     subset = data.queries[:latency_queries]
     wall, cpu, _ = _latency(lambda q: np.argpartition(-(data.library @ q), k)[:k], subset)
     row = Row("exact (numpy)", n, dim, "f32", {}, 1.0, _pct(wall, 50), _pct(wall, 99), _pct(cpu, 99),
               len(data.queries) / batch_s, 0.0, 4.0 * dim + 8, 4.0 * dim + 8,
-              {"latency_queries": len(subset)})  # fmt: skip
+              {"latency_queries": len(subset), "batch_threads": threads})  # fmt: skip
     return row, truth
 
 
 def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *, k: int, workdir: Path,
-               efs: list[int | None], reranks: list[int],
+               efs: list[int | None], reranks: list[int], threads: int,
                vectors_of: VectorsOf | None = None) -> list[Row]:  # fmt: skip
     n, dim = data.library.shape
     directory = workdir / name
@@ -215,12 +229,13 @@ def bench_mode(name: str, params: IndexParams, data: Data, truth: np.ndarray, *,
             wall, cpu, found = _latency(lambda q: opened.search(q, k, vectors_of=vectors_of), data.queries)
             keys = np.array([[h.key for h in hits] + [-1] * (k - len(hits)) for hits in found])
             t0 = time.perf_counter()
-            batch_keys, _ = opened.search_batch(data.queries, k, vectors_of=vectors_of)
+            batch_keys, _ = opened.search_batch(data.queries, k, threads=threads, vectors_of=vectors_of)
             batch_s = time.perf_counter() - t0
             row = Row(name, n, dim, params.storage, {**opened.params.to_dict()}, recall_at(keys, truth),
                       _pct(wall, 50), _pct(wall, 99), _pct(cpu, 99), len(data.queries) / batch_s, built.seconds,
                       opened.nbytes / n, opened.hot_bytes / n,
-                      {"batch_recall": recall_at(batch_keys, truth), "timings": opened.manifest["timings"],
+                      {"batch_recall": recall_at(batch_keys, truth), "batch_threads": threads,
+                       "timings": opened.manifest["timings"],
                        "self_recall": [info["self_recall"] for info in opened.manifest["shards"]]})  # fmt: skip
             rows.append(row)
             logging.getLogger("bench").info("%s ef=%d rerank=%d: recall %.4f p50 %.3f p99 %.3f ms",
@@ -390,8 +405,9 @@ def real_near_duplicates(ground_truth: Path) -> dict[str, Any]:
     return out
 
 
-def _table(rows: list[Row], console: Console) -> None:
-    table = Table(title="index benchmark (recall@k vs exact numpy)")
+def _table(rows: list[Row], console: Console, *, threads: int) -> None:
+    title = f"index benchmark (recall@k vs exact numpy; batch q/s on {threads} thread(s) each, single queries on one)"
+    table = Table(title=title)
     for col in ("mode", "n x dim", "storage", "ef", "rerank", "recall", "p50 ms", "p99 ms", "p99 cpu ms",
                 "batch q/s", "build s", "B/video", "hot B/video"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("mode", "storage") else "right")
@@ -454,6 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-dim", type=int, default=128)
     p.add_argument("--shards", type=int, default=4, help="shards of the f16-shards mode")
     p.add_argument("--exact-latency-queries", type=int, default=100, help="single-query latency of exact search")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads of every batch search, exact and USearch alike (default: every core)")  # fmt: skip
     p.add_argument("--real", type=Path, help="a retrieval benchmark's ground_truth.json: near-duplicates on real clips")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--workdir", type=Path, help="where index files are built (default: a temporary folder)")
@@ -476,11 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = clustered(args.n, args.dim, queries=args.queries, seed=args.seed)
     generate_s = time.perf_counter() - t0
-    exact_row, truth = bench_exact(data, args.k, latency_queries=args.exact_latency_queries)
+    threads = max(1, args.threads)
+    exact_row, truth = bench_exact(data, args.k, latency_queries=args.exact_latency_queries, threads=threads)
     rows = [exact_row]
-    console.print(
-        f"generated {args.n:,} x {args.dim} in {generate_s:.1f}s; exact: {exact_row.batch_qps:.0f} q/s batched"
-    )
+    console.print(f"generated {args.n:,} x {args.dim} in {generate_s:.1f}s; exact: {exact_row.batch_qps:.0f} q/s "
+                  f"batched on {threads} thread(s)")  # fmt: skip
     base = IndexParams(connectivity=args.connectivity, expansion_add=args.expansion_add,
                        rerank_dtype=args.rerank_dtype, seed=args.seed)  # fmt: skip
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
@@ -495,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                 store = Store(data.library)
             params = replace(base, **spec, expansion_search=efs[0])  # (None: the mode's default)
             rows += bench_mode(name, params, data, truth, k=args.k, workdir=workdir, efs=efs,
-                               reranks=reranks, vectors_of=store.vectors_of if store else None)  # fmt: skip
+                               reranks=reranks, threads=threads,
+                               vectors_of=store.vectors_of if store else None)  # fmt: skip
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -504,13 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     dup = {"synthetic": synthetic_near_duplicates(data, truth, IndexParams.background, args.seed)}
     if args.real:
         dup["real"] = real_near_duplicates(args.real)
-    _table(rows, console)
+    _table(rows, console, threads=threads)
     console.print_json(json.dumps(dup))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": " ".join(["python -m scripts.bench_index", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
-        "n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k,
+        "n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k, "batch_threads": threads,
         "generate_s": generate_s, "total_s": time.perf_counter() - started,
         "database": {"load_s": store.load_s, "embeddings_bytes_per_video": store.bytes / args.n} if store else None,
         "rows": [r.__dict__ for r in rows],

@@ -40,9 +40,10 @@ def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return normalise(x + 1.5 * np.abs(rng.standard_normal(d)).astype(np.float32))
 
 
-def _add_videos(session, model: ModelVersion, vectors: np.ndarray, *, tag: str) -> list[Video]:  # type: ignore[no-untyped-def]
+def _add_videos(session, model: ModelVersion, vectors: np.ndarray, *, tag: str, **fields) -> list[Video]:  # type: ignore[no-untyped-def]
+    """A ready video (``fields``: more of its columns) and its embedding per vector."""
     run = uuid.uuid4().hex[:8]
-    videos = [Video(uri=f"test://index/{tag}/{run}/{i}", status="ready") for i in range(len(vectors))]
+    videos = [Video(uri=f"test://index/{tag}/{run}/{i}", status="ready", **fields) for i in range(len(vectors))]
     session.add_all(videos)
     session.flush()
     session.add_all(
@@ -493,3 +494,181 @@ def test_model_keeps_its_newest_version_when_another_models_index_is_activated(s
     assert used == version.id and matches[0].video_id == videos[2].id
     session.execute(update(IndexVersion).where(IndexVersion.id == version.id).values(is_active=True))
     session.commit()
+
+
+def test_embeddings_committed_out_of_id_order_are_found_at_once_and_after_a_rebuild(session, settings, model) -> None:  # type: ignore[no-untyped-def]
+    """Embedding ids come from a sequence at insert, not at commit: a transaction that took
+    the lower id and commits after another one's higher id (and after a search and a
+    rebuild saw that one) still has its vector found at once, and in the next build."""
+    from app.db import session_scope
+
+    _add_videos(session, model, _clustered(50, model.dim, seed=30), tag="order-base")
+    session.commit()
+    rebuild.rebuild_index(session=session, model=model, settings=settings)
+    session.commit()
+    slow_vector, quick_vector = _unit(2, model.dim, seed=31)
+    with session_scope() as slow:  # the first to insert, the last to commit
+        [slow_video] = _add_videos(slow, model, slow_vector[None], tag="order-slow")
+        with session_scope() as quick:
+            [quick_video] = _add_videos(quick, model, quick_vector[None], tag="order-quick")
+        matches, _ = search.search_library(session=session, model=model, query=quick_vector, k=1, exclude=set())
+        assert matches[0].video_id == quick_video.id  # the delta has read past the slow one's id
+        built = rebuild.rebuild_index(session=session, model=model, settings=settings)
+        session.commit()
+    ids = dict(session.execute(select(Embedding.video_id, Embedding.id).where(
+        Embedding.video_id.in_([slow_video.id, quick_video.id]))).all())  # fmt: skip
+    assert ids[slow_video.id] < ids[quick_video.id]
+    for video, vector in ((slow_video, slow_vector), (quick_video, quick_vector)):
+        matches, used = search.search_library(session=session, model=model, query=vector, k=1, exclude=set())
+        assert (matches[0].video_id, used) == (video.id, built.id)
+    again = rebuild.rebuild_index(session=session, model=model, settings=settings)
+    session.commit()
+    assert again.size == built.size + 1  # the slow one is in the file now
+    assert queries.embeddings_since_index(session=session, model=model) == (again, 0)
+    for video, vector in ((slow_video, slow_vector), (quick_video, quick_vector)):
+        matches, used = search.search_library(session=session, model=model, query=vector, k=1, exclude=set())
+        assert (matches[0].video_id, used) == (video.id, again.id)
+
+
+def test_query_only_videos_stay_out_of_the_index_and_one_added_to_the_library_is_found_at_once(
+    session, settings, model
+) -> None:  # type: ignore[no-untyped-def]
+    """Videos seen only in events (query-only) are never in the index, the delta or the
+    calibration background: 200 edited copies of one clip change neither the index size
+    nor a warm query's results and scores. One added to the library later is found at
+    once (no rebuild), and is in the next build."""
+    from app.media.register import register
+
+    library = _clustered(200, model.dim, seed=32)
+    _add_videos(session, model, library, tag="library")
+    session.commit()
+    built = rebuild.rebuild_index(session=session, model=model, settings=settings)
+    session.commit()
+    query = normalise(library[0] + 0.3 * _unit(1, model.dim, seed=33)[0])
+
+    def warm() -> list[tuple[int, float]]:
+        matches, _ = search.search_library(session=session, model=model, query=query, k=10, exclude=set())
+        return [(m.video_id, round(m.calibrated or 0.0, 4)) for m in matches]
+
+    before = warm()
+    cold = _add_videos(session, model, normalise(query + 0.05 * _unit(200, model.dim, seed=34)), tag="cold",
+                       in_library=False)  # fmt: skip
+    session.commit()
+    assert warm() == before
+    assert queries.embeddings_since_index(session=session, model=model) == (built, 0)
+    again = rebuild.rebuild_index(session=session, model=model, settings=settings)
+    session.commit()
+    assert again.size == built.size
+    assert warm() == before
+
+    register(session, cold[7].uri, settings=settings)  # now a library video too
+    session.commit()
+    matches, used = search.search_library(session=session, model=model, query=query, k=1, exclude=set())
+    assert (matches[0].video_id, used) == (cold[7].id, again.id)
+    assert queries.embeddings_since_index(session=session, model=model) == (again, 1)
+    third = rebuild.rebuild_index(session=session, model=model, settings=settings)
+    session.commit()
+    assert third.size == built.size + 1
+
+
+@pytest.mark.parametrize("exact_up_to", [None, 0], ids=["searched-exactly", "index-then-exact"])
+def test_small_collection_returns_all_its_videos_and_never_another(
+    session, settings, model, monkeypatch, exact_up_to
+) -> None:  # type: ignore[no-untyped-def]
+    """A collection of 3 asked for k=5 returns exactly its 3 videos, however far they are
+    from the query in a large library: small collections are searched exactly (and a
+    larger one whose videos the widened index search misses falls back to it)."""
+    if exact_up_to is not None:
+        monkeypatch.setattr(search, "EXACT_COLLECTION", exact_up_to)
+    library = _clustered(1000, model.dim, seed=35)
+    _add_videos(session, model, library, tag="big")
+    query = library[0]
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    far = normalise(-query + 0.3 * _unit(5, model.dim, seed=36))  # the least similar of all
+    members = _add_videos(session, model, far[:3], tag="tiny", collection=name)
+    _add_videos(session, model, far[3:4], tag="tiny-off", collection=name, enabled=False)
+    _add_videos(session, model, far[4:5], tag="tiny-cold", collection=name, in_library=False)
+    session.commit()
+    version = rebuild.rebuild_index(session=session, model=model, settings=settings)
+    session.commit()
+    matches, used = search.search_library(session=session, model=model, query=query, k=5, exclude=set(),
+                                          collection=name)  # fmt: skip
+    assert sorted(m.video_id for m in matches) == sorted(v.id for v in members) and used == version.id
+    assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
+    matches, _ = search.search_library(session=session, model=model, query=query, k=2, exclude={members[0].id},
+                                       collection=name)  # fmt: skip
+    assert sorted(m.video_id for m in matches) == sorted(v.id for v in members[1:])
+
+
+_EMBEDDED = """
+import numpy as np
+from sqlalchemy.orm import Session
+from app.config import get_settings
+from app.db import downgrade, get_engine, migrate
+from app.index import queries, rebuild, search
+from app.media.register import register
+from app.models import Embedding, ModelVersion, Video
+
+for step, revision in ((migrate, "head"), (downgrade, "0003_embedding_storage"), (migrate, "head")):
+    step(revision)
+settings = get_settings()
+vectors = np.random.default_rng(40).standard_normal((5, 8)).astype(np.float32)
+
+def add(session, model, i, **fields):
+    video = Video(uri=f"test://embedded/{i}", status="ready", **fields)
+    session.add(video)
+    session.flush()
+    session.add(Embedding(video_id=video.id, model_version_id=model.id, vector=vectors[i].tobytes(), dim=8, frames=1))
+    session.flush()
+    return video
+
+def top(session, model, i):
+    matches, used = search.search_library(session=session, model=model, query=vectors[i], k=1, exclude=set(),
+                                          settings=settings)
+    return matches[0].video_id, used
+
+with Session(get_engine()) as s:
+    model = ModelVersion(name="m", dim=8)
+    s.add(model)
+    s.flush()
+    library = [add(s, model, i) for i in range(3)]
+    s.commit()
+    built = rebuild.rebuild_index(session=s, model=model, settings=settings)
+    s.commit()
+    assert built.size == 3 and top(s, model, 1) == (library[1].id, built.id)
+    fresh, cold = add(s, model, 3), add(s, model, 4, in_library=False)
+    s.commit()
+    assert top(s, model, 3) == (fresh.id, built.id) and top(s, model, 4)[0] != cold.id
+    assert queries.embeddings_since_index(session=s, model=model) == (built, 1)
+    register(s, cold.uri, settings=settings)
+    s.commit()
+    assert top(s, model, 4) == (cold.id, built.id)
+    again = rebuild.rebuild_index(session=s, model=model, settings=settings)
+    s.commit()
+    assert again.size == 5 and queries.embeddings_since_index(session=s, model=model) == (again, 0)
+print("ok")
+"""
+
+
+def test_embedded_sqlite_finds_fresh_and_newly_listed_videos(tmp_path: Path) -> None:
+    """The embedded mode (SQLite: one writer at a time) stamps writes by count: a fresh
+    embedding and a query-only video added to the library are found at once, and a
+    query-only one never; its migrations go down and up again."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(VIDSIM_DATA_DIR=str(tmp_path), VIDSIM_MEDIA_ROOTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _EMBEDDED], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_bench_exact_reference_spreads_its_batch_over_threads() -> None:
+    """`vidsim bench index` gives the exact reference's batch the threads USearch's batch
+    gets: the same answer on any number of them, every block of queries filled."""
+    from scripts.bench_index import exact_topk
+
+    library, queries_ = _unit(500, 32, seed=50), _unit(37, 32, seed=51)
+    one = exact_topk(library, queries_, 5, threads=1)
+    for threads in (3, 64):
+        rows, scores = exact_topk(library, queries_, 5, threads=threads)
+        assert np.array_equal(rows, one[0]) and np.allclose(scores, one[1])
+    assert np.array_equal(one[0][:, 0], [exact_search(np.arange(500), library, q, 1)[0].key for q in queries_])

@@ -5,9 +5,23 @@ caller's ``session`` and never commits (the caller owns the transaction)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    BigInteger,
+    BindParameter,
+    ColumnElement,
+    Select,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, aliased
 
 from app.models import Embedding, IndexVersion, ModelVersion, Video
 
@@ -16,45 +30,113 @@ _IDS_PER_READ = 10_000
 
 
 # --------------------------------------------------------------------------- embeddings
+#
+# An index version holds the embeddings of enabled library videos its build read; those
+# stamped (``Embedding.xact``) at or above the version's horizon may have committed after
+# that read, so they are searched exactly beside the file. Videos seen only in events
+# (query-only) and disabled ones are in neither.
+
+
+def _listed(model_id: int | BindParameter[int]) -> ColumnElement[bool]:
+    """The model's embeddings of videos that may be recommended (join ``Video``)."""
+    return and_(Embedding.model_version_id == model_id, Video.in_library, Video.enabled)
+
+
+def _horizon(dialect: str, model_id: int | BindParameter[int]) -> ColumnElement[int]:
+    """The horizon of the statement it is part of: every embedding of the model stamped
+    below it was committed before the statement's snapshot, so the statement sees it."""
+    if dialect == "postgresql":
+        # The snapshot's xmin: every transaction below it had finished (committed or not).
+        return cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
+    # SQLite has one writer at a time and stamps count the model's writes (migration 0004).
+    written = aliased(Embedding)
+    return (
+        select(func.coalesce(func.max(written.xact), 0) + 1)
+        .where(written.model_version_id == model_id)
+        .scalar_subquery()
+    )
+
+
+def snapshot_horizon(*, session: Session, model_id: int) -> int:
+    """The horizon now (see ``_horizon``): what a build reading after it covers."""
+    return int(session.scalar(select(_horizon(session.get_bind().dialect.name, model_id))) or 0)
 
 
 def embedding_watermark(*, session: Session, model_id: int) -> int:
-    """The newest embedding id of the model (0: none): what a build covers."""
+    """The newest embedding id of the model (0: none), recorded with a build as a figure."""
     newest = session.scalar(
         select(func.coalesce(func.max(Embedding.id), 0)).where(Embedding.model_version_id == model_id)
     )
     return int(newest or 0)
 
 
-def embeddings_up_to(*, session: Session, model_id: int, dim: int, watermark: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every embedding of the model with id <= ``watermark``, streamed: video ids (N,)
-    uint64 and vectors (N, dim) float32, in embedding-id order."""
-    where = (Embedding.model_version_id == model_id, Embedding.id <= watermark)
-    count = session.scalar(select(func.count()).select_from(Embedding).where(*where)) or 0
+def library_embeddings(
+    *, session: Session, model_id: int, dim: int, horizon: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """What a build holds: every embedding of the model's enabled library videos,
+    streamed: video ids (N,) uint64 and vectors (N, dim) float32 in embedding-id order,
+    and how many of them are stamped at or above ``horizon`` (they are also read as
+    fresh, ``fresh_embeddings``, until the next build)."""
+    listed = _listed(model_id)
+    count = session.scalar(select(func.count()).select_from(Embedding).join(Video).where(listed)) or 0
     keys = np.zeros(count, dtype=np.uint64)
     vectors = np.zeros((count, dim), dtype=np.float32)  # (N, D), filled as rows stream in
-    n = 0
+    n = fresh = 0
     stream = session.execute(
-        select(Embedding.video_id, Embedding.vector).where(*where).order_by(Embedding.id),
+        select(Embedding.video_id, Embedding.xact, Embedding.vector).join(Video).where(listed).order_by(Embedding.id),
         execution_options={"yield_per": 10_000},
     )
-    for video_id, blob in stream:
-        if n == count:  # rows committed meanwhile below the watermark cannot exist; be safe
-            break
+    for video_id, stamp, blob in stream:
+        if n == len(keys):  # committed between the count and this read
+            keys = np.concatenate([keys, np.zeros(max(16, n), dtype=np.uint64)])
+            vectors = np.concatenate([vectors, np.zeros((max(16, n), dim), dtype=np.float32)])
         keys[n], vectors[n] = video_id, np.frombuffer(blob, dtype=np.float32)
+        fresh += stamp is not None and stamp >= horizon
         n += 1
-    return keys[:n], vectors[:n]
+    return keys[:n], vectors[:n], fresh
 
 
-def embeddings_after(*, session: Session, model_id: int, after_id: int) -> list[tuple[int, int, bytes]]:
-    """(embedding id, video id, vector bytes) of the model's embeddings with ids above
-    ``after_id``, oldest first: the fresh additions an index version does not hold."""
-    rows = session.execute(
-        select(Embedding.id, Embedding.video_id, Embedding.vector)
-        .where(Embedding.model_version_id == model_id, Embedding.id > after_id)
-        .order_by(Embedding.id)
+def fresh_embeddings(
+    *, session: Session, model_id: int, since: int, held: list[int]
+) -> tuple[list[tuple[int, int, bytes]], int | None]:
+    """(video id, stamp, vector bytes) of the model's embeddings of enabled library
+    videos stamped at or above ``since`` (what an index built at horizon ``since`` may
+    lack), but none of the ``held`` videos (read before, still inside the window); and
+    this read's horizon, to read from next time (None: nothing came back). One statement."""
+    stmt = _fresh_statement(session.get_bind().dialect.name)
+    rows = session.execute(stmt, {"model_id": model_id, "since": since, "held": held}).all()
+    # (stamps are never None here: each passed ``>= since``)
+    return [(video_id, stamp or 0, vector) for video_id, stamp, vector, _ in rows], (rows[0][3] if rows else None)
+
+
+@functools.cache
+def _fresh_statement(dialect: str) -> Select[int, int | None, bytes, int]:
+    """``fresh_embeddings``'s statement, built once: it runs on every search, and building
+    it took longer than running it (measured 0.56 ms a read built each time, 0.34 ms
+    built once, on 20k embeddings with none fresh)."""
+    model_id: BindParameter[int] = bindparam("model_id", type_=BigInteger)
+    return (
+        select(Embedding.video_id, Embedding.xact, Embedding.vector, _horizon(dialect, model_id))
+        .join(Video)
+        .where(
+            _listed(model_id),
+            Embedding.xact >= bindparam("since", type_=BigInteger),
+            Embedding.video_id.not_in(bindparam("held", expanding=True)),
+        )
     )
-    return [(embedding_id, video_id, vector) for embedding_id, video_id, vector in rows]
+
+
+def collection_members(*, session: Session, model_id: int, collection: str, limit: int | None) -> dict[int, str]:
+    """The uri of the enabled library videos of ``collection`` embedded by the model, by
+    id (at most ``limit``)."""
+    rows = session.execute(
+        select(Video.id, Video.uri)
+        .join(Embedding, Embedding.video_id == Video.id)
+        .where(_listed(model_id), Video.collection == collection)
+        .order_by(Video.id)
+        .limit(limit)
+    )
+    return {video_id: uri for video_id, uri in rows}
 
 
 def stored_vectors(*, session: Session, model_id: int, dim: int, video_ids: np.ndarray) -> np.ndarray:
@@ -126,14 +208,17 @@ def older_versions(*, session: Session, model_id: int, below_id: int, limit: int
 
 
 def embeddings_since_index(*, session: Session, model: ModelVersion) -> tuple[IndexVersion | None, int]:
-    """The model's active index version (None: never built) and how many of its
-    embeddings are newer than that build (searched exactly until the next one)."""
+    """The model's active index version (None: never built) and how many embeddings of
+    enabled library videos that build does not hold (searched exactly until the next):
+    those stamped at or above its horizon, less the ones among them its build read."""
     version = session.scalar(
         select(IndexVersion).where(IndexVersion.is_active, IndexVersion.model_version_id == model.id)
     )
-    watermark = version.embedding_watermark if version is not None else 0
-    newer = session.scalar(select(func.count()).where(Embedding.model_version_id == model.id, Embedding.id > watermark))
-    return version, int(newer or 0)
+    since, in_file = (version.horizon, int(version.params.get("fresh_in_file", 0))) if version is not None else (0, 0)
+    fresh = session.scalar(
+        select(func.count()).select_from(Embedding).join(Video).where(_listed(model.id), Embedding.xact >= since)
+    )
+    return version, max(0, int(fresh or 0) - in_file)
 
 
 def deactivate_versions(*, session: Session) -> None:

@@ -1,5 +1,5 @@
-"""Rebuilding the library's index from the database: every embedding of a model read
-into a new version (``app.index.build``) that becomes active; the periodic refresh
+"""Rebuilding the library's index from the database: the embeddings of a model's
+enabled library videos read into a new version (``app.index.build``) that becomes active; the periodic refresh
 that does so when enough embeddings are newer than the active build; the files of old
 versions removed. Rebuilds never overlap (a database lock held until the caller
 commits), and searches keep using the previous version until the new row is committed.
@@ -39,16 +39,21 @@ def rebuild_index(
     dtype: str | None = None,
     params: IndexParams | None = None,
 ) -> IndexVersion:
-    """Builds a new index version from every embedding of ``model`` and makes it active
-    (``params``, else the settings; ``dtype`` overrides the storage). Never runs twice
+    """Builds a new index version from the embeddings of ``model``'s enabled library
+    videos and makes it active (``params``, else the settings; ``dtype`` overrides the
+    storage). Never runs twice
     at once (a database lock held until the caller commits); searches keep using the old
     version until the new row is committed. Deletes the files of versions older than
     the newest ``settings.index_keep_versions``."""
     _take_rebuild_lock(session=session)
     started = time.perf_counter()
     params = params or index_params(settings, dtype=dtype)
+    # The horizon is read before the embeddings: whatever is stamped below it was
+    # committed by then, so the read below holds it; the rest is searched beside the file.
+    horizon = queries.snapshot_horizon(session=session, model_id=model.id)
     watermark = queries.embedding_watermark(session=session, model_id=model.id)
-    keys, vectors = queries.embeddings_up_to(session=session, model_id=model.id, dim=model.dim, watermark=watermark)
+    keys, vectors, fresh = queries.library_embeddings(session=session, model_id=model.id, dim=model.dim,
+                                                      horizon=horizon)  # fmt: skip
     loaded = time.perf_counter() - started
     directory = settings.index_dir / f"model{model.id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     built = build_version(keys=keys, vectors=vectors, directory=directory, params=params)
@@ -61,8 +66,9 @@ def rebuild_index(
         dim=built.dim,
         dtype=built.dtype,
         embedding_watermark=watermark,
+        horizon=horizon,
         build_seconds=time.perf_counter() - started,
-        params={**built.params, "bytes": built.bytes, "load_s": round(loaded, 3)},
+        params={**built.params, "bytes": built.bytes, "load_s": round(loaded, 3), "fresh_in_file": fresh},
         is_active=True,
     )
     session.add(version)

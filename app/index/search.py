@@ -1,5 +1,6 @@
-"""Searching the library: the active index version plus the embeddings added since it
-was built, filtered to enabled library videos, with calibrated scores.
+"""Searching the library: the active index version plus the embeddings it may lack (added,
+or added to the library, since its build read), filtered to enabled library videos, with
+calibrated scores. Small collections are searched exactly.
 
 Each worker process keeps the version it serves open (memory-mapped) and re-reads which
 version is active at most every ``settings.index_refresh_s``, so a rebuild on any
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings, get_settings
 from app.index import queries
 from app.index.calibrate import background_sample, calibrate, calibration_reference
-from app.index.hits import exact_search, merge
+from app.index.hits import Hit, exact_search, merge
 from app.index.transform import normalise
 from app.index.version import IndexFileError, IndexVersionFiles
 from app.models import Embedding, IndexVersion, ModelVersion
@@ -53,29 +54,38 @@ class ActiveIndex:
     path: str
     sha256: str
     dim: int
-    watermark: int
+    horizon: int  # embeddings stamped at or above it are searched beside the file
 
     @classmethod
     def of(cls, row: IndexVersion) -> ActiveIndex:
-        return cls(row.id, row.model_version_id, row.path, row.sha256, row.dim, int(row.embedding_watermark))
+        return cls(row.id, row.model_version_id, row.path, row.sha256, row.dim, int(row.horizon))
 
 
 @dataclass
 class _Delta:
-    """Embeddings newer than the index watermark, cached per process and topped up:
-    L2-normalised rows in a buffer that grows by doubling (no re-stacking per search)."""
+    """The fresh embeddings searched beside an index version (``queries.fresh_embeddings``),
+    cached per process and topped up on each search: one L2-normalised row per video in
+    buffers that grow by doubling (no re-stacking per search).
+
+    Each read takes what is stamped at or above ``horizon`` and, when it finds any, moves
+    ``horizon`` to the read's own. Rows stamped at or above the new horizon (committed
+    while an older transaction was still open) are read again next time: their videos
+    are sent as ``held`` so their bytes are not, and a row seen twice is kept once."""
 
     model_id: int
-    watermark: int
+    start: int  # the version's horizon, where this delta begins
     dim: int
-    last_id: int
+    horizon: int
     size: int = 0
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     vectors: np.ndarray | None = None
+    present: set[int] = field(default_factory=set)  # the videos in the buffers
+    window: dict[int, int] = field(default_factory=dict)  # video id -> stamp, where stamp >= horizon
 
-    def append(self, keys: list[int], vectors: np.ndarray, last_id: int) -> None:
-        need = self.size + len(keys)
-        if self.vectors is None or need > len(self.keys):
+    def add(self, rows: list[tuple[int, int, bytes]], horizon: int | None) -> None:
+        new = [(video_id, blob) for video_id, _, blob in rows if video_id not in self.present]
+        need = self.size + len(new)
+        if new and (self.vectors is None or need > len(self.keys)):
             capacity = max(64, 2 * need)
             grown_keys = np.zeros(capacity, dtype=np.int64)
             grown = np.zeros((capacity, self.dim), dtype=np.float32)
@@ -83,9 +93,16 @@ class _Delta:
                 grown_keys[: self.size] = self.keys[: self.size]
                 grown[: self.size] = self.vectors[: self.size]
             self.keys, self.vectors = grown_keys, grown
-        self.keys[self.size : need] = keys
-        self.vectors[self.size : need] = normalise(vectors)
-        self.size, self.last_id = need, last_id
+        if new:
+            assert self.vectors is not None
+            self.keys[self.size : need] = [video_id for video_id, _ in new]
+            self.vectors[self.size : need] = normalise(np.stack([np.frombuffer(b, dtype=np.float32) for _, b in new]))
+            self.present.update(video_id for video_id, _ in new)
+            self.size = need
+        self.window.update((video_id, stamp) for video_id, stamp, _ in rows)
+        if horizon is not None and horizon > self.horizon:
+            self.horizon = horizon
+            self.window = {video_id: stamp for video_id, stamp in self.window.items() if stamp >= horizon}
 
     def view(self) -> tuple[np.ndarray, np.ndarray]:
         # Slices of the current buffers: a later append writes past ``size`` or into new
@@ -196,20 +213,51 @@ def _open(version: ActiveIndex, settings: Settings) -> IndexVersionFiles | None:
     return searcher
 
 
-def _delta_vectors(*, session: Session, model: ModelVersion, watermark: int) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of ``model`` with ids above ``watermark`` (not in the index file)."""
+def _delta_vectors(*, session: Session, model: ModelVersion, since: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fresh embeddings of ``model`` beside a version built at horizon ``since``: video
+    ids (N,) and L2-normalised vectors (N, D). One statement per search."""
     global _delta
     with _lock:
-        if _delta is None or _delta.model_id != model.id or _delta.watermark != watermark:
-            _delta = _Delta(model.id, watermark, model.dim, watermark)
-        delta, since = _delta, _delta.last_id
-    rows = queries.embeddings_after(session=session, model_id=model.id, after_id=since)
+        if _delta is None or _delta.model_id != model.id or _delta.start != since:
+            _delta = _Delta(model.id, since, model.dim, since)
+        delta, read_from, held = _delta, _delta.horizon, sorted(_delta.window)
+    rows, horizon = queries.fresh_embeddings(session=session, model_id=model.id, since=read_from, held=held)
     with _lock:
-        fresh = [r for r in rows if r[0] > delta.last_id]  # another thread may have added some
-        if fresh:
-            vectors = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in fresh])
-            delta.append([r[1] for r in fresh], vectors, fresh[-1][0])
+        delta.add(rows, horizon)  # (another thread may have added some of them meanwhile)
         return delta.view()
+
+
+# A collection the index search does not fill at its first width is searched exactly
+# when it holds at most this many videos: reading their vectors (~2 KB each, one
+# statement) costs about what widening the index search would, and widening misses them.
+EXACT_COLLECTION = 256
+_EXACT_CHUNK = 10_000  # vectors read at a time when a large collection is searched exactly
+_WIDTHS = (4, 16, 64)  # candidates looked at: (k + excluded) times each, until k qualify
+
+
+@dataclass(frozen=True)
+class _Query:
+    """What makes a hit a match for one search: eligibility, calibration, exclusions."""
+
+    vector: np.ndarray  # (D,) L2-normalised
+    reference: float  # app.index.calibrate.calibration_reference
+    exclude: set[int]
+    exclude_near_duplicates: bool
+    threshold: float  # settings.near_duplicate_threshold
+
+    def matches(self, hits: list[Hit], allowed: dict[int, str]) -> list[Match]:
+        """The hits (best first) that may be recommended: in ``allowed`` (video id -> uri),
+        not excluded; calibrated and flagged."""
+        out = []
+        for h in hits:
+            if h.key not in allowed or h.key in self.exclude:
+                continue
+            calibrated = float(calibrate(h.score, self.reference))
+            near = calibrated >= self.threshold
+            if near and self.exclude_near_duplicates:
+                continue
+            out.append(Match(h.key, allowed[h.key], h.score, calibrated, near))
+        return out
 
 
 def search_library(
@@ -225,24 +273,25 @@ def search_library(
 ) -> tuple[list[Match], int | None]:
     """Top ``k`` enabled library videos most similar to ``query`` (cosine), never those in
     ``exclude`` (nor, with ``exclude_near_duplicates``, those flagged as near-duplicates
-    of the query), only from ``collection`` when given. Returns the matches, each with
-    its cosine, calibrated score and near-duplicate flag, and the index version used
-    (None: exact search only)."""
+    of the query), only from ``collection`` when given: then min(k, its eligible videos)
+    of them (searched exactly where the index search falls short). Returns the matches,
+    each with its cosine, calibrated score and near-duplicate flag, and the index version
+    used (None: exact search only)."""
     settings = settings or get_settings()
     q = normalise(np.asarray(query, dtype=np.float32).reshape(-1))
     active, searcher = _serving_index(session=session, model=model, settings=settings)
-    watermark = active.watermark if active is not None else 0
-    delta_keys, delta_vecs = _delta_vectors(session=session, model=model, watermark=watermark)
+    delta_keys, delta_vecs = _delta_vectors(session=session, model=model, since=active.horizon if active else 0)
     background = background_sample(searcher.background if searcher is not None else None, delta_vecs)
-    reference = calibration_reference(q, background)
-    want = k + len(exclude)
-    matches: list[Match] = []
+    wanted = _Query(q, calibration_reference(q, background), exclude, exclude_near_duplicates,
+                    settings.near_duplicate_threshold)  # fmt: skip
+    used = active.id if active is not None else None
 
     def vectors_of(ids: np.ndarray) -> np.ndarray:
         return queries.stored_vectors(session=session, model_id=model.id, dim=model.dim, video_ids=ids)
 
-    for widen in (4, 16, 64):
-        fetch = want * widen
+    matches: list[Match] = []
+    for width in _WIDTHS:
+        fetch = (k + len(exclude)) * width
         hits = merge(
             searcher.search(q, fetch, vectors_of=vectors_of) if searcher is not None else [],
             exact_search(delta_keys, delta_vecs, q, fetch),
@@ -250,16 +299,31 @@ def search_library(
         )
         candidates = [h.key for h in hits if h.key not in exclude]
         allowed = queries.eligible_videos(session=session, video_ids=candidates, collection=collection)
-        matches = []
-        for h in hits:
-            if h.key not in allowed:
-                continue
-            calibrated = float(calibrate(h.score, reference))
-            near = calibrated >= settings.near_duplicate_threshold
-            if near and exclude_near_duplicates:
-                continue
-            matches.append(Match(h.key, allowed[h.key], h.score, calibrated, near))
-        searched_all = len(hits) < fetch
-        if len(matches) >= k or searched_all:
-            break
-    return matches[:k], (active.id if active is not None else None)
+        matches = wanted.matches(hits, allowed)
+        if len(matches) >= k or len(hits) < fetch:  # enough, or every candidate looked at
+            return matches[:k], used
+        if collection is not None and width == _WIDTHS[0]:
+            members = queries.collection_members(session=session, model_id=model.id, collection=collection,
+                                                 limit=EXACT_COLLECTION + 1)  # fmt: skip
+            if len(members) <= EXACT_COLLECTION:
+                return _search_exactly(session=session, model=model, members=members, wanted=wanted, k=k), used
+    if collection is None:
+        return matches[:k], used
+    # A large collection whose videos the widened search still did not reach: all of them.
+    members = queries.collection_members(session=session, model_id=model.id, collection=collection, limit=None)
+    return _search_exactly(session=session, model=model, members=members, wanted=wanted, k=k), used
+
+
+def _search_exactly(
+    *, session: Session, model: ModelVersion, members: dict[int, str], wanted: _Query, k: int
+) -> list[Match]:
+    """The top ``k`` matches among ``members`` (video id -> uri) by their stored vectors."""
+    ids = [video_id for video_id in members if video_id not in wanted.exclude]
+    found: list[Match] = []
+    for start in range(0, len(ids), _EXACT_CHUNK):
+        chunk = np.asarray(ids[start : start + _EXACT_CHUNK], dtype=np.int64)
+        vectors = queries.stored_vectors(session=session, model_id=model.id, dim=model.dim, video_ids=chunk)
+        stored = ~np.isnan(vectors).any(axis=1)  # (an embedding deleted since the members were read)
+        hits = exact_search(chunk[stored], normalise(vectors[stored]), wanted.vector, int(stored.sum()))
+        found = sorted(found + wanted.matches(hits, members), key=lambda m: (-m.score, m.video_id))[:k]
+    return found

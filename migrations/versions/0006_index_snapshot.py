@@ -20,8 +20,8 @@ Existing rows: embeddings newer than their model's newest index version get stam
 every existing version horizon 1, so what each version lacked is still searched beside
 it; the others stamp 0.
 
-Revision ID: 0004_index_snapshot
-Revises: 0003_embedding_storage
+Revision ID: 0006_index_snapshot
+Revises: 0005_training_runs
 Create Date: 2026-11-28
 """
 
@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_index_snapshot"
-down_revision: str | None = "0003_embedding_storage"
+revision: str = "0006_index_snapshot"
+down_revision: str | None = "0005_training_runs"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

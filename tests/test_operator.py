@@ -216,7 +216,7 @@ def test_worker_and_beat_write_only_json_lines(data_dir: Path, receiver, two_vid
     cold = make_video(folder / "cold.mp4", seconds=2, pattern="rgbtestsrc")
     env = {"VIDSIM_BROKER_PREFIX": f"{settings.broker_prefix}json-{uuid.uuid4().hex[:6]}:"}
     commands = {
-        "worker": ["worker", "--queues", "events,embed,callbacks,maintenance", "--concurrency", "1"],
+        "worker": ["worker", "--queues", "events,fetch,embed,callbacks,maintenance", "--concurrency", "1"],
         "beat": ["beat"],
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -164,7 +164,10 @@ def test_dripping_downloads_do_not_hold_up_warm_events(  # type: ignore[no-untyp
     the download deadline passes; no Postgres connection sits idle in a transaction
     meanwhile."""
     deadline_s = float(os.environ["VIDSIM_DOWNLOAD_DEADLINE_S"])  # short in tests/conftest.py
-    cold = make_video(data_dir / "slow-sources" / f"cold-{uuid.uuid4().hex[:6]}.mp4", seconds=3, pattern="mandelbrot")
+    # Content of its own (a hue of its own): the same bytes as another test's video would be
+    # that video, already registered and embedded.
+    cold = make_video(data_dir / "slow-sources" / f"cold-{uuid.uuid4().hex[:6]}.mp4", seconds=3, pattern="mandelbrot",
+                      extra_vf=_own_hue())  # fmt: skip
     with DripServer({cold.name: cold}) as server:
         tag = uuid.uuid4().hex[:6]
         drips = [
@@ -222,7 +225,8 @@ def test_embedding_holds_no_transaction_while_decoding(settings, data_dir: Path)
     import app.serve.recommend as recommend
     from workers.tasks import embed_video
 
-    clip = make_video(data_dir / "slow-sources" / f"embed-{uuid.uuid4().hex[:6]}.mp4", seconds=2, pattern="smptebars")
+    clip = make_video(data_dir / "slow-sources" / f"embed-{uuid.uuid4().hex[:6]}.mp4", seconds=2, pattern="smptebars",
+                      extra_vf=_own_hue())  # fmt: skip
     with session_scope() as s:
         video_id = register(s, str(clip), settings=settings).video_id
 
@@ -317,3 +321,8 @@ def test_worker_serves_fetch_from_threads_of_its_own(settings, data_dir: Path) -
         if cli.poll() is None:
             cli.kill()
     assert log.read_text().count("Warm shutdown") == 2
+
+
+def _own_hue() -> str:
+    """An ffmpeg filter giving a test video content no other test's video has."""
+    return f"hue=h={uuid.uuid4().int % 340 + 10}"

@@ -213,7 +213,11 @@ def test_worker_and_beat_write_only_json_lines(data_dir: Path, receiver, two_vid
     with session_scope() as s:
         video_id = register(s, str(two_videos[0]), settings=settings).video_id
     folder = data_dir / f"json-logs-{uuid.uuid4().hex[:6]}"
-    cold = make_video(folder / "cold.mp4", seconds=2, pattern="rgbtestsrc")
+    # Content of its own (a hue of its own): the same bytes as another test's video would be
+    # that video, already embedded, and not the cold path this test means.
+    cold = make_video(
+        folder / "cold.mp4", seconds=2, pattern="rgbtestsrc", extra_vf=f"hue=h={uuid.uuid4().int % 340 + 10}"
+    )
     env = {"VIDSIM_BROKER_PREFIX": f"{settings.broker_prefix}json-{uuid.uuid4().hex[:6]}:"}
     commands = {
         "worker": ["worker", "--queues", "events,fetch,embed,callbacks,maintenance", "--concurrency", "1"],

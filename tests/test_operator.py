@@ -24,7 +24,7 @@ from conftest import start_worker
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from support.helpers import wait_until
-from support.media import make_video
+from support.media import make_video, own_hue
 
 from app.db import session_scope
 from app.models import Event, Video
@@ -215,9 +215,7 @@ def test_worker_and_beat_write_only_json_lines(data_dir: Path, receiver, two_vid
     folder = data_dir / f"json-logs-{uuid.uuid4().hex[:6]}"
     # Content of its own (a hue of its own): the same bytes as another test's video would be
     # that video, already embedded, and not the cold path this test means.
-    cold = make_video(
-        folder / "cold.mp4", seconds=2, pattern="rgbtestsrc", extra_vf=f"hue=h={uuid.uuid4().int % 340 + 10}"
-    )
+    cold = make_video(folder / "cold.mp4", seconds=2, pattern="rgbtestsrc", extra_vf=own_hue())
     env = {"VIDSIM_BROKER_PREFIX": f"{settings.broker_prefix}json-{uuid.uuid4().hex[:6]}:"}
     commands = {
         "worker": ["worker", "--queues", "events,fetch,embed,callbacks,maintenance", "--concurrency", "1"],

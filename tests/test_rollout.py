@@ -3,11 +3,10 @@ embedded with the new one and its index is built; then both switch at once."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 from sqlalchemy import select
-from support.media import make_video
+from support.media import make_video, own_hue
 
 from app.db import session_scope
 from app.index.rebuild import rebuild_index
@@ -24,7 +23,7 @@ def test_rollout_switches_model_and_index_together(data_dir: Path, settings, tmp
 
     folder = data_dir / "rollout"
     files = [
-        make_video(folder / f"{p}.mp4", seconds=2, pattern=p, extra_vf=_own_hue())
+        make_video(folder / f"{p}.mp4", seconds=2, pattern=p, extra_vf=own_hue())
         for p in ("testsrc2", "mandelbrot", "rgbtestsrc")
     ]
     with session_scope() as s:
@@ -103,7 +102,7 @@ def test_a_video_that_keeps_failing_is_given_up_and_the_rollout_finishes_without
     from app.models import Recommendation
 
     files = [
-        make_video(data_dir / "giveup" / f"{p}.mp4", seconds=2, pattern=p, extra_vf=_own_hue())
+        make_video(data_dir / "giveup" / f"{p}.mp4", seconds=2, pattern=p, extra_vf=own_hue())
         for p in ("testsrc2", "smptebars")
     ]
     with session_scope() as s:
@@ -190,9 +189,3 @@ def test_a_model_that_embeds_none_of_the_library_never_serves(settings, tmp_path
     finally:
         with session_scope() as s:
             s.get_one(ModelVersion, new_id).status = "candidate"  # no longer warming
-
-
-def _own_hue() -> str:
-    """An ffmpeg filter giving a test video content no other test's video has (the same
-    bytes would be that video, registered already, in another collection)."""
-    return f"hue=h={uuid.uuid4().int % 340 + 10}"

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from sqlalchemy import event, func, select
 from support.helpers import wait_until
-from support.media import make_video
+from support.media import make_video, own_hue
 
 from app.db import get_engine, session_scope
 from app.learn.registry import active_model
@@ -167,7 +167,7 @@ def test_dripping_downloads_do_not_hold_up_warm_events(  # type: ignore[no-untyp
     # Content of its own (a hue of its own): the same bytes as another test's video would be
     # that video, already registered and embedded.
     cold = make_video(data_dir / "slow-sources" / f"cold-{uuid.uuid4().hex[:6]}.mp4", seconds=3, pattern="mandelbrot",
-                      extra_vf=_own_hue())  # fmt: skip
+                      extra_vf=own_hue())  # fmt: skip
     with DripServer({cold.name: cold}) as server:
         tag = uuid.uuid4().hex[:6]
         drips = [
@@ -226,7 +226,7 @@ def test_embedding_holds_no_transaction_while_decoding(settings, data_dir: Path)
     from workers.tasks import embed_video
 
     clip = make_video(data_dir / "slow-sources" / f"embed-{uuid.uuid4().hex[:6]}.mp4", seconds=2, pattern="smptebars",
-                      extra_vf=_own_hue())  # fmt: skip
+                      extra_vf=own_hue())  # fmt: skip
     with session_scope() as s:
         video_id = register(s, str(clip), settings=settings).video_id
 
@@ -321,8 +321,3 @@ def test_worker_serves_fetch_from_threads_of_its_own(settings, data_dir: Path) -
         if cli.poll() is None:
             cli.kill()
     assert log.read_text().count("Warm shutdown") == 2
-
-
-def _own_hue() -> str:
-    """An ffmpeg filter giving a test video content no other test's video has."""
-    return f"hue=h={uuid.uuid4().int % 340 + 10}"

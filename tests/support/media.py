@@ -14,6 +14,7 @@ import functools
 import random
 import struct
 import subprocess
+import uuid
 from pathlib import Path
 
 __all__ = ["HOSTILE_BUT_VALID", "HOSTILE_REASONS", "ffmpeg_exe", "make_hostile_files", "make_video", "run_ffmpeg"]
@@ -202,3 +203,10 @@ def _patch_png_mov_size(src: Path, dst: Path, width: int, height: int) -> Path:
         start = ihdr + 4
     dst.write_bytes(bytes(data))
     return dst
+
+
+def own_hue() -> str:
+    """An ``extra_vf`` giving a test video content no other test's video has: the registry
+    keeps one video per content (SHA-256), so the same bytes made by another test would be
+    that test's video, registered already, perhaps embedded, in another collection."""
+    return f"hue=h={uuid.uuid4().int % 340 + 10}"

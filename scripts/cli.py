@@ -10,6 +10,7 @@ import typer
 
 from scripts.commands import bench, db, deliveries, index, library, model, ops, service
 from scripts.commands.common import PASS_EXTRA_ARGS, Fail, print_error
+from scripts.commands.corpus import corpus_app
 from scripts.commands.crawl import crawl_app
 
 # Every command, in the order `vidsim --help` lists them; each lives in scripts/commands/.
@@ -30,6 +31,7 @@ app.add_typer(db.db_app, name="db")
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(model.model_app, name="model")
 app.add_typer(crawl_app, name="crawl")
+app.add_typer(corpus_app, name="corpus")
 
 
 def main() -> None:

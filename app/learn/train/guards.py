@@ -66,33 +66,49 @@ def _ground_truths(benchmarks: Sequence[Path]) -> list[Path]:
     return found
 
 
+class BenchmarkFootage:
+    """What ``benchmarks`` (ground-truth files, or folders searched for them) forbid in
+    training: each query, and every source and library clip of a test part, by content.
+    :meth:`what` hashes only files of a size some forbidden file has, so checking a long
+    list of files costs a ``stat`` each."""
+
+    def __init__(self, benchmarks: Sequence[Path]) -> None:
+        from app.evaluate.ground_truth import GroundTruth
+
+        self.forbidden: dict[str, str] = {}  # sha256 -> what it is
+        self.sizes: set[int] = set()
+        for path in _ground_truths(benchmarks):
+            try:
+                gt = GroundTruth.load(path)
+            except (OSError, KeyError, ValueError) as exc:
+                raise TrainingVideosRefused(f"benchmark {path} cannot be read ({exc}): fix or remove it") from None
+            self.forbidden |= {
+                digest: f"{what} of benchmark {path}" for digest, what in gt.forbidden_in_training().items()
+            }
+            self.sizes |= gt.forbidden_sizes()
+
+    def what(self, video: Path | str) -> str | None:
+        """What ``video`` is to a benchmark if training must not see it, else None (also
+        for a file that cannot be read: training skips it with its reason)."""
+        from app.media.register import file_sha256
+
+        try:
+            size = Path(video).stat().st_size
+        except OSError:
+            return None
+        if size not in self.sizes:
+            return None
+        return self.forbidden.get(file_sha256(Path(video)))
+
+
 def refuse_benchmark_footage(videos: Sequence[Path | str], benchmarks: Sequence[Path]) -> None:
     """Raises :class:`TrainingVideosRefused` if any of ``videos`` has the content of a
     query of one of ``benchmarks`` (ground-truth files, or folders searched for them), or
-    of a source or library clip of its test part. Only videos of a size some forbidden
-    file has are hashed, so a long list of training videos costs a ``stat`` each."""
-    from app.evaluate.ground_truth import GroundTruth
-    from app.media.register import file_sha256
-
-    forbidden: dict[str, str] = {}
-    sizes: set[int] = set()
-    for path in _ground_truths(benchmarks):
-        try:
-            gt = GroundTruth.load(path)
-        except (OSError, KeyError, ValueError) as exc:
-            raise TrainingVideosRefused(f"benchmark {path} cannot be read ({exc}): fix or remove it") from None
-        forbidden |= {digest: f"{what} of benchmark {path}" for digest, what in gt.forbidden_in_training().items()}
-        sizes |= gt.forbidden_sizes()
-    if not forbidden:
+    of a source or library clip of its test part (see :class:`BenchmarkFootage`)."""
+    footage = BenchmarkFootage(benchmarks)
+    if not footage.forbidden:
         return
-    refused: list[str] = []
-    for video in map(Path, videos):
-        try:
-            size = video.stat().st_size
-        except OSError:
-            continue  # not readable: training skips it with its reason
-        if size in sizes and (what := forbidden.get(file_sha256(video))):
-            refused.append(f"{video} is {what}")
+    refused = [f"{video} is {what}" for video in videos if (what := footage.what(video))]
     if refused:
         more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
         raise TrainingVideosRefused(

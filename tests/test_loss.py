@@ -149,3 +149,25 @@ def test_distributed_loss_and_gradients_equal_single_process(tmp_path: Path) -> 
         assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_matched_frames_pairs_the_same_moments_only() -> None:
+    from app.learn.loss import matched_frames
+
+    f1 = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)  # frame k of clip b: 4b + k
+    f2 = 100 + f1
+    nan = float("nan")
+    times = torch.tensor(
+        [
+            [[0.0, 1.0, 2.0, 3.0], [1.1, 2.1, 3.1, 4.1]],  # shifted by 1.1 s: three moments shared
+            [[0.0, 1.0, 1.0, 5.0], [nan, 1.2, 9.0, 9.0]],  # a held frame; inserted footage (NaN)
+        ]
+    )
+    mask = torch.ones(2, 2, 4, dtype=torch.bool)
+    mask[1, 1, 1] = False  # a padded frame pairs with nothing
+    p1, p2 = matched_frames(f1, f2, times, mask, tolerance_s=0.5)
+    assert p1.flatten().tolist() == [1.0, 2.0, 3.0] and p2.flatten().tolist() == [100.0, 101.0, 102.0]
+    mask[1, 1, 1] = True
+    p1, p2 = matched_frames(f1, f2, times, mask, tolerance_s=0.5)
+    # Both showings of the held moment pair with the one frame of view 2 at that moment.
+    assert p1.flatten().tolist() == [1.0, 2.0, 3.0, 5.0, 6.0] and p2.flatten().tolist()[-2:] == [105.0, 105.0]

@@ -21,6 +21,7 @@ from app.learn.train.config import TrainConfig
 from app.learn.train.curves import read_metrics
 from app.learn.train.data import WindowDataset, collate_windows
 from app.learn.train.loop import finetune, train
+from app.learn.train.model import TwinForward
 from app.media.ffmpeg import cut
 
 
@@ -279,3 +280,82 @@ def test_ddp_training_with_two_processes(videos: list[Path], tmp_path: Path) -> 
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["clips"] == 4  # rank 0 writes, global counts
     assert (out / "model-step000002.pt").exists()
+
+
+def test_views_record_the_moments_they_show_under_every_edit_family(videos: list[Path]) -> None:
+    from app.learn.augment import FAMILIES
+
+    config = dataclasses.replace(
+        TINY, augment_families=FAMILIES, family_p=1.0, view_shift_s=1.0, encoder=EncoderConfig(frame_size=48)
+    )
+    dataset = _dataset(videos, frames=3, augment=config.augmenters(), view_shift_s=1.0)
+    seen_insert = False
+    for key in range(6):
+        sample = dataset[(key, 1000 + key)]
+        views, times = sample["views"], sample["times"]
+        assert views.shape == (2, 3, 3, 48, 48) and times.shape == (2, 3) and sample["mask"].all()
+        again = dataset[(key, 1000 + key)]
+        torch.testing.assert_close(again["views"], views, rtol=0, atol=0)
+        torch.testing.assert_close(again["times"], times, rtol=0, atol=0, equal_nan=True)
+        seen_insert |= bool(times.isnan().any())  # unrelated footage inserted: no moment of this video
+        shown = times[~times.isnan()]
+        assert (shown >= 0).all() and (shown <= 3.2).all()
+    assert seen_insert
+
+
+def test_frame_level_term_trains_the_frame_head_in_the_same_run(videos: list[Path], tmp_path: Path) -> None:
+    config = dataclasses.replace(TINY, steps=3, checkpoint_every=100, view_shift_s=1.0)
+    initial = initial_encoder(config.encoder, seed=config.seed)  # a fresh run's starting weights
+    result = train(config, videos, out_dir=tmp_path / "frames")
+    rows = read_metrics(result.metrics_path)
+    assert all(r["frame_pairs"] >= 2 and r["frame_loss"] > 0 for r in rows), rows
+    trained, _ = load_checkpoint(result.checkpoint)
+    assert not torch.allclose(trained.frame_head.weight, initial.frame_head.weight)
+    assert "frame_loss" in result.final_metrics
+    # Weight 0: no frame-level term, the head stays as initialised.
+    off = train(dataclasses.replace(config, frame_weight=0.0), videos, out_dir=tmp_path / "off")
+    assert all("frame_loss" not in r for r in read_metrics(off.metrics_path))
+    torch.testing.assert_close(load_checkpoint(off.checkpoint)[0].frame_head.weight, initial.frame_head.weight)
+
+
+def test_frame_descriptors_come_from_the_backbone_pass_of_the_video_vector() -> None:
+    encoder = initial_encoder(EncoderConfig(frame_size=32, embed_dim=16, projector_hidden=16, frame_dim=8)).eval()
+    frames = torch.rand(2, 3, 3, 32, 32)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    with torch.no_grad():
+        desc = encoder.frame_descriptors(frames, mask)
+        assert desc.shape == (2, 3, 8) and (desc[1, 2] == 0).all()
+        torch.testing.assert_close(desc[0], encoder.frame_head(encoder.frame_features(frames[:1]))[0])
+        twin = TwinForward(encoder, frames=True)
+        views = torch.stack([frames, frames], dim=1)  # (B, 2, T, 3, S, S)
+        z1, _, f1, _ = twin(views, torch.stack([mask, mask], dim=1))
+        torch.testing.assert_close(z1, encoder(frames, mask))
+        torch.testing.assert_close(f1 * mask.unsqueeze(-1), desc)
+
+
+def test_default_families_keep_the_benchmarks_held_out_edits_out_of_training() -> None:
+    from app.evaluate.edits import DEFAULT_EDITS, HELD_OUT_EDITS
+    from app.learn.augment import FAMILIES
+    from app.learn.train.config import HELD_OUT_FAMILIES, PRESETS
+
+    # The family of augmentation that teaches each benchmark edit's invariance.
+    teaches = {
+        "reencode_low_quality": "reencode", "crop": "crop", "hflip": "hflip", "brightness_contrast": "colour",
+        "grayscale": "grayscale", "blur": "blur", "noise": "noise", "overlay_shapes": "overlay",
+        "letterbox": "letterbox", "rotate": "rotate", "speed_up": "speed", "frame_rate": "frame_drop",
+        "combined": "crop", "resize": "crop", "vflip": "vflip", "slow_down": "speed", "insertion": "insert",
+    }  # fmt: skip
+    assert set(teaches) == set(DEFAULT_EDITS) and set(teaches.values()) <= set(FAMILIES)
+    for name, preset in {"default": TrainConfig(), **PRESETS}.items():
+        trained = set(preset.augment_families)
+        assert not trained & set(HELD_OUT_FAMILIES), name
+        assert {teaches[e] for e in HELD_OUT_EDITS}.isdisjoint(trained), name
+        first = preset.augmenters()[0]
+        assert first.rotate_p == first.insert_p == first.speed_p == 0.0 and first.pip_p > 0, name
+    everything = dataclasses.replace(TrainConfig(), augment_families=FAMILIES, family_p=0.5).augmenters()[0]
+    assert everything.rotate_p == everything.insert_p == 0.5 and everything.needs_other()
+    with pytest.raises(ValueError, match="unknown augmentation families"):
+        dataclasses.replace(TrainConfig(), augment_families=("sepia",)).augmenters()
+    # Stored in checkpoints as lists: read back as the same config.
+    config = dataclasses.replace(TrainConfig(), augment_families=("crop", "pip"))
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

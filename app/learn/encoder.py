@@ -41,6 +41,9 @@ class EncoderConfig:
     # together unit length), so a score is the mean of the two cosines. Comparable scores
     # across queries (micro-AP) need them: a network's raw vectors crowd into a narrow cone.
     library_norm: Literal["none", "centre", "centre+whiten"] = "none"
+    # The per-second frame descriptor (VideoEncoder.frame_descriptors), from the same
+    # forward pass as the video vector.
+    frame_dim: int = 256
 
     @property
     def representation_dim(self) -> int:
@@ -133,6 +136,7 @@ class VideoEncoder(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(h, e, bias=False),
         )
+        self.frame_head = nn.Linear(dim, config.frame_dim, bias=False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1))
         if config.library_norm not in ("none", "centre", "centre+whiten"):
@@ -146,13 +150,22 @@ class VideoEncoder(nn.Module):
 
     def represent(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """frames: (B, T, 3, H, W) floats in [0, 1]; mask: (B, T) bool. Returns (B, D)."""
-        b, t = frames.shape[:2]
         if mask is None:
-            mask = torch.ones(b, t, dtype=torch.bool, device=frames.device)
+            mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+        return self.temporal(self.frame_features(frames), mask)
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of each frame: (B, T, 3, H, W) -> (B, T, D) float32."""
+        b, t = frames.shape[:2]
         x = (frames - self.mean) / self.std
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # (B*T, 3, H, W)
-        feats = self.backbone(x).view(b, t, -1).float()  # (B, T, D)
-        return self.temporal(feats, mask)
+        return self.backbone(x).view(b, t, -1).float()  # (B, T, D)
+
+    def frame_descriptors(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-frame descriptors, unnormalised: (B, T, 3, H, W) -> (B, T, frame_dim);
+        padded frames (``mask`` False) come out as zeros."""
+        out = self.frame_head(self.frame_features(frames))
+        return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The training output: projector embedding, (B, embed_dim)."""
@@ -261,5 +274,7 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> tuple[VideoEncoder
     # Checkpoints from before library normalisation: not fitted.
     state.setdefault("centre", torch.zeros_like(model.centre))
     state.setdefault("whiten", torch.eye(len(model.centre)))
+    # Checkpoints from before the frame descriptor: its head as initialised.
+    state.setdefault("frame_head.weight", model.frame_head.weight.detach().clone())
     model.load_state_dict(state)
     return _for_inference(model), payload

@@ -91,6 +91,24 @@ class BarlowTwinsLoss(nn.Module):
         return f"lambd={self.lambd}, distributed={self.distributed}"
 
 
+def matched_frames(
+    f1: torch.Tensor, f2: torch.Tensor, times: torch.Tensor, mask: torch.Tensor, *, tolerance_s: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of frames of two views that show the same moment of their video.
+
+    ``f1``, ``f2``: (B, T, F) per-frame descriptors of the two views; ``times``: (B, 2, T)
+    the moment each frame shows (NaN: unrelated footage); ``mask``: (B, 2, T) real frames.
+    Each real frame of view 1 is paired with the frame of view 2 nearest in time, if
+    within ``tolerance_s``. Returns two (P, F) tensors, row p of both one moment.
+    """
+    t1, t2 = times[:, 0], times[:, 1]  # (B, T) each
+    gap = (t1.unsqueeze(2) - t2.unsqueeze(1)).abs()  # (B, T, T): |t1_i - t2_j|
+    gap = gap.masked_fill(~(mask[:, 0].unsqueeze(2) & mask[:, 1].unsqueeze(1)) | gap.isnan(), float("inf"))
+    nearest, j = gap.min(dim=2)  # (B, T): for each frame of view 1, the nearest of view 2
+    b, i = torch.nonzero(nearest <= tolerance_s, as_tuple=True)  # (P,), (P,)
+    return f1[b, i], f2[b, j[b, i]]
+
+
 def _batch_norm(z: torch.Tensor, n: torch.Tensor, distributed: bool, eps: float) -> torch.Tensor:
     """(N, D) -> (N, D): zero mean, unit (biased) variance per dimension over the global
     batch of ``n`` samples, like ``BatchNorm1d(D, affine=False)`` in training mode."""

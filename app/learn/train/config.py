@@ -8,10 +8,39 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.learn.augment import ClipAugment
+from app.learn.augment import FAMILIES, ClipAugment
 from app.learn.device import Precision
 from app.learn.encoder import EncoderConfig
 from app.learn.loss import DEFAULT_LAMBD
+
+# The augmentation families trained by default: all but those whose benchmark edits are
+# held out of training (app.evaluate.edits.HELD_OUT_EDITS: rotation, vertical mirror,
+# noise, re-encoding, overlays, speed changes, frame drops, insertion), so that the
+# benchmark measures how far the invariances learned carry to edits never trained on.
+HELD_OUT_FAMILIES: tuple[str, ...] = (
+    "rotate",
+    "vflip",
+    "noise",
+    "reencode",
+    "overlay",
+    "speed",
+    "frame_drop",
+    "insert",
+)
+TRAINED_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in HELD_OUT_FAMILIES)
+# The families without a knob of their own in TrainConfig: each drawn with TrainConfig.family_p.
+_FAMILIES_AT_FAMILY_P = (
+    "rotate",
+    "vflip",
+    "noise",
+    "reencode",
+    "overlay",
+    "pip",
+    "blend",
+    "speed",
+    "frame_drop",
+    "insert",
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +63,22 @@ class TrainConfig:
     blur_p: tuple[float, float] = (1.0, 0.1)  # view 1, view 2
     solarize_p: tuple[float, float] = (0.0, 0.2)
     zoom_out_p: float = 0.0  # both views: the frame shrunk onto a plain canvas (app.learn.augment)
+    # The edit families augmentation draws from (app.learn.augment.FAMILIES); a family
+    # left out is never drawn, whatever its knob above says. The families without a knob
+    # of their own (rotate, vflip, noise, reencode, overlay, pip, blend, speed,
+    # frame_drop, insert) are each drawn with probability family_p per view.
+    augment_families: tuple[str, ...] = TRAINED_FAMILIES
+    family_p: float = 0.2
+    # The second view's window starts this many seconds (at most, either way) from the
+    # first's, so both show some of the same moments (the frame-level objective pairs
+    # them); None: two independent windows anywhere in the video.
+    view_shift_s: float | None = None
     # Objective.
     lambd: float = DEFAULT_LAMBD
+    # Weight of the frame-level term: Barlow Twins between the two views' per-second
+    # descriptors (VideoEncoder.frame_descriptors) of the same moments; 0 leaves it out.
+    frame_weight: float = 1.0
+    frame_lambd: float = DEFAULT_LAMBD
     # Keep the backbone's batch-norm statistics as they are (the running ones, in eval
     # mode) instead of normalising by each batch's; the affine parameters still train.
     freeze_backbone_bn_stats: bool = False
@@ -77,20 +120,32 @@ class TrainConfig:
         return self.frames / self.fps
 
     def augmenters(self) -> tuple[ClipAugment, ClipAugment]:
+        unknown = set(self.augment_families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown augmentation families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+
+        def p(family: str, value: float) -> float:
+            return value if family in self.augment_families else 0.0
+
         s = self.jitter_strength
+        colour = "colour" in self.augment_families
         common: dict[str, Any] = {
-            "scale": self.crop_scale,
+            "scale": self.crop_scale if "crop" in self.augment_families else (1.0, 1.0),
+            "jitter_p": 0.8 if colour else 0.0,
             "brightness": 0.4 * s,
             "contrast": 0.4 * s,
             "saturation": 0.2 * s,
             "hue": min(0.5, 0.1 * s),
-            "grayscale_p": self.grayscale_p,
-            "zoom_out_p": self.zoom_out_p,
-        }
+            "flip_p": p("hflip", 0.5),
+            "grayscale_p": p("grayscale", self.grayscale_p),
+            "zoom_out_p": p("letterbox", self.zoom_out_p),
+            **{f"{family}_p": p(family, self.family_p) for family in _FAMILIES_AT_FAMILY_P},
+        }  # fmt: skip
         size = self.encoder.frame_size
+        blur = (p("blur", self.blur_p[0]), p("blur", self.blur_p[1]))
         return (
-            ClipAugment(size, blur_p=self.blur_p[0], solarize_p=self.solarize_p[0], **common),
-            ClipAugment(size, blur_p=self.blur_p[1], solarize_p=self.solarize_p[1], **common),
+            ClipAugment(size, blur_p=blur[0], solarize_p=self.solarize_p[0], **common),
+            ClipAugment(size, blur_p=blur[1], solarize_p=self.solarize_p[1], **common),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +159,7 @@ class TrainConfig:
         values = {k: v for k, v in data.items() if k in known}
         if "encoder" in values:
             values["encoder"] = EncoderConfig.from_dict(values["encoder"])
-        for name in ("crop_scale", "blur_p", "solarize_p"):
+        for name in ("crop_scale", "blur_p", "solarize_p", "augment_families"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)
@@ -132,6 +187,7 @@ PRESETS: dict[str, TrainConfig] = {
         num_workers=8,
         prefetch_factor=4,
         checkpoint_every=500,
+        view_shift_s=8.0,  # a quarter of the window: both views share most of their moments
     ),
     # Minutes on 2 CPU cores: 64 px, 4 frames a window, 300 steps of 16 clips (0.6-2 s a
     # step on a shared 2-core machine). Measured on the retrieval benchmark (README), as a
@@ -147,6 +203,7 @@ PRESETS: dict[str, TrainConfig] = {
             backbone="resnet18", frame_size=64, embed_dim=256, projector_hidden=1024, library_norm="centre+whiten"
         ),
         frames=4,
+        view_shift_s=1.0,  # windows of 4 s sharing >= 3 moments: the frame-level term's pairs
         crop_scale=(0.5, 1.0),
         zoom_out_p=0.3,
         freeze_backbone_bn_stats=True,
@@ -165,3 +222,7 @@ PRESETS: dict[str, TrainConfig] = {
         torch_threads=max(1, (os.cpu_count() or 2) - 1),  # a core for the loader worker
     ),
 }
+# Pre-training on the offline corpus (`vidsim corpus build`) on 2 CPU cores: cpu-small's
+# recipe for 240 steps (about 8 minutes there), its library normalisation fitted on 64 of
+# the corpus's clips (a fine-tune on the company's library refits it on theirs).
+PRESETS["cpu-pretrain"] = dataclasses.replace(PRESETS["cpu-small"], steps=240, norm_videos=64, checkpoint_every=40)

@@ -27,7 +27,8 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def write_loss_plot(metrics_path: Path, out: Path, *, lambd: float | None = None) -> Path | None:
-    """Plots loss, on-diagonal and weighted off-diagonal terms per step into ``out`` (PNG)."""
+    """Plots loss, on-diagonal and weighted off-diagonal terms per step, and the
+    frame-level term where the run had one, into ``out`` (PNG)."""
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
     if not rows:
         return None
@@ -45,6 +46,10 @@ def write_loss_plot(metrics_path: Path, out: Path, *, lambd: float | None = None
         ax.plot(
             steps, _smooth([lambd * r["off_diag"] for r in rows]), label=f"{lambd:g} x off-diagonal", color="C2", ls=":"
         )
+    framed = [r for r in rows if "frame_loss" in r]
+    if framed:
+        ax.plot([r["step"] for r in framed], _smooth([r["frame_loss"] for r in framed]),
+                label="frame-level term (smoothed)", color="C3")  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("Barlow Twins loss")
     ax.set_yscale("log")

@@ -14,6 +14,7 @@ skipped with a logged reason (and the training loop survives a worker that dies 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from app.learn.augment import ClipAugment
+from app.learn.augment import ClipAugment, TimeWarp
 from app.learn.train.config import TrainConfig
 from app.logs import one_line
 
@@ -62,6 +63,9 @@ class WindowDataset(Dataset):
 
     - ``views``: (2, T, 3, S, S) float32 in [0, 1], S = the augmenters' frame_size;
     - ``mask``: (2, T) bool, True for real frames (a short video's window is padded);
+    - ``times``: (2, T) float32, the moment of the video each frame shows, seconds (NaN
+      for frames of unrelated footage inserted): the frame-level objective pairs the two
+      views' frames of the same moments;
     - ``video``: the index of the video used (another one when ``item``'s failed);
     - ``skipped``: [(path, reason)] of videos that failed while making this sample.
 
@@ -81,6 +85,7 @@ class WindowDataset(Dataset):
         min_frames: int = 2,
         clips_per_video: int = 1,
         max_attempts: int = 4,
+        view_shift_s: float | None = None,
     ) -> None:
         if not videos:
             raise ValueError("no videos to train on")
@@ -95,6 +100,7 @@ class WindowDataset(Dataset):
         self.min_frames = min(min_frames, frames)
         self.clips_per_video = clips_per_video
         self.max_attempts = max_attempts
+        self.view_shift_s = view_shift_s
         self._readers: OrderedDict[str, _Reader] = OrderedDict()
         self._bad: dict[str, str] = {}  # path -> reason, per process
 
@@ -121,8 +127,8 @@ class WindowDataset(Dataset):
             try:
                 if path in self._bad:
                     raise SkippedVideo(self._bad[path])
-                views, mask = self._sample(path, gen)
-                return {"views": views, "mask": mask, "video": index, "skipped": skipped}
+                views, mask, times = self._sample(path, index, gen)
+                return {"views": views, "mask": mask, "times": times, "video": index, "skipped": skipped}
             except SkippedVideo as exc:
                 reason = str(exc)
                 if path not in self._bad:
@@ -130,42 +136,77 @@ class WindowDataset(Dataset):
                     skipped.append((path, reason))
                     logger.debug("skipping %s: %s", path, reason)  # the trainer logs it once
             index = int(torch.randint(len(self.videos), (), generator=gen))
-        return {"views": None, "mask": None, "video": -1, "skipped": skipped}
+        return {"views": None, "mask": None, "times": None, "video": -1, "skipped": skipped}
 
-    def _sample(self, path: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, path: str, index: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         reader = self._reader(path)
         t = self.frames
-        times, valid = zip(*(self._window_times(reader, gen) for _ in range(2)), strict=True)
-        # The frame shown at each target time: the last one starting at or before it.
-        pos = np.searchsorted(reader.starts[reader.order], np.concatenate(times) + 1e-3, side="right") - 1
-        indices = reader.order[np.clip(pos, 0, len(reader.order) - 1)]  # (2T,)
-        # Decode each distinct frame once, in file order, for both windows together.
-        unique, inverse = np.unique(indices, return_inverse=True)
-        try:
-            batch = reader.vr.get_batch(unique.tolist()).asnumpy()  # (U, h, w, 3) uint8
-        except Exception as exc:  # decord: RuntimeError or DECORDError (not a RuntimeError)
-            self._drop_reader(path)
-            raise SkippedVideo(f"cannot decode frames: {one_line(exc)}") from None
-        if batch.ndim != 4 or batch.shape[0] != len(unique) or batch.shape[-1] != 3:
-            raise SkippedVideo(f"decoder returned frames of shape {batch.shape}")
-        clip = torch.from_numpy(batch[inverse.reshape(-1)]).permute(0, 3, 1, 2)  # (2T, 3, h, w)
-        views, masks = [], []
-        for v, augment in enumerate(self.augment):
-            views.append(augment(clip[v * t : (v + 1) * t], generator=gen))  # (T, 3, S, S)
+        warps = [augment.draw_time(t, generator=gen) for augment in self.augment]
+        first, valid_a = self._window_times(reader, gen, warps[0])
+        around = first[0] if self.view_shift_s is not None else None
+        second, valid_b = self._window_times(reader, gen, warps[1], around=around)
+        times, valid = [first, second], [valid_a, valid_b]
+        clip = _decode(reader, np.concatenate(times), path, self._drop_reader)  # (2T, 3, h, w)
+        params = [a.draw(clip.shape[-2], clip.shape[-1], generator=gen) for a in self.augment]
+        other = None
+        if any(p.mix is not None or w.inserted for p, w in zip(params, warps, strict=True)):
+            other = self._unrelated(index, gen)  # (T, 3, h', w') or None
+            if other is not None:  # the clip's size, so that its crop box fits it too
+                resized = torch.nn.functional.interpolate(other.float(), size=clip.shape[-2:], mode="bilinear")
+                other = resized.round().clamp(0, 255).to(torch.uint8)
+        views, masks, shown = [], [], []
+        for v, (augment, p, warp) in enumerate(zip(self.augment, params, warps, strict=True)):
+            view = augment.apply(clip[v * t : (v + 1) * t], p, other)  # (T, 3, S, S)
+            moments = torch.from_numpy(times[v]).float()  # (T,)
+            if warp.inserted and other is not None:
+                lo, hi = warp.inserted[0], warp.inserted[0] + warp.inserted[1]
+                view[lo:hi] = augment.apply(other, dataclasses.replace(p, mix=None))[lo:hi]
+                moments[lo:hi] = float("nan")
+            views.append(view)
             mask = torch.zeros(t, dtype=torch.bool)
             mask[: valid[v]] = True
             masks.append(mask)
-        return torch.stack(views), torch.stack(masks)  # (2, T, 3, S, S), (2, T)
+            shown.append(moments)
+        return torch.stack(views), torch.stack(masks), torch.stack(shown)  # (2, T, 3, S, S), (2, T), (2, T)
 
-    def _window_times(self, reader: _Reader, gen: torch.Generator) -> tuple[np.ndarray, int]:
-        """Target times (T,) of one window, and how many of them are real frames."""
-        t, period, end = self.frames, 1.0 / self.fps, reader.end_s
+    def _unrelated(self, index: int, gen: torch.Generator) -> torch.Tensor | None:
+        """A window of another video (unrelated footage for picture-in-picture, blending and
+        insertion), (T, 3, h, w) uint8; None if there is no other video or it fails."""
+        if len(self.videos) < 2:
+            return None
+        other = (index + 1 + int(torch.randint(len(self.videos) - 1, (), generator=gen))) % len(self.videos)
+        path = self.videos[other]
+        try:
+            if path in self._bad:
+                return None
+            reader = self._reader(path)
+            times, _ = self._window_times(reader, gen, TimeWarp())
+            return _decode(reader, times, path, self._drop_reader)
+        except SkippedVideo:
+            return None
+
+    def _window_times(
+        self, reader: _Reader, gen: torch.Generator, warp: TimeWarp, *, around: float | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Target times (T,) of one window, and how many of them are real frames. With
+        ``around``, the window starts within ``view_shift_s`` of it; ``warp``'s speed
+        change and dropped frames apply where the window fits the video."""
+        t, end = self.frames, reader.end_s
+        period = warp.speed / self.fps if end >= t * warp.speed / self.fps else 1.0 / self.fps
 
         def uniform(hi: float) -> float:
             return max(0.0, hi) * float(torch.rand((), generator=gen))
 
         if end >= t * period:  # the window fits: a random start
-            return uniform(end - t * period) + np.arange(t) * period, t
+            if around is None:
+                start = uniform(end - t * period)
+            else:
+                shift = self.view_shift_s or 0.0
+                start = min(max(0.0, around - shift + uniform(2 * shift)), end - t * period)
+            times = start + np.arange(t) * period
+            for k in warp.held:  # a dropped frame: the one before it shown again
+                times[k] = times[k - 1]
+            return times, t
         if self.short_videos == "loop":  # wrap around the video
             return (uniform(end) + np.arange(t) * period) % end, t
         # A shorter window: as many frames at `fps` as the video holds...
@@ -222,6 +263,23 @@ class WindowDataset(Dataset):
         return _Reader(vr, starts, np.argsort(starts, kind="stable"), end)
 
 
+def _decode(reader: _Reader, times: np.ndarray, path: str, drop: Any) -> torch.Tensor:
+    """The frames shown at ``times`` (N,) as (N, 3, h, w) uint8: each distinct frame
+    decoded once, in file order. A decoder error drops the reader and skips the video."""
+    # The frame shown at each target time: the last one starting at or before it.
+    pos = np.searchsorted(reader.starts[reader.order], times + 1e-3, side="right") - 1
+    indices = reader.order[np.clip(pos, 0, len(reader.order) - 1)]  # (N,)
+    unique, inverse = np.unique(indices, return_inverse=True)
+    try:
+        batch = reader.vr.get_batch(unique.tolist()).asnumpy()  # (U, h, w, 3) uint8
+    except Exception as exc:  # decord: RuntimeError or DECORDError (not a RuntimeError)
+        drop(path)
+        raise SkippedVideo(f"cannot decode frames: {one_line(exc)}") from None
+    if batch.ndim != 4 or batch.shape[0] != len(unique) or batch.shape[-1] != 3:
+        raise SkippedVideo(f"decoder returned frames of shape {batch.shape}")
+    return torch.from_numpy(batch[inverse.reshape(-1)]).permute(0, 3, 1, 2)  # (N, 3, h, w)
+
+
 def _display_size(path: str) -> tuple[int, int]:
     """(width, height) of the displayed picture (sample aspect ratio applied), from PyAV."""
     import av
@@ -244,15 +302,17 @@ def _display_size(path: str) -> tuple[int, int]:
 
 
 def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks the samples that have views: ``views`` (B, 2, T, 3, S, S), ``mask``
-    (B, 2, T), ``video`` (B,); ``skipped`` gathers every sample's skipped videos."""
+    """Stacks the samples that have views: ``views`` (B, 2, T, 3, S, S), ``mask`` and
+    ``times`` (B, 2, T), ``video`` (B,); ``skipped`` gathers every sample's skipped videos."""
     good = [s for s in samples if s["views"] is not None]
     skipped = [pair for s in samples for pair in s["skipped"]]
     if not good:
-        return {"views": None, "mask": None, "video": torch.zeros(0, dtype=torch.long), "skipped": skipped}
+        return {"views": None, "mask": None, "times": None, "video": torch.zeros(0, dtype=torch.long),
+                "skipped": skipped}  # fmt: skip
     return {
         "views": torch.stack([s["views"] for s in good]),
         "mask": torch.stack([s["mask"] for s in good]),
+        "times": torch.stack([s["times"] for s in good]),
         "video": torch.tensor([s["video"] for s in good]),
         "skipped": skipped,
     }

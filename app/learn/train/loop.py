@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from app.learn.device import torch_threads, training_device, use_bf16
-from app.learn.loss import barlow_twins_terms
+from app.learn.loss import barlow_twins_terms, matched_frames
 from app.learn.train.checkpoints import LAST_CHECKPOINT, final_path, save_final, save_state, starting_point
 from app.learn.train.config import TrainConfig
 from app.learn.train.curves import LOSS_PLOT, METRICS_FILE, truncate_metrics, write_loss_plot
@@ -163,6 +163,7 @@ def _train(
         short_videos=config.short_videos,
         min_frames=config.min_frames,
         clips_per_video=config.clips_per_video,
+        view_shift_s=config.view_shift_s,
     )
     sampler = EpochSampler(len(dataset), rank=ranks.rank, world_size=ranks.world_size, seed=config.seed)
     per_epoch = sampler.items_per_epoch  # items of this rank per pass over the videos
@@ -294,7 +295,13 @@ def _train(
         fit_library_norm(encoder, videos, limit=config.norm_videos, seed=config.seed)
     final = final_path(out_dir, step)
     final_metrics = (
-        {k: float(np.mean([r[k] for r in recent])) for k in ("loss", "on_diag", "off_diag")} if recent else {}
+        {
+            k: float(np.mean([r[k] for r in recent if k in r]))
+            for k in ("loss", "on_diag", "off_diag", "frame_loss")
+            if any(k in r for r in recent)
+        }
+        if recent
+        else {}
     )
     plot = None
     if ranks.main:
@@ -357,10 +364,24 @@ def _step(
     views = views.to(device, non_blocking=True)  # (B, 2, T, 3, S, S)
     mask = mask.to(device, non_blocking=True)  # (B, 2, T)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        z1, z2 = twin(views, mask)  # (B, embed_dim) each
+        z1, z2, *frames = twin(views, mask)  # (B, embed_dim) each [, (B, T, frame_dim) each]
     terms = barlow_twins_terms(z1, z2, lambd=config.lambd, distributed=ranks.enabled)
+    loss, extra = terms.loss, {}
+    if frames:
+        # The frames of both views that show the same moments (within half a period).
+        times = batch["times"].to(device, non_blocking=True)  # (B, 2, T)
+        p1, p2 = matched_frames(frames[0], frames[1], times, mask, tolerance_s=0.5 / config.fps)  # (P, frame_dim) each
+        pairs = torch.tensor([len(p1)], device=device)
+        if ranks.enabled:
+            dist.all_reduce(pairs, op=dist.ReduceOp.MIN)
+        if pairs.item() >= 2:
+            frame_terms = barlow_twins_terms(p1, p2, lambd=config.frame_lambd, distributed=ranks.enabled)
+            loss = loss + config.frame_weight * frame_terms.loss
+            extra = {"frame_loss": float(frame_terms.loss.detach()), "frame_pairs": float(len(p1))}
+        else:  # no moment in common: the head still joins the graph (DDP waits for it)
+            loss = loss + 0.0 * (frames[0].sum() + frames[1].sum())
     optimizer.zero_grad(set_to_none=True)
-    terms.loss.backward()
+    loss.backward()
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(twin.parameters(), config.grad_clip)
     optimizer.step()
@@ -370,4 +391,5 @@ def _step(
         "off_diag": float(terms.off_diag.detach()),
         "lr": optimizer.param_groups[0]["lr"],
         "clips": float(counts.item()),
+        **extra,
     }

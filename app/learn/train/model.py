@@ -22,15 +22,24 @@ logger = logging.getLogger(__name__)
 class TwinForward(nn.Module):
     """Both views in one ``forward`` (as DDP wants one forward per backward), each through
     the encoder on its own, so batch norms see one view's batch at a time (as in
-    facebookresearch/barlowtwins)."""
+    facebookresearch/barlowtwins). With ``frames``, each view's per-frame descriptors
+    come from the same backbone pass as its video embedding."""
 
-    def __init__(self, encoder: VideoEncoder) -> None:
+    def __init__(self, encoder: VideoEncoder, *, frames: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.frames = frames
 
-    def forward(self, views: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # views: (B, 2, T, 3, S, S); mask: (B, 2, T) -> two (B, embed_dim)
-        return self.encoder(views[:, 0], mask[:, 0]), self.encoder(views[:, 1], mask[:, 1])
+    def forward(self, views: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # views: (B, 2, T, 3, S, S); mask: (B, 2, T) -> two (B, embed_dim) [, two (B, T, frame_dim)]
+        if not self.frames:
+            return self.encoder(views[:, 0], mask[:, 0]), self.encoder(views[:, 1], mask[:, 1])
+        out: list[torch.Tensor] = []
+        for v in range(2):
+            feats = self.encoder.frame_features(views[:, v])  # (B, T, D)
+            out.insert(v, self.encoder.projector(self.encoder.temporal(feats, mask[:, v])))
+            out.append(self.encoder.frame_head(feats))  # (B, T, frame_dim)
+        return tuple(out)
 
 
 def prepare_for_training(encoder: VideoEncoder, config: TrainConfig, ranks: Ranks, device: torch.device) -> nn.Module:
@@ -51,7 +60,9 @@ def prepare_for_training(encoder: VideoEncoder, config: TrainConfig, ranks: Rank
         # batch, as the loss does. (SyncBatchNorm needs GPUs; the backbone's batch norms
         # see B*T frames per rank, plenty for their statistics.)
         encoder.projector = nn.SyncBatchNorm.convert_sync_batchnorm(encoder.projector)
-    twin: nn.Module = TwinForward(encoder)
+    if config.frame_weight <= 0:  # untrained: DDP must not wait for its gradients
+        encoder.frame_head.requires_grad_(False)
+    twin: nn.Module = TwinForward(encoder, frames=config.frame_weight > 0)
     if ranks.enabled:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     # A result whose calibrated score (app.index.calibrate.calibrate) reaches this is flagged as a
     # near-duplicate of the query (precision measured by scripts/bench_index.py).
     near_duplicate_threshold: float = 0.92
+    # The second stage: this many of the first stage's candidates (at least k) are
+    # re-ranked by aligning their frames with the query's (app.index.align); 0 turns it off.
+    rerank_candidates: int = 64
+    # A re-ranked result whose frame-alignment score reaches this is flagged as a
+    # near-duplicate (precision and recall on the benchmark's dev part: README).
+    match_near_duplicate_threshold: float = 0.25
 
     # Decoding limits (applied in a throwaway child process).
     frame_fps: float = 1.0

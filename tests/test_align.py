@@ -48,6 +48,17 @@ def test_clip_inserted_into_other_footage_is_found_and_located() -> None:
     assert found.score > other.score + 0.3
 
 
+def test_frames_next_to_the_copied_part_are_not_located_in_it() -> None:
+    """One scene: neighbouring frames look alike (a slow random walk), so the library
+    clip's frames before and after the inserted part find partners inside it; only pairs
+    that choose each other are located."""
+    rng = np.random.default_rng(8)
+    walk = unit_rows(np.cumsum(rng.standard_normal((20, DIM)), axis=0) * 0.3 + rng.standard_normal(DIM) * 2)
+    query = np.concatenate([_frames(rng, 6), _noisy(walk[3:7], rng, 0.1), _frames(rng, 6)])
+    a = align(query @ walk.T)
+    assert a.query_span == (6.0, 10.0) and a.candidate_span == (3.0, 7.0)
+
+
 def test_trimmed_copy_is_located_in_its_source() -> None:
     rng = np.random.default_rng(2)
     source = _frames(rng, 40)

@@ -16,10 +16,10 @@ score as the copy they are, while footage that only shares a few frames does not
 the videos only overlap (part of a library video inside other footage), the overlap's
 own quality counts once it spans MIN_RUN_FRAMES frames.
 
-Localisation: the shorter video's frames that match (above the background and near the
-best match), kept to the largest run of partners that are close in time in the longer
-video (outliers elsewhere are dropped), give which part of the query matches which part
-of the candidate, in seconds.
+Localisation: the frame pairs that are each other's best partner, above the background
+and near the best match, kept to the largest run of partners that are close in time in
+the longer video (outliers elsewhere are dropped), give which part of the query matches
+which part of the candidate, in seconds.
 """
 
 from __future__ import annotations
@@ -76,22 +76,34 @@ def frame_references(query: np.ndarray, background: np.ndarray, valid: np.ndarra
 
 
 def align(
-    similarity: np.ndarray, query_times: np.ndarray | None = None, candidate_times: np.ndarray | None = None
+    similarity: np.ndarray,
+    query_times: np.ndarray | None = None,
+    candidate_times: np.ndarray | None = None,
+    *,
+    references: np.ndarray | None = None,
+    beta: float = BETA,
 ) -> Alignment:
-    """The :class:`Alignment` of a (Tq, Tc) normalised similarity matrix; times in
-    seconds of each frame (default: one frame a second from 0)."""
+    """The :class:`Alignment` of a (Tq, Tc) frame-similarity matrix, normalised by
+    subtracting ``beta`` x the query frames' ``references`` (:func:`frame_references`);
+    times in seconds of each frame (default: one frame a second from 0). Frames choose
+    their partners by similarity itself: the normalisation, a level per query frame, must
+    not pull a candidate frame towards a query frame that looks less like it."""
     tq, tc = similarity.shape
     if tq == 0 or tc == 0:
         return Alignment(float("-inf"))
     q_times = np.arange(tq, dtype=np.float64) if query_times is None else np.asarray(query_times, np.float64)
     c_times = np.arange(tc, dtype=np.float64) if candidate_times is None else np.asarray(candidate_times, np.float64)
+    normalised = similarity if references is None else similarity - beta * references[:, None]
     query_is_shorter = tq <= tc
-    sims = similarity if query_is_shorter else similarity.T  # (short, long)
+    raw, sims = (similarity, normalised) if query_is_shorter else (similarity.T, normalised.T)  # (short, long)
     short_times, long_times = (q_times, c_times) if query_is_shorter else (c_times, q_times)
-    partner = sims.argmax(axis=1)  # (short,)
+    partner = raw.argmax(axis=1)  # (short,)
     best = sims[np.arange(len(sims)), partner]
     chamfer = float(best.mean())
-    run = _matched_run(best, long_times[partner], _gap(long_times))
+    # Only pairs that choose each other: a frame next to the copied part (the same scene,
+    # not copied) has a partner there, but that partner has a better one.
+    mutual = raw.argmax(axis=0)[partner] == np.arange(len(raw))
+    run = _matched_run(best, mutual, long_times[partner], _gap(long_times))
     if run is None:
         return Alignment(chamfer)
     # A copy of part of the shorter video (both videos only overlap) scores as the
@@ -119,13 +131,14 @@ def _gap(times: np.ndarray) -> float:
     return max(RUN_GAP_S, 3 * _step(times), 0.25 * float(times[-1] - times[0]))
 
 
-def _matched_run(best: np.ndarray, partner_times: np.ndarray, gap: float) -> np.ndarray | None:
-    """The shorter video's frames (indices) that match: above the background and near
-    the best one, kept to their partners' heaviest run in time; None when none match."""
-    top = float(best.max())
+def _matched_run(best: np.ndarray, mutual: np.ndarray, partner_times: np.ndarray, gap: float) -> np.ndarray | None:
+    """The shorter video's frames (indices) that match: mutual best partners, above the
+    background and near the best one, kept to their partners' heaviest run in time; None
+    when none match."""
+    top = float(best[mutual].max()) if mutual.any() else 0.0
     if top <= 0:
         return None
-    matched = np.flatnonzero(best >= MATCH_FRACTION * top)
+    matched = np.flatnonzero(mutual & (best >= MATCH_FRACTION * top))
     order = matched[np.argsort(partner_times[matched], kind="stable")]
     breaks = np.flatnonzero(np.diff(partner_times[order]) > gap) + 1
     runs = np.split(order, breaks)

@@ -27,8 +27,11 @@ def rerank(
     )
     keys = list(candidates)
     stacked = prepare(np.concatenate([candidates[key].vectors for key in keys]))
-    sims = q @ stacked.T - beta * references[:, None]  # (Tq, sum Tc): one product for all
+    sims = q @ stacked.T  # (Tq, sum Tc): one product for all
     bounds = np.cumsum([0, *(len(candidates[key]) for key in keys)])
     return {
-        key: align(sims[:, bounds[i] : bounds[i + 1]], query.times, candidates[key].times) for i, key in enumerate(keys)
+        key: align(
+            sims[:, bounds[i] : bounds[i + 1]], query.times, candidates[key].times, references=references, beta=beta
+        )
+        for i, key in enumerate(keys)
     }

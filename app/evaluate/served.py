@@ -32,7 +32,7 @@ from app.index.build import build_version
 from app.index.calibrate import CALIBRATION_PERCENTILE, calibrate, calibration_reference
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
 from app.index.params import IndexParams
-from app.index.rerank import rerank
+from app.index.rerank import fused, rerank
 from app.index.version import IndexVersionFiles
 
 
@@ -99,8 +99,9 @@ def second_stage(
     fps: float = 1.0,
 ) -> np.ndarray:
     """(Q, L) scores: each query's top ``stage.candidates`` columns of the first stage's
-    ``first`` re-ranked by their frame-alignment score with the query, the others below
-    every re-ranked one. Frames are (T_i, D) per clip, sampled ``fps`` a second."""
+    ``first`` (calibrated scores) re-ranked by their frame-alignment score with the query,
+    fused with ``first`` as serving fuses them, the others below every re-ranked one.
+    Frames are (T_i, D) per clip, sampled ``fps`` a second."""
     first = np.asarray(first, dtype=np.float64)
     n_q, n_l = first.shape
     if stage.candidates <= 0 or n_q == 0 or n_l == 0:
@@ -118,7 +119,7 @@ def second_stage(
         top = np.argsort(-first[i], kind="stable")[: stage.candidates]
         aligned = rerank(frames_of(query_frames[i]), {int(j): library[j] for j in top}, background, beta=stage.beta)
         for j, a in aligned.items():
-            out[i, j] = a.score
+            out[i, j] = fused(a.score, first[i, j])
     scored = ~np.isnan(out)
     out[~scored] = float(np.min(out[scored])) - 1.0 if scored.any() else 0.0
     return out

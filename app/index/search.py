@@ -27,7 +27,7 @@ from app.index import queries
 from app.index.calibrate import background_sample, calibrate, calibration_reference
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
 from app.index.hits import Hit, exact_search, merge
-from app.index.rerank import rerank
+from app.index.rerank import fused, rerank
 from app.index.transform import normalise
 from app.index.version import IndexFileError, IndexVersionFiles
 from app.models import Embedding, IndexVersion, ModelVersion
@@ -288,8 +288,9 @@ def search_library(
 
     With the query's ``query_frames``, the first ``settings.rerank_candidates`` (at least
     ``k``) are re-ranked by aligning their frames with the query's: the second stage
-    (:mod:`app.index.rerank`), whose score, normalised against the library's background
-    frames, becomes each match's ``calibrated`` score, with the matched spans. Returns
+    (:mod:`app.index.rerank`). Each match then has its frame-alignment score (``match``,
+    normalised against the library's background frames), the matched spans, and as its
+    ``calibrated`` score the fusion of both stages that it is ranked by. Returns
     the matches and the index version used (None: exact search only)."""
     settings = settings or get_settings()
     second_stage = query_frames is not None and len(query_frames) > 0 and settings.rerank_candidates > 0
@@ -307,15 +308,16 @@ def search_library(
         first = [m for m in candidates if not (exclude_near_duplicates and m.near_duplicate)]
         return first[:k], used
     aligned = rerank(query_frames, stored, _background(session=session, model=model, version=used))
-    threshold = settings.match_near_duplicate_threshold
+    threshold = settings.rerank_near_duplicate_threshold
     matches = []
     for m in candidates:
         a = aligned[m.video_id]
-        near = a.score >= threshold
+        final = fused(a.score, m.calibrated or 0.0)
+        near = final >= threshold
         if not (near and exclude_near_duplicates):
-            matches.append(dataclasses.replace(m, calibrated=a.score, near_duplicate=near, match=a.score,
+            matches.append(dataclasses.replace(m, calibrated=final, near_duplicate=near, match=a.score,
                                                query_span=a.query_span, span=a.candidate_span))  # fmt: skip
-    matches.sort(key=lambda m: (-(m.match or 0.0), -m.score, m.video_id))
+    matches.sort(key=lambda m: (-(m.calibrated or 0.0), -m.score, m.video_id))
     return matches[:k], used
 
 

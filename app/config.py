@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     # A result whose calibrated score (app.index.calibrate.calibrate) reaches this is flagged as a
     # near-duplicate of the query (precision measured by scripts/bench_index.py).
     near_duplicate_threshold: float = 0.92
+    # The second stage: this many of the first stage's candidates (at least k) are
+    # re-ranked by aligning their frames with the query's (app.index.align); 0 turns it off.
+    rerank_candidates: int = 64
+    # A re-ranked result whose fused score (app.index.rerank.fused) reaches this is flagged
+    # as a near-duplicate (dev part of the benchmark, untrained encoder: precision 0.81,
+    # recall 0.47; README).
+    rerank_near_duplicate_threshold: float = 0.5
 
     # Decoding limits (applied in a throwaway child process).
     frame_fps: float = 1.0

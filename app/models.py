@@ -121,6 +121,11 @@ class Embedding(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     dim: Mapped[int] = mapped_column(Integer)
     frames: Mapped[int] = mapped_column(Integer)
+    # The frame descriptors from the same forward pass (migration 0007): float16
+    # (frames, frame_dim) and each frame's time, float32 seconds; None on older rows.
+    frame_dim: Mapped[int | None] = mapped_column(Integer)
+    frame_vectors: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    frame_times: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     xact: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())  # set by the database
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

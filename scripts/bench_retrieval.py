@@ -44,6 +44,7 @@ from app.evaluate.generate import generate
 from app.evaluate.ground_truth import PARTS
 from app.evaluate.metrics import BOOTSTRAP_RESAMPLES, METRICS
 from app.evaluate.run import run
+from app.evaluate.served import SecondStage
 from app.evaluate.systems import BASELINES
 
 
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         help="weights to fine-tune (default: the preset's initial weights)",
     )
     p.add_argument("--finetune-preset", default="cpu-small", help="training preset of the fine-tune")
+    p.add_argument("--rerank-candidates", type=int, default=SecondStage.candidates, metavar="N",
+                   help="first-stage candidates re-ranked by frame alignment (0: the first stage only)")  # fmt: skip
+    p.add_argument("--beta", type=float, default=SecondStage.beta,
+                   help="background normalisation of frame similarities (0: none)")  # fmt: skip
+    p.add_argument("--ablation", action="store_true",
+                   help="also score each system's first stage alone and its unnormalised re-rank")  # fmt: skip
     return p
 
 
@@ -167,6 +174,8 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
         checkpoints=checkpoints,
         baselines=args.baselines,
         fps=args.fps,
+        stage=SecondStage(args.rerank_candidates, args.beta),
+        ablation=args.ablation,
         resamples=args.bootstrap,
         console=console,
     )

@@ -22,7 +22,7 @@ from app.evaluate.ground_truth import GroundTruth
 from app.evaluate.metrics import METRICS, bootstrap_intervals, evaluate, micro_average_precision
 from app.evaluate.plan import Plan, Source, plan_benchmark, split_sources
 from app.evaluate.run import run
-from app.evaluate.served import calibrated_rows, served_scores
+from app.evaluate.served import SecondStage, calibrated_rows, second_stage, served_scores
 from app.evaluate.systems import build_systems, phash_bits, phash_similarity, tiny_frames_descriptor
 from app.media.register import file_sha256
 from app.media.video import sample_frames
@@ -174,8 +174,8 @@ def test_metrics_match_a_reference_and_are_invariant() -> None:
 def test_baselines_score_a_clip_against_itself_highest() -> None:
     rng = np.random.default_rng(1)
     clips = [rng.integers(0, 256, size=(t, 32, 32, 3), dtype=np.uint8) for t in (3, 5, 2)]
-    d = tiny_frames_descriptor(clips)
-    assert d.shape == (3, 256)
+    d, frames = tiny_frames_descriptor(clips)
+    assert d.shape == (3, 256) and [f.shape for f in frames] == [(3, 256), (5, 256), (2, 256)]
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, rtol=1e-5)
     assert phash_bits(clips[0]).shape == (3, 64)
     sim = phash_similarity(clips[:2], clips)
@@ -363,11 +363,16 @@ def test_the_untrained_baseline_gets_the_trained_pipeline(tmp_path: Path) -> Non
     rng = np.random.default_rng(4)
     library = [rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8) for _ in range(6)]
     queries = [np.ascontiguousarray(c[:, :, ::-1]) for c in library[:3]]  # mirrored copies
-    # By hand: the same network, its centring and whitening fitted on this library.
+    # By hand: the same network, its centring and whitening fitted on this library, its
+    # first stage re-ranked by the frame descriptors of the same forward pass.
     model = initial_encoder(config)
     model.fit_library_norm(library)
-    expected = served_scores(model.embed(queries), model.embed(library), params=params)
+    (qv, qf), (lv, lf) = model.describe(queries), model.describe(library)
+    first = served_scores(qv, lv, params=params)
+    expected = second_stage(first, qf, lf, stage=SecondStage(), seed=params.seed)
     np.testing.assert_allclose(untrained.score_matrix(queries, library), expected, atol=1e-5)
+    # The first stage keeps its order of the candidates it hands on only where frames agree.
+    assert not np.allclose(expected, first)
 
 
 # ---------------------------------------------------------------------------------------

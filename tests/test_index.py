@@ -21,6 +21,7 @@ from sqlalchemy import select
 from app.index import queries, rebuild, search
 from app.index.build import build_version, shard_of
 from app.index.calibrate import calibrate, calibration_reference
+from app.index.frames import unpack
 from app.index.hits import exact_search
 from app.index.params import IndexParams
 from app.index.transform import normalise, quantise_i8
@@ -672,3 +673,51 @@ def test_bench_exact_reference_spreads_its_batch_over_threads() -> None:
         rows, scores = exact_topk(library, queries_, 5, threads=threads)
         assert np.array_equal(rows, one[0]) and np.allclose(scores, one[1])
     assert np.array_equal(one[0][:, 0], [exact_search(np.arange(500), library, q, 1)[0].key for q in queries_])
+
+
+def test_second_stage_serves_what_the_benchmark_scores(session, settings) -> None:  # type: ignore[no-untyped-def]
+    """The benchmark scores the served path: for the same library, search_library (first
+    stage, frame re-rank from the stored descriptors, fusion) ranks and scores as
+    app.evaluate.served.second_stage does on the benchmark's matrices."""
+    from app.evaluate.served import SecondStage, second_stage, served_scores
+    from app.serve import queries as serve_queries
+
+    rng = np.random.default_rng(41)
+    dim, frame_dim, n = 32, 16, 40
+    # A model of its own: its embeddings are only this test's, searched exactly.
+    model = ModelVersion(name=f"second-stage-{uuid.uuid4().hex[:8]}", config={}, checkpoint_path=None, dim=dim,
+                         trained=False, data_summary={})  # fmt: skip
+    session.add(model)
+    session.flush()
+    library = _unit(n, dim, seed=42)
+    frames = [normalise(rng.normal(size=(int(rng.integers(3, 9)), frame_dim))).astype(np.float16).astype(np.float32)
+              for _ in range(n)]  # fmt: skip
+    picks = rng.choice(n, 6, replace=False)
+    queries_v = normalise(library[picks] + 0.4 * _unit(6, dim, seed=43))
+    queries_f = [normalise(frames[j][::-1] + 0.3 * rng.normal(size=frames[j].shape)).astype(np.float16)
+                 .astype(np.float32) for j in picks]  # fmt: skip
+    videos = [Video(uri=f"test://second-stage/{model.id}/{i}", status="ready") for i in range(n)]
+    query_videos = [Video(uri=f"test://second-stage/{model.id}/q{i}", status="ready", in_library=False)
+                    for i in range(6)]  # fmt: skip
+    session.add_all(videos + query_videos)
+    session.flush()
+    for video, vector, f in [*zip(videos, library, frames, strict=True),
+                             *zip(query_videos, queries_v, queries_f, strict=True)]:  # fmt: skip
+        serve_queries.add_embedding(video.id, model.id, vector, frames=len(f), session=session, frame_vectors=f,
+                                    frame_times=np.arange(len(f), dtype=np.float32))  # fmt: skip
+    session.commit()
+
+    first = served_scores(queries_v, library, params=IndexParams(dtype="f32"))
+    expected = second_stage(first, queries_f, frames, stage=SecondStage(settings.rerank_candidates))
+    column = {v.id: j for j, v in enumerate(videos)}
+    for i, query_video in enumerate(query_videos):
+        emb = serve_queries.find_embedding(query_video.id, model.id, session=session)
+        assert emb is not None and emb.frame_vectors is not None
+        matches, _ = search.search_library(
+            session=session, model=model, query=queries_v[i], k=10, exclude={query_video.id},
+            query_frames=unpack(emb.frame_vectors, emb.frame_times, frame_dim), settings=settings,
+        )  # fmt: skip
+        served = [column[m.video_id] for m in matches]
+        assert served == list(np.argsort(-expected[i], kind="stable")[:10]), i
+        np.testing.assert_allclose([m.calibrated for m in matches], expected[i][served], atol=1e-4)
+        assert all(m.match is not None and m.span is not None for m in matches[:1])

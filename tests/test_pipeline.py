@@ -12,7 +12,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 from support.helpers import wait_until
-from support.media import make_video
+from support.media import make_video, own_hue, run_ffmpeg
 
 from app.db import session_scope
 from app.deliver.outbox import webhook_id_for
@@ -73,10 +73,12 @@ def test_event_by_library_id_gets_signed_callback(library, receiver, settings) -
     assert len(body["results"]) == 3
     assert [r["rank"] for r in body["results"]] == [1, 2, 3]
     assert query_id not in {r["video_id"] for r in body["results"]}
-    assert set(body["results"][0]) == {"video_id", "uri", "score", "calibrated", "near_duplicate", "rank"}
+    assert set(body["results"][0]) == {"video_id", "uri", "score", "match", "calibrated", "near_duplicate", "rank",
+                                        "query_start_s", "query_end_s", "start_s", "end_s"}  # fmt: skip
     assert all(isinstance(r["near_duplicate"], bool) and r["calibrated"] <= 1.0 for r in body["results"])
-    scores = [r["score"] for r in body["results"]]
-    assert scores == sorted(scores, reverse=True)
+    # Ranked by the second stage: frame alignment fused with the first stage, "calibrated".
+    finals = [r["calibrated"] for r in body["results"]]
+    assert finals == sorted(finals, reverse=True) and all(r["match"] is not None for r in body["results"])
     assert body["model_version"] and body["index_version"] is not None
     assert got.webhook_id == webhook_id_for(event_id)
     assert receiver.rejected == []
@@ -110,6 +112,40 @@ def test_edited_copy_not_in_library_finds_its_source(library, receiver, data_dir
     other = publish_video_selected(video_id=library["mandelbrot"], callback_url=receiver.url, k=10)
     results = receiver.wait_for({other}, timeout_s=60)[other].payload["results"]
     assert body["query"]["video_id"] not in {r["video_id"] for r in results}
+
+
+def test_clip_inserted_into_other_footage_is_found_and_located(library, receiver, data_dir: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    """The second stage: four seconds of a library video (its seconds 3-7) inserted
+    between six seconds of other footage on each side. The callback names the library
+    video first and says where the match is: the query's seconds 6-10 = its seconds 3-7
+    (within a frame step: frames are sampled once a second)."""
+    footage = real_footage(data_dir / "footage")
+    hue = own_hue()
+    long_clip = make_video(data_dir / "library" / f"long-{uuid.uuid4().hex[:6]}.mp4", source=footage[-1].path,
+                           seconds=10, extra_vf=f"scale=320:240,{hue}")  # fmt: skip
+    with session_scope() as s:
+        clip_id = register(s, str(long_clip), settings=settings).video_id
+    embed_video.delay(clip_id)
+    wait_until(lambda: _embedded([clip_id]), timeout_s=120, what="the long clip to be embedded")
+    query = data_dir / "queries" / f"inserted-{uuid.uuid4().hex[:6]}.mp4"
+    query.parent.mkdir(parents=True, exist_ok=True)
+    run_ffmpeg(
+        "-t", "6", "-f", "lavfi", "-i", "life=size=320x240:rate=25:mold=10",
+        "-ss", "3", "-t", "4", "-i", long_clip,
+        "-t", "6", "-f", "lavfi", "-i", "cellauto=size=320x240:rate=25",
+        "-filter_complex",
+        "[0:v]format=yuv420p,setsar=1[a];[1:v]fps=25,format=yuv420p,setsar=1[b];[2:v]format=yuv420p,setsar=1[c];"
+        "[a][b][c]concat=n=3:v=1:a=0[v]",
+        "-map", "[v]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", query,
+    )  # fmt: skip
+    event_id = publish_video_selected(video_uri=str(query), callback_url=receiver.url)
+    body = receiver.wait_for({event_id}, timeout_s=120)[event_id].payload
+    assert body["error"] is None, body["error"]
+    top = body["results"][0]
+    assert top["video_id"] == clip_id, body["results"]
+    assert top["match"] is not None and top["match"] > body["results"][1]["match"]
+    located = (top["query_start_s"], top["query_end_s"], top["start_s"], top["end_s"])
+    assert located == pytest.approx((6.0, 10.0, 3.0, 7.0), abs=1.5), located
 
 
 def test_worker_logs_follow_one_event_across_tasks(library, receiver, data_dir: Path) -> None:  # type: ignore[no-untyped-def]

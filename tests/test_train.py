@@ -324,13 +324,13 @@ def test_frame_descriptors_come_from_the_backbone_pass_of_the_video_vector() -> 
     mask = torch.tensor([[True, True, True], [True, True, False]])
     with torch.no_grad():
         desc = encoder.frame_descriptors(frames, mask)
-        assert desc.shape == (2, 3, 8) and (desc[1, 2] == 0).all()
+        assert desc.shape == (2, 3, 8)
         torch.testing.assert_close(desc[0], encoder.frame_head(encoder.frame_features(frames[:1]))[0])
         twin = TwinForward(encoder, frames=True)
         views = torch.stack([frames, frames], dim=1)  # (B, 2, T, 3, S, S)
         z1, _, f1, _ = twin(views, torch.stack([mask, mask], dim=1))
         torch.testing.assert_close(z1, encoder(frames, mask))
-        torch.testing.assert_close(f1 * mask.unsqueeze(-1), desc)
+        torch.testing.assert_close(f1, desc)
 
 
 def test_default_families_keep_the_benchmarks_held_out_edits_out_of_training() -> None:

@@ -21,6 +21,7 @@ from app.evaluate.edits import HELD_OUT_EDITS
 from app.evaluate.ground_truth import DEV, GroundTruth
 from app.evaluate.metrics import BOOTSTRAP_RESAMPLES, Scored, score, score_by_family
 from app.evaluate.report import PartReport, Report, summary_tables, write_reports
+from app.evaluate.served import SecondStage
 from app.evaluate.systems import BASELINES, Clip, build_systems
 from app.index.params import IndexParams, index_params
 from app.media import video as video_io
@@ -50,22 +51,28 @@ def run(
     max_frames: int = 64,
     batch_size: int = 8,
     index: IndexParams | None = None,
+    stage: SecondStage | None = None,
+    ablation: bool = False,
     resamples: int = BOOTSTRAP_RESAMPLES,
     console: Console | None = None,
     show_progress: bool = True,
 ) -> Report:
-    """Runs every system (trained ``checkpoints`` by name, then ``baselines``) on each part
-    of one benchmark, on the served path of ``index`` (default: the settings'
-    ``IndexParams``); prints the tables and writes ``report.json``, ``report.md`` and the
-    plots into ``out_dir``. Clips are decoded once per frame size, ``fps`` frames a second;
+    """Runs every system (trained ``checkpoints`` by name, then ``baselines``) on each
+    part of one benchmark, on the served path of ``index`` (default: the settings'
+    ``IndexParams``) and ``stage`` (default: serving's second stage; with
+    ``ablation``, each system's first stage alone and its unnormalised re-rank too);
+    prints the tables and writes ``report.json``, ``report.md`` and the plots into
+    ``out_dir``. Clips are decoded once per frame size, ``fps`` frames a second;
     intervals come from ``resamples`` bootstrap resamples of each part's queries."""
     console = console or Console()
     gt = GroundTruth.load(Path(ground_truth_path))
     params = index or index_params(get_settings())
-    systems = build_systems(dict(checkpoints or {}), baselines, batch_size, params=params)
+    systems = build_systems(dict(checkpoints or {}), baselines, batch_size, params=params, stage=stage,
+                            ablation=ablation)  # fmt: skip
     seconds: dict[str, float] = {}
     decoded: dict[int, tuple[list[Clip], list[Clip]]] = {}
     parts: dict[str, PartReport] = {}
+    baseline_names: list[str] = []  # the baselines' labels, their ablation variants included
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, disable=not show_progress,
@@ -91,15 +98,17 @@ def run(
             for system in systems:
                 queries, library = decoded[system.frame_size]
                 t0 = time.perf_counter()
-                scores = np.asarray(
-                    system.score_matrix([queries[i] for i in rows], [library[j] for j in cols]), dtype=np.float64
-                )
+                variants = system.score_matrices([queries[i] for i in rows], [library[j] for j in cols])
                 seconds[system.name] = seconds.get(system.name, 0.0) + time.perf_counter() - t0
-                if scores.shape != (len(rows), len(cols)):
-                    raise ValueError(f"{system.name}: scores {scores.shape}, expected {(len(rows), len(cols))}")
-                scored[system.name] = score(scores, sub, resamples=resamples)
-                families[system.name] = score_by_family(scores, sub, resamples=resamples)
-                logger.info("%s on the %s part: %s", system.name, name, scored[system.name].metrics)
+                for variant, matrix in variants.items():
+                    scores, label = np.asarray(matrix, dtype=np.float64), system.name + variant
+                    if scores.shape != (len(rows), len(cols)):
+                        raise ValueError(f"{label}: scores {scores.shape}, expected {(len(rows), len(cols))}")
+                    scored[label] = score(scores, sub, resamples=resamples)
+                    if system.baseline and label not in baseline_names:
+                        baseline_names.append(label)
+                    families[label] = score_by_family(scores, sub, resamples=resamples)
+                    logger.info("%s on the %s part: %s", label, name, scored[label].metrics)
             counts = {
                 "library": len(sub.library),
                 "sources": len({c.source for c in sub.library}),
@@ -109,7 +118,7 @@ def run(
             sources = sorted({s.name for s in sub.sources} or {c.source for c in sub.library})
             parts[name] = PartReport(counts, sources, scored, families)
     report = Report(
-        parts, seconds, [s.name for s in systems if s.baseline], list(HELD_OUT_EDITS),
+        parts, seconds, baseline_names, list(HELD_OUT_EDITS),
         index=params.to_dict(), resamples=resamples,
     )  # fmt: skip
     write_reports(report, Path(out_dir), gt_path=Path(ground_truth_path), fps=fps)

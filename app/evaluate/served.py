@@ -10,18 +10,29 @@ library.
 
 Systems that are no vectors (the perceptual hash) get the same calibration from their
 score matrix: :func:`calibrated_rows`.
+
+The second stage (:func:`second_stage`) then re-ranks each query's first
+``SecondStage.candidates`` by frame alignment with :func:`app.index.rerank.rerank`, the
+function serving calls, against a background sample of the library's frames: every
+system with frames (the encoders' frame descriptors, tiny frames' and pHash's per-frame
+codes) gets it.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from app.index.align import BETA
 from app.index.build import build_version
 from app.index.calibrate import CALIBRATION_PERCENTILE, calibrate, calibration_reference
+from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
 from app.index.params import IndexParams
+from app.index.rerank import fused, rerank
 from app.index.version import IndexVersionFiles
 
 
@@ -66,3 +77,49 @@ def calibrated_rows(scores: np.ndarray, *, params: IndexParams) -> np.ndarray:
     background = np.sort(rng.choice(n_l, min(n_l, params.background), replace=False))
     references = np.minimum(np.percentile(scores[:, background], CALIBRATION_PERCENTILE, axis=1), 1.0 - 1e-6)
     return np.stack([np.asarray(calibrate(row, float(t))) for row, t in zip(scores, references, strict=True)])
+
+
+@dataclass(frozen=True)
+class SecondStage:
+    """How the benchmark re-ranks, as serving does: ``candidates`` per query (0: the first
+    stage only, settings.rerank_candidates when serving) and ``beta`` (0: frames compared
+    without the background normalisation)."""
+
+    candidates: int = 64
+    beta: float = BETA
+
+
+def second_stage(
+    first: np.ndarray,
+    query_frames: Sequence[np.ndarray],
+    library_frames: Sequence[np.ndarray],
+    *,
+    stage: SecondStage,
+    seed: int = 0,
+    fps: float = 1.0,
+) -> np.ndarray:
+    """(Q, L) scores: each query's top ``stage.candidates`` columns of the first stage's
+    ``first`` (calibrated scores) re-ranked by their frame-alignment score with the query,
+    fused with ``first`` as serving fuses them, the others below every re-ranked one.
+    Frames are (T_i, D) per clip, sampled ``fps`` a second."""
+    first = np.asarray(first, dtype=np.float64)
+    n_q, n_l = first.shape
+    if stage.candidates <= 0 or n_q == 0 or n_l == 0:
+        return first
+    rng = np.random.default_rng(seed + 2)
+    sample = np.sort(rng.choice(n_l, min(n_l, BACKGROUND_VIDEOS), replace=False))
+    background = Background.of([library_frames[j] for j in sample])
+
+    def frames_of(x: np.ndarray) -> Frames:
+        return Frames(np.asarray(x, dtype=np.float32), np.arange(len(x), dtype=np.float64) / fps)
+
+    library = [frames_of(x) for x in library_frames]
+    out = np.full((n_q, n_l), np.nan)
+    for i in range(n_q):
+        top = np.argsort(-first[i], kind="stable")[: stage.candidates]
+        aligned = rerank(frames_of(query_frames[i]), {int(j): library[j] for j in top}, background, beta=stage.beta)
+        for j, a in aligned.items():
+            out[i, j] = fused(a.score, first[i, j])
+    scored = ~np.isnan(out)
+    out[~scored] = float(np.min(out[scored])) - 1.0 if scored.any() else 0.0
+    return out

@@ -5,14 +5,19 @@ A system turns decoded clips into a (queries x library) score matrix, higher = m
 similar, through the same pipeline for every system: vector systems search an index
 version of the library and calibrate what it returns, exactly as serving does
 (:mod:`.served`); the perceptual hash, no vector, is calibrated the same way from its
-matrix. Every encoder, trained or not, has its library normalisation (centring and
-whitening, ``EncoderConfig.library_norm``) fitted on the library it is scored against, so
-"untrained" is the untrained network given the whole pipeline: the baseline training must
-beat.
+matrix. Then every system's first-stage candidates are re-ranked by aligning their per-
+frame descriptors with the query's (:func:`.served.second_stage`): the encoders' frame
+descriptors, tiny frames' and pHash's per-frame codes. With ``ablation``, each system
+also reports its first stage alone and its second stage without normalisation. Every
+encoder, trained or not, has its library normalisation (centring and whitening,
+``EncoderConfig.library_norm``) fitted on the library it is scored against, so
+"untrained" is the untrained network given the whole pipeline: the baseline training
+must beat.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from app.evaluate.served import calibrated_rows, served_scores
+from app.evaluate.served import SecondStage, calibrated_rows, second_stage, served_scores
 from app.index.params import IndexParams
 
 Clip = np.ndarray  # (T, S, S, 3) uint8 RGB frames, sampled at a fixed rate
-ScoreFn = Callable[[list[Clip], list[Clip]], np.ndarray]
+# queries, library -> (Q, L) score matrices by variant: "" is the whole pipeline, the
+# others (the ablation) are named by what they leave out.
+ScoreFn = Callable[[list[Clip], list[Clip]], dict[str, np.ndarray]]
+# clips -> (N, D) video vectors and each clip's (T_i, F) frame descriptors
+Describe = Callable[[list[Clip]], tuple[np.ndarray, list[np.ndarray]]]
+
+# The ablation's variants, by the suffix of their system name.
+FIRST_STAGE_ONLY = " · video vector only"
+UNNORMALISED = " · re-rank, no normalisation"
 
 # Frame size the non-learned baselines decode at (pHash wants 32x32 before its DCT).
 SMALL_FRAME = 32
@@ -32,50 +45,78 @@ SMALL_FRAME = 32
 
 @dataclass(frozen=True)
 class System:
-    """A system under test: ``score_matrix(queries, library) -> (Q, L)``, higher = more
-    similar, on clips decoded at ``frame_size``. ``baseline`` systems are what a trained
-    encoder has to beat."""
+    """A system under test: ``score_matrices(queries, library)``, (Q, L) each, higher =
+    more similar, on clips decoded at ``frame_size``. ``baseline`` systems are what a
+    trained encoder has to beat."""
 
     name: str
     frame_size: int
-    score_matrix: ScoreFn
+    score_matrices: ScoreFn
     baseline: bool = True
+
+    def score_matrix(self, queries: list[Clip], library: list[Clip]) -> np.ndarray:
+        """The whole pipeline's (Q, L) scores."""
+        return self.score_matrices(queries, library)[""]
+
+
+def _with_second_stage(
+    first: np.ndarray, q_frames: list[np.ndarray], l_frames: list[np.ndarray], *,
+    stage: SecondStage, params: IndexParams, ablation: bool,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    out = {"": second_stage(first, q_frames, l_frames, stage=stage, seed=params.seed)}
+    if ablation:
+        out[FIRST_STAGE_ONLY] = first
+        unnormalised = dataclasses.replace(stage, beta=0.0)
+        out[UNNORMALISED] = second_stage(first, q_frames, l_frames, stage=unnormalised, seed=params.seed)
+    return out
 
 
 def vector_system(
     name: str,
     frame_size: int,
-    describe: Callable[[list[Clip]], np.ndarray],
+    describe: Describe,
     *,
     params: IndexParams,
+    stage: SecondStage,
     baseline: bool = True,
+    ablation: bool = False,
     fit: Callable[[list[Clip]], None] | None = None,
 ) -> System:
-    """A system from a descriptor (clips -> (N, D) vectors), scored on the served path
-    (:func:`app.evaluate.served.served_scores`). ``fit`` is given the library clips first
-    (the statistics a descriptor learns from the library it serves)."""
+    """A system from a descriptor (clips -> video vectors and frame descriptors), scored
+    on the served path (:func:`app.evaluate.served.served_scores`, then the second stage).
+    ``fit`` is given the library clips first (the statistics a descriptor learns from the
+    library it serves)."""
 
-    def score(queries: list[Clip], library: list[Clip]) -> np.ndarray:
+    def score(queries: list[Clip], library: list[Clip]) -> dict[str, np.ndarray]:
         if fit is not None:
             fit(library)
-        return served_scores(describe(queries), describe(library), params=params)
+        (q_vectors, q_frames), (l_vectors, l_frames) = describe(queries), describe(library)
+        first = served_scores(q_vectors, l_vectors, params=params)
+        return _with_second_stage(first, q_frames, l_frames, stage=stage, params=params, ablation=ablation)
 
     return System(name, frame_size, score, baseline)
 
 
-def encoder_system(name: str, model: Any, *, baseline: bool, params: IndexParams, batch_size: int = 8) -> System:
-    """A :class:`app.learn.encoder.VideoEncoder`, embedding ``batch_size`` clips per forward,
-    its library normalisation (when its config has one) fitted on the library it is scored
-    against, whatever statistics the checkpoint carried: every encoder gets the same."""
+def encoder_system(
+    name: str, model: Any, *, baseline: bool, params: IndexParams, stage: SecondStage,
+    ablation: bool = False, batch_size: int = 8,
+) -> System:  # fmt: skip
+    """A :class:`app.learn.encoder.VideoEncoder`, describing ``batch_size`` clips per
+    forward (video vectors and frame descriptors), its library normalisation (when its
+    config has one) fitted on the library it is scored against, whatever statistics the
+    checkpoint carried: every encoder gets the same."""
 
-    def describe(clips: list[Clip]) -> np.ndarray:
-        parts = [model.embed(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, model.config.output_dim), np.float32)
+    def describe(clips: list[Clip]) -> tuple[np.ndarray, list[np.ndarray]]:
+        parts = [model.describe(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)]
+        if not parts:
+            return np.zeros((0, model.config.output_dim), np.float32), []
+        return np.concatenate([v for v, _ in parts]), [f for _, frames in parts for f in frames]
 
     def fit(library: list[Clip]) -> None:
         model.fit_library_norm(library, batch_size=batch_size)
 
-    return vector_system(name, int(model.config.frame_size), describe, params=params, baseline=baseline, fit=fit)
+    return vector_system(name, int(model.config.frame_size), describe, params=params, stage=stage,
+                         baseline=baseline, ablation=ablation, fit=fit)  # fmt: skip
 
 
 def _gray(frames: np.ndarray) -> np.ndarray:
@@ -83,25 +124,30 @@ def _gray(frames: np.ndarray) -> np.ndarray:
     return frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def tiny_frames_descriptor(clips: list[Clip], *, size: int = 16) -> np.ndarray:
-    """Each frame shrunk to size x size grayscale, mean-centred and L2-normalised, then
-    averaged over time: (N, size*size), L2-normalised."""
-    out = np.zeros((len(clips), size * size), dtype=np.float32)
-    for i, clip in enumerate(clips):
-        g = _gray(clip)  # (T, S, S)
-        t, s = g.shape[:2]
-        f = s // size
-        g = g[:, : f * size, : f * size].reshape(t, size, f, size, f).mean(axis=(2, 4))
-        x = g.reshape(t, -1)
-        x = x - x.mean(axis=1, keepdims=True)
-        x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-6)
-        out[i] = x.mean(axis=0)
-    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6)
+def tiny_frames(clip: Clip, *, size: int = 16) -> np.ndarray:
+    """Each frame shrunk to size x size grayscale, mean-centred and L2-normalised: (T, size*size)."""
+    g = _gray(clip)  # (T, S, S)
+    t, s = g.shape[:2]
+    f = s // size
+    g = g[:, : f * size, : f * size].reshape(t, size, f, size, f).mean(axis=(2, 4))
+    x = g.reshape(t, -1)
+    x = x - x.mean(axis=1, keepdims=True)
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-6)
 
 
-def tiny_frames_system(*, params: IndexParams, frame_size: int = SMALL_FRAME) -> System:
+def tiny_frames_descriptor(clips: list[Clip], *, size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each clip's :func:`tiny_frames` averaged over time, (N, size*size) L2-normalised,
+    and the frames themselves."""
+    frames = [tiny_frames(clip, size=size) for clip in clips]
+    out = np.stack([x.mean(axis=0) for x in frames]) if frames else np.zeros((0, size * size), np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6), frames
+
+
+def tiny_frames_system(*, params: IndexParams, stage: SecondStage, ablation: bool = False,
+                       frame_size: int = SMALL_FRAME) -> System:  # fmt: skip
     """The tiny-frames baseline: :func:`tiny_frames_descriptor` on the served path."""
-    return vector_system("tiny frames", frame_size, tiny_frames_descriptor, params=params)
+    return vector_system("tiny frames", frame_size, tiny_frames_descriptor, params=params, stage=stage,
+                         ablation=ablation)  # fmt: skip
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -136,11 +182,15 @@ def phash_similarity(queries: list[Clip], library: list[Clip]) -> np.ndarray:
     return np.add.reduceat(best, q_starts, axis=0) / np.array([len(h) for h in qh])[:, None]
 
 
-def phash_system(*, params: IndexParams, frame_size: int = SMALL_FRAME) -> System:
-    """The perceptual-hash baseline: :func:`phash_similarity`, calibrated as served scores are."""
+def phash_system(*, params: IndexParams, stage: SecondStage, ablation: bool = False,
+                 frame_size: int = SMALL_FRAME) -> System:  # fmt: skip
+    """The perceptual-hash baseline: :func:`phash_similarity`, calibrated as served scores
+    are, then re-ranked by aligning the frames' hashes (as +-1 codes)."""
 
-    def score(queries: list[Clip], library: list[Clip]) -> np.ndarray:
-        return calibrated_rows(phash_similarity(queries, library), params=params)
+    def score(queries: list[Clip], library: list[Clip]) -> dict[str, np.ndarray]:
+        first = calibrated_rows(phash_similarity(queries, library), params=params)
+        codes = [[phash_bits(c).astype(np.float32) * 2 - 1 for c in clips] for clips in (queries, library)]
+        return _with_second_stage(first, codes[0], codes[1], stage=stage, params=params, ablation=ablation)
 
     return System("pHash", frame_size, score)
 
@@ -150,10 +200,14 @@ BASELINES = ("untrained", "tiny_frames", "phash")
 
 
 def build_systems(
-    checkpoints: dict[str, Path], baselines: Sequence[str], batch_size: int, *, params: IndexParams
-) -> list[System]:
+    checkpoints: dict[str, Path], baselines: Sequence[str], batch_size: int, *, params: IndexParams,
+    stage: SecondStage | None = None, ablation: bool = False,
+) -> list[System]:  # fmt: skip
     """The systems to score: the trained ``checkpoints`` by name, in order, then the named
-    ``baselines`` (from :data:`BASELINES`), all on the served path of ``params``."""
+    ``baselines`` (from :data:`BASELINES`), all on the served path of ``params`` and
+    ``stage`` (default: serving's)."""
+    stage = stage or SecondStage()
+    kw: dict[str, Any] = {"params": params, "stage": stage, "ablation": ablation}
     from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint
 
     systems: list[System] = []
@@ -161,7 +215,7 @@ def build_systems(
     for name, path in checkpoints.items():
         model, _ = load_checkpoint(Path(path))
         config = config or model.config
-        systems.append(encoder_system(name, model, baseline=False, params=params, batch_size=batch_size))
+        systems.append(encoder_system(name, model, baseline=False, batch_size=batch_size, **kw))
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
@@ -169,9 +223,9 @@ def build_systems(
         # The same architecture and library normalisation as the (first) trained encoder,
         # before any training.
         model = initial_encoder(config or EncoderConfig())
-        systems.append(encoder_system("untrained", model, baseline=True, params=params, batch_size=batch_size))
+        systems.append(encoder_system("untrained", model, baseline=True, batch_size=batch_size, **kw))
     if "tiny_frames" in baselines:
-        systems.append(tiny_frames_system(params=params))
+        systems.append(tiny_frames_system(**kw))
     if "phash" in baselines:
-        systems.append(phash_system(params=params))
+        systems.append(phash_system(**kw))
     return systems

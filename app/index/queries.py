@@ -1,5 +1,6 @@
 """The index's reads and writes of the database: the embeddings a version is built from
 and the fresh ones searched beside it, the stored vectors candidates are re-ranked with,
+the frame descriptors of the second stage and its background sample,
 which candidates may be recommended, and the ``IndexVersion`` rows. Each takes the
 caller's ``session`` and never commits (the caller owns the transaction)."""
 
@@ -23,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased
 
+from app.index import frames
+from app.index.frames import Frames
 from app.models import Embedding, IndexVersion, ModelVersion, Video
 
 # Ids bound in one SQLite query (it takes at most 32,766 parameters).
@@ -167,6 +170,33 @@ def stored_vectors(*, session: Session, model_id: int, dim: int, video_ids: np.n
     for video_id, vector in found:
         out[row_of[video_id]] = np.frombuffer(vector, dtype=np.float32)
     return out
+
+
+def stored_frames(*, session: Session, model_id: int, video_ids: list[int]) -> dict[int, Frames]:
+    """The frame descriptors of ``video_ids`` under model ``model_id`` (the second stage's
+    candidates), one statement; videos without them (older rows) are absent."""
+    if not video_ids:
+        return {}
+    stmt = (
+        select(Embedding.video_id, Embedding.frame_dim, Embedding.frame_vectors, Embedding.frame_times)
+        .where(Embedding.model_version_id == model_id, Embedding.video_id.in_(video_ids))
+        .where(Embedding.frame_vectors.is_not(None))
+    )
+    return {video_id: frames.unpack(v, t, dim) for video_id, dim, v, t in session.execute(stmt) if v and dim}
+
+
+def background_frames(*, session: Session, model_id: int, limit: int) -> list[np.ndarray]:
+    """The frame descriptors of up to ``limit`` enabled library videos of the model, the
+    same ones in every process (ordered by a hash of the video id, not by insertion)."""
+    spread = (Embedding.video_id * 2654435761) % 4294967291
+    rows = session.execute(
+        select(Embedding.frame_dim, Embedding.frame_vectors)
+        .join(Video)
+        .where(_listed(model_id), Embedding.frame_vectors.is_not(None))
+        .order_by(spread, Embedding.video_id)
+        .limit(limit)
+    )
+    return [frames.unpack(v, None, dim).vectors for dim, v in rows if v and dim]
 
 
 def eligible_videos(*, session: Session, video_ids: list[int], collection: str | None) -> dict[int, str]:

@@ -12,6 +12,7 @@ serving.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,7 +25,9 @@ from sqlalchemy.orm import Session
 from app.config import Settings, get_settings
 from app.index import queries
 from app.index.calibrate import background_sample, calibrate, calibration_reference
+from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
 from app.index.hits import Hit, exact_search, merge
+from app.index.rerank import fused, rerank
 from app.index.transform import normalise
 from app.index.version import IndexFileError, IndexVersionFiles
 from app.models import Embedding, IndexVersion, ModelVersion
@@ -37,8 +40,14 @@ class Match:
     video_id: int
     uri: str
     score: float  # cosine similarity of the embeddings, 1.0 = same direction
-    calibrated: float | None = None  # app.index.calibrate.calibrate: 1 identical, 0 the query's top 1%
-    near_duplicate: bool = False  # calibrated >= settings.near_duplicate_threshold
+    # Comparable across queries: the frame-alignment score where the second stage ran
+    # (``match``), else the cosine calibrated by app.index.calibrate (1 identical, 0 the
+    # query's top 1%).
+    calibrated: float | None = None
+    near_duplicate: bool = False  # calibrated >= its threshold (settings)
+    match: float | None = None  # app.index.align: the frame-alignment score
+    query_span: tuple[float, float] | None = None  # seconds of the query that match
+    span: tuple[float, float] | None = None  # ... and of this video
 
     @property
     def cosine(self) -> float:
@@ -269,15 +278,81 @@ def search_library(
     exclude: set[int],
     collection: str | None = None,
     exclude_near_duplicates: bool = False,
+    query_frames: Frames | None = None,
     settings: Settings | None = None,
 ) -> tuple[list[Match], int | None]:
-    """Top ``k`` enabled library videos most similar to ``query`` (cosine), never those in
-    ``exclude`` (nor, with ``exclude_near_duplicates``, those flagged as near-duplicates
-    of the query), only from ``collection`` when given: then min(k, its eligible videos)
-    of them (searched exactly where the index search falls short). Returns the matches,
-    each with its cosine, calibrated score and near-duplicate flag, and the index version
-    used (None: exact search only)."""
+    """Top ``k`` enabled library videos most similar to ``query`` (a video vector), never
+    those in ``exclude`` (nor, with ``exclude_near_duplicates``, those flagged as
+    near-duplicates of the query), only from ``collection`` when given: then min(k, its
+    eligible videos) of them (searched exactly where the index search falls short).
+
+    With the query's ``query_frames``, the first ``settings.rerank_candidates`` (at least
+    ``k``) are re-ranked by aligning their frames with the query's: the second stage
+    (:mod:`app.index.rerank`). Each match then has its frame-alignment score (``match``,
+    normalised against the library's background frames), the matched spans, and as its
+    ``calibrated`` score the fusion of both stages that it is ranked by. Returns
+    the matches and the index version used (None: exact search only)."""
     settings = settings or get_settings()
+    second_stage = query_frames is not None and len(query_frames) > 0 and settings.rerank_candidates > 0
+    if not second_stage:
+        return _first_stage(session=session, model=model, query=query, k=k, exclude=exclude, collection=collection,
+                            exclude_near_duplicates=exclude_near_duplicates, settings=settings)  # fmt: skip
+    assert query_frames is not None
+    candidates, used = _first_stage(session=session, model=model, query=query, k=max(k, settings.rerank_candidates),
+                                    exclude=exclude, collection=collection, exclude_near_duplicates=False,
+                                    settings=settings)  # fmt: skip
+    stored = queries.stored_frames(session=session, model_id=model.id, video_ids=[m.video_id for m in candidates])
+    if len(stored) < len(candidates):  # rows from before frame descriptors: one scale for all
+        logger.debug("second stage skipped: %d of %d candidates have no frames", len(candidates) - len(stored),
+                     len(candidates))  # fmt: skip
+        first = [m for m in candidates if not (exclude_near_duplicates and m.near_duplicate)]
+        return first[:k], used
+    aligned = rerank(query_frames, stored, _background(session=session, model=model, version=used))
+    threshold = settings.rerank_near_duplicate_threshold
+    matches = []
+    for m in candidates:
+        a = aligned[m.video_id]
+        final = fused(a.score, m.calibrated or 0.0)
+        near = final >= threshold
+        if not (near and exclude_near_duplicates):
+            matches.append(dataclasses.replace(m, calibrated=final, near_duplicate=near, match=a.score,
+                                               query_span=a.query_span, span=a.candidate_span))  # fmt: skip
+    matches.sort(key=lambda m: (-(m.calibrated or 0.0), -m.score, m.video_id))
+    return matches[:k], used
+
+
+# Per process: the background frames of the library a model serves, drawn again when the
+# index version changes or the library doubles (or halves) in size.
+_backgrounds: dict[int, tuple[tuple[int | None, int], Background | None]] = {}
+
+
+def _background(*, session: Session, model: ModelVersion, version: int | None) -> Background | None:
+    with _lock:
+        size = _delta.size if _delta is not None and _delta.model_id == model.id else 0
+        indexed = len(_serving[1]) if _serving is not None and _serving[0].id == version else 0
+        key = (version, (size + indexed).bit_length())
+        cached = _backgrounds.get(model.id)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    videos = queries.background_frames(session=session, model_id=model.id, limit=BACKGROUND_VIDEOS)
+    background = Background.of(videos)
+    with _lock:
+        _backgrounds[model.id] = (key, background)
+    return background
+
+
+def _first_stage(
+    *,
+    session: Session,
+    model: ModelVersion,
+    query: np.ndarray,
+    k: int,
+    exclude: set[int],
+    collection: str | None,
+    exclude_near_duplicates: bool,
+    settings: Settings,
+) -> tuple[list[Match], int | None]:
+    """The video-vector search: top ``k`` eligible matches by cosine, calibrated."""
     q = normalise(np.asarray(query, dtype=np.float32).reshape(-1))
     active, searcher = _serving_index(session=session, model=model, settings=settings)
     delta_keys, delta_vecs = _delta_vectors(session=session, model=model, since=active.horizon if active else 0)

@@ -41,8 +41,9 @@ class EncoderConfig:
     # together unit length), so a score is the mean of the two cosines. Comparable scores
     # across queries (micro-AP) need them: a network's raw vectors crowd into a narrow cone.
     library_norm: Literal["none", "centre", "centre+whiten"] = "none"
-    # The per-second frame descriptor (VideoEncoder.frame_descriptors), from the same
-    # forward pass as the video vector.
+    # The frame-level descriptor (one per sampled frame, from the same forward pass): the
+    # backbone's frame features projected to frame_dim. The second stage of a search
+    # aligns a query's frames with a candidate's (app.index.align).
     frame_dim: int = 256
 
     @property
@@ -136,7 +137,11 @@ class VideoEncoder(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(h, e, bias=False),
         )
+        # Starts as a random orthogonal projection (a fixed generator, the same on every
+        # machine): an untrained head keeps the backbone's frame geometry (cosines are
+        # nearly preserved); training (app.learn.train) makes it copy-robust.
         self.frame_head = nn.Linear(dim, config.frame_dim, bias=False)
+        nn.init.orthogonal_(self.frame_head.weight, generator=torch.Generator().manual_seed(0))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1))
         if config.library_norm not in ("none", "centre", "centre+whiten"):
@@ -148,24 +153,27 @@ class VideoEncoder(nn.Module):
         self.register_buffer("centre", torch.zeros(d))
         self.register_buffer("whiten", torch.eye(d))
 
-    def represent(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """frames: (B, T, 3, H, W) floats in [0, 1]; mask: (B, T) bool. Returns (B, D)."""
-        if mask is None:
-            mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
-        return self.temporal(self.frame_features(frames), mask)
-
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
-        """The backbone's features of each frame: (B, T, 3, H, W) -> (B, T, D) float32."""
+        """frames: (B, T, 3, H, W) floats in [0, 1] -> the backbone's (B, T, D) features."""
         b, t = frames.shape[:2]
         x = (frames - self.mean) / self.std
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # (B*T, 3, H, W)
-        return self.backbone(x).view(b, t, -1).float()  # (B, T, D)
+        return self.backbone(x).view(b, t, -1).float()
+
+    def pool(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) frame features, mask (B, T) -> the (B, D) video representation."""
+        if mask is None:
+            mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        return self.temporal(feats, mask)
+
+    def represent(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """frames: (B, T, 3, H, W) floats in [0, 1]; mask: (B, T) bool. Returns (B, D)."""
+        return self.pool(self.frame_features(frames), mask)
 
     def frame_descriptors(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-frame descriptors, unnormalised: (B, T, 3, H, W) -> (B, T, frame_dim);
-        padded frames (``mask`` False) come out as zeros."""
-        out = self.frame_head(self.frame_features(frames))
-        return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
+        """The (B, T, frame_dim) frame-level descriptors, unnormalised (``mask`` is
+        accepted for symmetry with :meth:`represent`: each frame is described alone)."""
+        return self.frame_head(self.frame_features(frames))
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The training output: projector embedding, (B, embed_dim)."""
@@ -178,13 +186,25 @@ class VideoEncoder(nn.Module):
         Clips of different lengths share one forward pass, padded and masked.
         Returns float32 (len(clips), output_dim).
         """
-        if not clips:
-            return np.zeros((0, self.config.output_dim), dtype=np.float32)
-        return self._library_normalise(self._unit_vectors(clips, bf16=bf16)).cpu().numpy()
+        return self.describe(clips, bf16=bf16)[0]
 
     @torch.inference_mode()
-    def _unit_vectors(self, clips: list[np.ndarray], *, bf16: bool) -> torch.Tensor:
-        """(len(clips), base_dim) unit vectors before library normalisation."""
+    def describe(self, clips: list[np.ndarray], *, bf16: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`embed`'s vectors and, from the same forward pass, each clip's frame
+        descriptors: float32 (T_i, frame_dim), L2-normalised per frame."""
+        if not clips:
+            return np.zeros((0, self.config.output_dim), dtype=np.float32), []
+        vectors, frames = self._unit_vectors(clips, bf16=bf16, with_frames=True)
+        assert frames is not None
+        per_clip = [frames[i, : len(clip)].cpu().numpy() for i, clip in enumerate(clips)]
+        return self._library_normalise(vectors).cpu().numpy(), per_clip
+
+    @torch.inference_mode()
+    def _unit_vectors(
+        self, clips: list[np.ndarray], *, bf16: bool, with_frames: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(len(clips), base_dim) unit vectors before library normalisation, and with
+        ``with_frames`` the (len(clips), T_max, frame_dim) unit frame descriptors."""
         self.eval()
         device = self.mean.device
         t_max = max(len(c) for c in clips)
@@ -200,9 +220,13 @@ class VideoEncoder(nn.Module):
             mask[i, : len(clip)] = True
         use_bf16 = bf16 and device.type == "cpu"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 or device.type == "cuda"):
-            rep = self.represent(frames, mask)
+            feats = self.frame_features(frames)
+            rep = self.pool(feats, mask)
             out = rep if self.config.serve == "representation" else self.projector(rep)
-        return F.normalize(out.float(), dim=-1)
+            described = self.frame_head(feats) if with_frames else None
+        if described is not None:
+            described = F.normalize(described.float(), dim=-1)
+        return F.normalize(out.float(), dim=-1), described
 
     def _library_normalise(self, v: torch.Tensor) -> torch.Tensor:
         """(B, base_dim) unit vectors -> (B, output_dim) unit vectors (config.library_norm)."""
@@ -227,7 +251,7 @@ class VideoEncoder(nn.Module):
         self.whiten.copy_(torch.eye(len(self.centre)))
         if self.config.library_norm == "none" or not clips:
             return
-        parts = [self._unit_vectors(clips[i : i + batch_size], bf16=bf16) for i in range(0, len(clips), batch_size)]
+        parts = [self._unit_vectors(clips[i : i + batch_size], bf16=bf16)[0] for i in range(0, len(clips), batch_size)]
         v = torch.cat(parts).double().cpu()  # (N, base_dim)
         centre = v.mean(0)
         self.centre.copy_(centre.float())
@@ -274,7 +298,7 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> tuple[VideoEncoder
     # Checkpoints from before library normalisation: not fitted.
     state.setdefault("centre", torch.zeros_like(model.centre))
     state.setdefault("whiten", torch.eye(len(model.centre)))
-    # Checkpoints from before the frame descriptor: its head as initialised.
+    # Checkpoints from before frame descriptors: the untrained (fixed orthogonal) head.
     state.setdefault("frame_head.weight", model.frame_head.weight.detach().clone())
     model.load_state_dict(state)
     return _for_inference(model), payload

@@ -144,6 +144,12 @@ def embed_clips(model: ModelVersion, clips: list[np.ndarray]) -> np.ndarray:
     return encoder_for(model).embed(clips, bf16=cpu_has_bf16())
 
 
+def describe_clips(model: ModelVersion, clips: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`embed_clips`'s vectors and each clip's (T_i, frame_dim) unit frame
+    descriptors, from the same forward pass."""
+    return encoder_for(model).describe(clips, bf16=cpu_has_bf16())
+
+
 def start_rollout(*, session: Session, model_id: int) -> ModelVersion:
     """Marks a model to take over: the library gets embedded with it and an index built;
     the active model keeps serving until then (see :func:`finish_rollout`)."""

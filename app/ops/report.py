@@ -1,5 +1,6 @@
 """The results page: each event's query frames beside its recommended videos, with
-thumbnails, scores and the callback delivery history. Static HTML, files beside it."""
+thumbnails, scores, where in each video the match is (the query's matched frame beside
+the result's) and the callback delivery history. Static HTML, files beside it."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ class ResultCard:
     thumb: str | None
     expected: bool = False
     near_duplicate: bool = False
+    match: float | None = None
+    spans: str | None = None  # "query 3.0-7.0 s = 12.0-16.0 s here"
+    matched: tuple[str, str] | None = None  # the query's frame and this video's, mid-match
+
+
+# Results per event whose matched frames are drawn (each is two short decodes).
+MATCHED_FRAMES_FOR = 3
 
 
 @dataclass
@@ -70,6 +78,38 @@ def _frames(video: Video, *, settings: Settings, count: int, out: Path, stem: st
     return names
 
 
+def _frame_at(video: Video, at_s: float, *, settings: Settings, out: Path, stem: str) -> str | None:
+    """One frame of a video at ``at_s`` seconds as a JPEG; its relative path."""
+    name = f"{stem}-at{at_s:.1f}.jpg"
+    if not (out / name).is_file():
+        try:
+            sample = video_io.sample_frames(video.local_path or video.uri, fps=1.0, size=160, max_frames=1,
+                                            start_s=max(0.0, at_s), duration_s=1.0,
+                                            limits=decode_limits(settings))  # fmt: skip
+        except video_io.VideoError as exc:
+            logger.warning("no frame at %.1fs of video %d: %s", at_s, video.id, exc.reason)
+            return None
+        _save_jpeg(sample.frames[0], out / name)
+    return f"thumbs/{name}"
+
+
+def _matched(
+    query: Video | None, video: Video | None, item: dict, *, settings: Settings, out: Path
+) -> tuple[str | None, tuple[str, str] | None]:
+    """The matched spans of a result as text, and the middle frame of each span."""
+    spans = [item.get(k) for k in ("query_start_s", "query_end_s", "start_s", "end_s")]
+    if any(v is None for v in spans):
+        return None, None
+    q0, q1, s0, s1 = (float(v) for v in spans if v is not None)
+    text = f"query {q0:.1f}-{q1:.1f} s = {s0:.1f}-{s1:.1f} s here"
+    if query is None or video is None:
+        return text, None
+    mid_q, mid_s = (q0 + q1) / 2, (s0 + s1) / 2
+    q = _frame_at(query, mid_q, settings=settings, out=out, stem=f"v{query.id}")
+    r = _frame_at(video, mid_s, settings=settings, out=out, stem=f"v{video.id}")
+    return text, (q, r) if q and r else None
+
+
 def write_results_page(
     out_dir: Path,
     *,
@@ -100,6 +140,9 @@ def write_results_page(
         for item in rec.results.get("items", []) if rec else []:
             video = session.get(Video, item["video_id"])
             thumb = _frames(video, settings=settings, count=6, out=thumbs, stem=f"v{video.id}") if video else []
+            spans, matched = None, None
+            if item["rank"] <= MATCHED_FRAMES_FOR:
+                spans, matched = _matched(query, video, item, settings=settings, out=thumbs)
             results.append(
                 ResultCard(
                     rank=item["rank"],
@@ -109,6 +152,9 @@ def write_results_page(
                     near_duplicate=bool(item.get("near_duplicate")),
                     thumb=thumb[len(thumb) // 2] if thumb else None,
                     expected=bool(expected and expected.get(ev.event_id) == item["video_id"]),
+                    match=item.get("match"),
+                    spans=spans,
+                    matched=matched,
                 )
             )
         deliveries = []

@@ -21,8 +21,9 @@ import logging
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
+from app.index import frames as index_frames
 from app.learn.registry import active_model
 from app.models import Delivery, Embedding, Event, ModelVersion, Recommendation, Video
 from app.serve.embedding_jobs import given_up_ids
@@ -87,9 +88,12 @@ def model_to_embed_with(model_id: int | None, *, session: Session) -> ModelVersi
 
 
 def find_embedding(video_id: int, model_id: int, *, session: Session) -> Embedding | None:
-    """A video's embedding by one model: the query vector of a search."""
+    """A video's embedding by one model: the query vector of a search, with its frame
+    descriptors (the second stage's query) in the same read."""
     return session.scalar(
-        select(Embedding).where(Embedding.video_id == video_id, Embedding.model_version_id == model_id)
+        select(Embedding)
+        .where(Embedding.video_id == video_id, Embedding.model_version_id == model_id)
+        .options(undefer(Embedding.frame_vectors), undefer(Embedding.frame_times))
     )
 
 
@@ -100,8 +104,23 @@ def has_embedding(video_id: int, model_id: int, *, session: Session) -> bool:
     return found is not None
 
 
-def add_embedding(video_id: int, model_id: int, vector: np.ndarray, *, frames: int, session: Session) -> None:
-    """Stores a video's (D,) embedding by one model, unless a worker stored it concurrently."""
+def add_embedding(
+    video_id: int,
+    model_id: int,
+    vector: np.ndarray,
+    *,
+    frames: int,
+    session: Session,
+    frame_vectors: np.ndarray | None = None,
+    frame_times: np.ndarray | None = None,
+) -> None:
+    """Stores a video's (D,) embedding by one model, with its (T, F) frame descriptors
+    and their (T,) times when given, unless a worker stored it concurrently."""
+    packed: tuple[bytes | None, bytes | None] = (None, None)
+    if frame_vectors is not None:
+        if frame_times is None:
+            raise ValueError("frame descriptors need their times")
+        packed = index_frames.pack(frame_vectors, frame_times)
     try:
         with session.begin_nested():
             session.add(
@@ -111,6 +130,9 @@ def add_embedding(video_id: int, model_id: int, vector: np.ndarray, *, frames: i
                     vector=vector.astype("float32").tobytes(),
                     dim=int(vector.shape[0]),
                     frames=frames,
+                    frame_dim=int(frame_vectors.shape[1]) if frame_vectors is not None else None,
+                    frame_vectors=packed[0],
+                    frame_times=packed[1],
                 )
             )
     except IntegrityError:

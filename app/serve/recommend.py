@@ -23,12 +23,13 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import Sessions
 from app.deliver import outbox
-from app.index.search import search_library, vector_of
-from app.learn.registry import active_model, embed_clips
+from app.index import frames as index_frames
+from app.index.search import Match, search_library, vector_of
+from app.learn.registry import active_model, describe_clips
 from app.media import register as library
 from app.media import video as video_io
 from app.metrics import EVENTS
-from app.models import Event, ModelVersion, Recommendation, Video, utcnow
+from app.models import Embedding, Event, ModelVersion, Recommendation, Video, utcnow
 from app.serve import embedding_jobs, queries
 from app.serve.events import InvalidEvent, VideoSelected, parse_event
 
@@ -96,18 +97,9 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
         exclude={query_video.id},
         collection=event.collection,
         exclude_near_duplicates=event.exclude_near_duplicates,
+        query_frames=_frames_of(emb),
     )
-    results = [
-        {
-            "video_id": m.video_id,
-            "uri": m.uri,
-            "score": round(m.score, 6),
-            "calibrated": None if m.calibrated is None else round(m.calibrated, 4),
-            "near_duplicate": m.near_duplicate,
-            "rank": rank,
-        }
-        for rank, m in enumerate(matches, start=1)
-    ]
+    results = [result_item(m, rank) for rank, m in enumerate(matches, start=1)]
     return _answer(
         ev,
         query=query_video,
@@ -117,6 +109,34 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
         search_ms=(time.perf_counter() - started) * 1000,
         session=session,
     )
+
+
+def _frames_of(emb: Embedding) -> index_frames.Frames | None:
+    """The query's frame descriptors, or None for an embedding stored before them."""
+    if emb.frame_vectors is None or not emb.frame_dim:
+        return None
+    return index_frames.unpack(emb.frame_vectors, emb.frame_times, emb.frame_dim)
+
+
+def result_item(m: Match, rank: int) -> dict[str, Any]:
+    """One result of the callback contract (README, "Callback contract")."""
+
+    def seconds(span: tuple[float, float] | None, end: int) -> float | None:
+        return None if span is None else round(span[end], 2)
+
+    return {
+        "video_id": m.video_id,
+        "uri": m.uri,
+        "score": round(m.score, 6),
+        "match": None if m.match is None else round(m.match, 4),
+        "calibrated": None if m.calibrated is None else round(m.calibrated, 4),
+        "near_duplicate": m.near_duplicate,
+        "rank": rank,
+        "query_start_s": seconds(m.query_span, 0),
+        "query_end_s": seconds(m.query_span, 1),
+        "start_s": seconds(m.span, 0),
+        "end_s": seconds(m.span, 1),
+    }
 
 
 def _query_video(ev: Event, event: VideoSelected, *, session: Session, settings: Settings) -> Video | str:
@@ -272,10 +292,10 @@ def embed_video(video_id: int, *, sessions: Sessions, settings: Settings, model_
                 video.status, video.error = "failed", exc.reason
         return Embedded(video_id, ok=False, error=exc.reason)
     decoded = time.perf_counter()
-    vector = embed_clips(job.model, [sample.frames])[0]  # (D,)
+    vectors, frames = describe_clips(job.model, [sample.frames])  # (1, D), [(T, F)]
     done = time.perf_counter()
     with sessions() as session:
-        if not _store_embedding(video_id, job.model.id, vector, sample, session=session):
+        if not _store_embedding(video_id, job.model.id, vectors[0], frames[0], sample, session=session):
             return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
     logger.info(
         "embedded video %d: %d frames, decode %.2fs, embed %.2fs",
@@ -310,14 +330,15 @@ def _embedding_job(video_id: int, *, session: Session, model_id: int | None) -> 
 
 
 def _store_embedding(
-    video_id: int, model_id: int, vector: np.ndarray, sample: video_io.Sample, *, session: Session
+    video_id: int, model_id: int, vector: np.ndarray, frames: np.ndarray, sample: video_io.Sample, *, session: Session
 ) -> bool:
-    """Stores the (D,) embedding and what decoding learnt of the video; False when the
-    video was deleted meanwhile."""
+    """Stores the (D,) embedding, the (T, F) frame descriptors and what decoding learnt of
+    the video; False when the video was deleted meanwhile."""
     video = queries.find_video(video_id, session=session)
     if video is None:
         return False
-    queries.add_embedding(video_id, model_id, vector, frames=len(sample.frames), session=session)
+    queries.add_embedding(video_id, model_id, vector, frames=len(sample.frames), session=session,
+                          frame_vectors=frames, frame_times=sample.timestamps)  # fmt: skip
     info = sample.info
     video.status, video.error = "ready", None
     video.duration_s, video.width, video.height = info.duration_s, info.width, info.height

@@ -1,0 +1,146 @@
+"""The second stage of a search: two videos compared frame by frame.
+
+A video is described by one unit vector per sampled frame (``app.learn.encoder``'s frame
+descriptors, or any per-frame descriptor a baseline has) and the time of each frame. Two
+videos are compared through their frame-similarity matrix ``S`` (query frames x candidate
+frames), made comparable across queries by subtracting, per query frame, ``beta`` x how
+similar that frame is to library footage in general (:func:`frame_references`, the VSC22
+score-normalisation trick applied to frames: a frame that looks like everything, a black
+frame or a title card, proves nothing).
+
+The score is the chamfer similarity seen from the shorter video: each of its frames takes
+its best partner in the longer one, and the score is their mean. So a clip inserted into
+unrelated footage (the library clip is the shorter), a trimmed copy (the query is the
+shorter), a sped-up or frame-dropped copy (best partners need not be evenly spaced) all
+score as the copy they are, while footage that only shares a few frames does not. Where
+the videos only overlap (part of a library video inside other footage), the overlap's
+own quality counts once it spans MIN_RUN_FRAMES frames.
+
+Localisation: the frame pairs that are each other's best partner, above the background
+and near the best match, kept to the largest run of partners that are close in time in
+the longer video (outliers elsewhere are dropped), give which part of the query matches
+which part of the candidate, in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# How much of a query frame's similarity to library footage in general is subtracted
+# (0.5 and 1.0 rank alike on the benchmark's dev part; 0.5 fuses better, app.index.rerank).
+BETA = 0.5
+# The background level of a query frame is its similarity to the K-th most similar
+# background video (each video's best frame): the K-1 above it may be the source itself
+# and its near-copies, which must not raise the bar for their own match.
+BACKGROUND_RANK = 3
+# A matching frame scores at least this fraction of the best frame's normalised score.
+MATCH_FRACTION = 0.5
+# An overlap of this many frames (or more) scores its full quality.
+MIN_RUN_FRAMES = 5
+# Partners further apart than this (seconds, at least; see _gap) start another run.
+RUN_GAP_S = 3.0
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How a candidate matches a query: ``score`` (chamfer of the normalised frame
+    similarities from the shorter video), and the matched spans in seconds, of the query
+    and of the candidate (None when no frame matches above the background)."""
+
+    score: float
+    query_span: tuple[float, float] | None = None
+    candidate_span: tuple[float, float] | None = None
+
+
+def unit_rows(x: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
+    """Rows of ``x`` minus ``centre`` (the library's mean frame), L2-normalised, float32."""
+    x = np.asarray(x, dtype=np.float32)
+    if centre is not None:
+        x = x - centre
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(min=1e-6)
+
+
+def frame_references(query: np.ndarray, background: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each query frame's background level (Tq,): its best similarity to each background
+    video's frames, the :data:`BACKGROUND_RANK`-th highest over videos. ``background`` is
+    (B, F_max, D) unit frames, ``valid`` (B, F_max) marks the real ones; fewer than
+    BACKGROUND_RANK background videos give zeros (no normalisation)."""
+    n_videos = int(valid.any(axis=1).sum())
+    if n_videos < BACKGROUND_RANK or len(query) == 0:
+        return np.zeros(len(query), dtype=np.float32)
+    b, f, d = background.shape
+    sims = (query @ background.reshape(b * f, d).T).reshape(len(query), b, f)  # (Tq, B, F)
+    best = np.where(valid[None], sims, -np.inf).max(axis=2)  # (Tq, B)
+    return -np.partition(-best, BACKGROUND_RANK - 1, axis=1)[:, BACKGROUND_RANK - 1].astype(np.float32)
+
+
+def align(
+    similarity: np.ndarray,
+    query_times: np.ndarray | None = None,
+    candidate_times: np.ndarray | None = None,
+    *,
+    references: np.ndarray | None = None,
+    beta: float = BETA,
+) -> Alignment:
+    """The :class:`Alignment` of a (Tq, Tc) frame-similarity matrix, normalised by
+    subtracting ``beta`` x the query frames' ``references`` (:func:`frame_references`);
+    times in seconds of each frame (default: one frame a second from 0). Frames choose
+    their partners by similarity itself: the normalisation, a level per query frame, must
+    not pull a candidate frame towards a query frame that looks less like it."""
+    tq, tc = similarity.shape
+    if tq == 0 or tc == 0:
+        return Alignment(float("-inf"))
+    q_times = np.arange(tq, dtype=np.float64) if query_times is None else np.asarray(query_times, np.float64)
+    c_times = np.arange(tc, dtype=np.float64) if candidate_times is None else np.asarray(candidate_times, np.float64)
+    normalised = similarity if references is None else similarity - beta * references[:, None]
+    query_is_shorter = tq <= tc
+    raw, sims = (similarity, normalised) if query_is_shorter else (similarity.T, normalised.T)  # (short, long)
+    short_times, long_times = (q_times, c_times) if query_is_shorter else (c_times, q_times)
+    partner = raw.argmax(axis=1)  # (short,)
+    best = sims[np.arange(len(sims)), partner]
+    chamfer = float(best.mean())
+    # Only pairs that choose each other: a frame next to the copied part (the same scene,
+    # not copied) has a partner there, but that partner has a better one.
+    mutual = raw.argmax(axis=0)[partner] == np.arange(len(raw))
+    run = _matched_run(best, mutual, long_times[partner], _gap(long_times))
+    if run is None:
+        return Alignment(chamfer)
+    # A copy of part of the shorter video (both videos only overlap) scores as the
+    # quality of the overlap, once it is long enough to mean something.
+    segment = float(best[run].mean()) * min(1.0, len(run) / MIN_RUN_FRAMES)
+    score = max(chamfer, segment)
+    short_span = (float(short_times[run].min()), float(short_times[run].max() + _step(short_times)))
+    long_span = (float(long_times[partner][run].min()), float(long_times[partner][run].max() + _step(long_times)))
+    if query_is_shorter:
+        return Alignment(score, short_span, long_span)
+    return Alignment(score, long_span, short_span)
+
+
+def _step(times: np.ndarray) -> float:
+    """The sampling period of a video's frames (1 s for a single frame)."""
+    gaps = np.diff(times)
+    gaps = gaps[gaps > 0]
+    return float(np.median(gaps)) if len(gaps) else 1.0
+
+
+def _gap(times: np.ndarray) -> float:
+    """Partners further apart than this (seconds) in a video sampled at ``times`` are in
+    different runs: a few frame steps, or a quarter of the video (a sped-up copy with
+    dropped frames leaves wide gaps between its partners)."""
+    return max(RUN_GAP_S, 3 * _step(times), 0.25 * float(times[-1] - times[0]))
+
+
+def _matched_run(best: np.ndarray, mutual: np.ndarray, partner_times: np.ndarray, gap: float) -> np.ndarray | None:
+    """The shorter video's frames (indices) that match: mutual best partners, above the
+    background and near the best one, kept to their partners' heaviest run in time; None
+    when none match."""
+    top = float(best[mutual].max()) if mutual.any() else 0.0
+    if top <= 0:
+        return None
+    matched = np.flatnonzero(mutual & (best >= MATCH_FRACTION * top))
+    order = matched[np.argsort(partner_times[matched], kind="stable")]
+    breaks = np.flatnonzero(np.diff(partner_times[order]) > gap) + 1
+    runs = np.split(order, breaks)
+    return max(runs, key=lambda r: (float(best[r].sum()), -int(r[0])))

@@ -1,0 +1,78 @@
+"""Frame descriptors as they are stored and read back for the second stage of a search.
+
+Stored in the embedding's row (migration 0007): float16 (T, D) bytes, one L2-normalised
+descriptor per sampled frame, and float32 (T,) frame times in seconds. 256-d float16 is
+512 bytes a frame: a 64-frame video is 32 KB, read for each of the first stage's
+candidates in one statement.
+
+The background is a fixed sample of the library's frames: their mean is subtracted from
+every frame before frames are compared (a network's raw descriptors crowd into a narrow
+cone, where every pair looks alike), and each query frame's similarity to it says what
+"similar" means around that frame (``app.index.align.frame_references``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.index.align import unit_rows
+
+# Background: at most this many library videos, and this many frames of each.
+BACKGROUND_VIDEOS = 64
+BACKGROUND_FRAMES_PER_VIDEO = 16
+
+
+@dataclass(frozen=True)
+class Frames:
+    """One video's frame descriptors (T, D) float32 and their times (T,) in seconds."""
+
+    vectors: np.ndarray
+    times: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+def pack(vectors: np.ndarray, times: np.ndarray) -> tuple[bytes, bytes]:
+    """(frame_vectors, frame_times) column bytes of (T, D) descriptors and (T,) times."""
+    return np.asarray(vectors, dtype=np.float16).tobytes(), np.asarray(times, dtype=np.float32).tobytes()
+
+
+def unpack(vectors: bytes, times: bytes | None, dim: int) -> Frames:
+    """The :class:`Frames` stored as :func:`pack` wrote them (times: one a second when absent)."""
+    v = np.frombuffer(vectors, dtype=np.float16).reshape(-1, dim).astype(np.float32)
+    t = np.frombuffer(times, dtype=np.float32).astype(np.float64) if times else np.arange(len(v), dtype=np.float64)
+    return Frames(v, t[: len(v)])
+
+
+@dataclass(frozen=True)
+class Background:
+    """The library's mean frame ``centre`` (D,), and ``frames`` (B, F, D): a few centred
+    unit frames of each of B library videos, ``valid`` (B, F) marking the real ones."""
+
+    centre: np.ndarray
+    frames: np.ndarray
+    valid: np.ndarray
+
+    @classmethod
+    def of(cls, videos: Sequence[np.ndarray], *, per_video: int = BACKGROUND_FRAMES_PER_VIDEO) -> Background | None:
+        """From the frame descriptors (T_i, D) of some library videos; None without any."""
+        videos = [np.asarray(v, dtype=np.float32) for v in videos if len(v)]
+        if not videos:
+            return None
+        dim = videos[0].shape[1]
+        centre = np.concatenate(videos).mean(axis=0)
+        frames = np.zeros((len(videos), per_video, dim), dtype=np.float32)
+        valid = np.zeros((len(videos), per_video), dtype=bool)
+        for i, v in enumerate(videos):
+            rows = np.unique(np.linspace(0, len(v) - 1, min(per_video, len(v))).round().astype(int))
+            frames[i, : len(rows)] = unit_rows(v[rows], centre)
+            valid[i, : len(rows)] = True
+        return cls(centre.astype(np.float32), frames, valid)
+
+    def prepare(self, vectors: np.ndarray) -> np.ndarray:
+        """Frames as they are compared: centred on the library's mean frame, unit length."""
+        return unit_rows(vectors, self.centre)

@@ -223,6 +223,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 # Pre-training on the offline corpus (`vidsim corpus build`) on 2 CPU cores: cpu-small's
-# recipe for 240 steps (about 8 minutes there), its library normalisation fitted on 64 of
-# the corpus's clips (a fine-tune on the company's library refits it on theirs).
+# recipe for 240 steps (measured 2-4 clips/s on this shared 2-core machine: about 20-25
+# minutes; 48 steps took 5), its library normalisation fitted on 64 of the corpus's clips
+# (a fine-tune on the company's library refits it on theirs).
 PRESETS["cpu-pretrain"] = dataclasses.replace(PRESETS["cpu-small"], steps=240, norm_videos=64, checkpoint_every=40)

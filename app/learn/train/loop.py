@@ -3,7 +3,8 @@ with the Barlow Twins objective.
 
 Each step embeds the two augmented windows of each video in the batch
 (:mod:`app.learn.train.data`) and :mod:`app.learn.loss` pulls their cross-correlation
-towards the identity.
+towards the identity; a second Barlow Twins term (``frame_weight``) does the same for the
+per-frame descriptors of the frames of both views that show the same moments.
 
 DDP-ready: under ``torchrun`` (``WORLD_SIZE > 1``) each rank loads its shard of the videos
 (DistributedSampler), the loss is computed over the global batch (all-reduced statistics

@@ -3,7 +3,7 @@ background normalisation and fusion), through ``search_library`` on the configur
 Postgres, measured in the same run.
 
 A scratch model version gets ``--n`` library videos (clustered 512-d vectors, and
-``--frames`` 256-d float16 frame descriptors each, as the encoder stores them) and an
+``--frames`` float16 frame descriptors each (the encoder's frame_dim), as the encoder stores them) and an
 index version built from them; ``--queries`` searches run with the second stage off and
 on, and the second stage's phases are timed apart (reading the candidates' frames, the
 alignment; the background, built once per index version, is timed with it here). The
@@ -30,6 +30,7 @@ from app.index import queries as index_queries
 from app.index import rebuild, search
 from app.index.frames import BACKGROUND_VIDEOS, Background, pack, unpack
 from app.index.rerank import rerank
+from app.learn.encoder import EncoderConfig
 from app.models import Embedding, IndexVersion, ModelVersion, Video
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     migrate()
     rng = np.random.default_rng(0)
-    dim, frame_dim = 512, 256
+    dim, frame_dim = 512, EncoderConfig().frame_dim
     vectors = _clustered(args.n, dim, rng)
     with session_scope() as s:
         model = ModelVersion(

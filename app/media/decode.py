@@ -200,7 +200,7 @@ def _probe_with_av(
         if find_borders is not None:
             t = time.perf_counter()
             try:
-                geometry = read_geometry(av, container, vs, duration_s=duration, find_borders=find_borders)
+                geometry = read_geometry(container, vs, duration_s=duration, fps=fps, find_borders=find_borders)
             except av.FFmpegError as exc:  # frames the index promised are not there
                 message = clean_message(exc, path)
                 if looks_like_oom(message):

@@ -14,7 +14,8 @@ video although the picture is the same:
   moves; a border does not), or far smoother than the picture (blurred bars, accepted
   only in symmetric pairs as phones make them).
 
-PyAV is handed in, never imported here, so the parent can import this module for free.
+The probe's open PyAV container is handed in: PyAV is never imported here, so the parent
+imports this module (for :class:`Box`) for free.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import numpy as np
 DETECT_FRAMES = 8
 MIN_DETECT_FRAMES = 3  # with fewer distinct frames, time tells nothing: no border found
 DETECT_LONG_SIDE = 320  # grey frames are looked at with this long side (or native, if smaller)
-# A video with too few keyframes is decoded from its start up to this many frames to find
-# the others; beyond that it keeps what the keyframes gave.
-MAX_FALLBACK_FRAMES = 1500
+# A video with too few keyframes is looked at over the frames its start holds, up to this
+# many (decoded from the first one: 5 s at 25 fps, about a twelfth of a 60-s sample).
+MAX_FALLBACK_FRAMES = 125
 
 FLAT_TIME_STD = 3.0  # grey levels (0-255): a border pixel's spread over the frames
 FLAT_SPACE_RANGE = 8.0  # grey levels: a border line's spread (5th-95th percentile) along itself
@@ -72,15 +73,17 @@ class Geometry:
     crop: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 
 
-def read_geometry(av: Any, container: Any, stream: Any, *, duration_s: float, find_borders: bool) -> Geometry:
+def read_geometry(container: Any, stream: Any, *, duration_s: float, fps: float, find_borders: bool) -> Geometry:
     """The stream's rotation and, with ``find_borders``, its picture inside any borders.
 
-    Decodes keyframes only (one, without ``find_borders``), reduced to small grey frames.
+    Decodes keyframes only (one, without ``find_borders``), reduced to small grey frames;
+    a video with too few keyframes is looked at over its first MAX_FALLBACK_FRAMES frames.
     """
     times = _detect_times(duration_s, DETECT_FRAMES if find_borders else 1)
     frames, rotation = _grey_keyframes(container, stream, times)
     if find_borders and len(frames) < MIN_DETECT_FRAMES:
-        frames, rotation = _grey_frames_in_order(container, stream, times)
+        span = min(duration_s, MAX_FALLBACK_FRAMES / fps) if fps > 0 else duration_s
+        frames, rotation = _grey_frames_in_order(container, stream, _detect_times(span, DETECT_FRAMES))
     quarter_turns = round(rotation / 90) % 4
     if not find_borders or len(frames) < MIN_DETECT_FRAMES:
         return Geometry(rotation=quarter_turns * 90)
@@ -99,27 +102,30 @@ def find_picture(grey: np.ndarray) -> tuple[float, float, float, float]:
     """
     g = np.asarray(grey, dtype=np.float32)
     _k, h, w = g.shape
+    still = g.std(axis=0)  # (h, w) each pixel's spread over time
+    level = np.median(g, axis=0)  # (h, w) a caption or logo shown now and then drops out
+    # Gradient energy per pixel, averaged over time: low in a blurred bar.
+    energy = np.zeros((h, w), np.float32)
+    energy[:, 1:] += np.abs(np.diff(g, axis=2)).mean(axis=0)
+    energy[1:, :] += np.abs(np.diff(g, axis=1)).mean(axis=0)
+    maps = np.stack([still, level, energy])  # (3, h, w)
     top, bottom, left, right = 0, 0, 0, 0
     # Rows are judged over the columns inside the side borders and the other way round
     # (twice: a wide border of one axis would dilute the other axis's lines).
     for _ in range(2):
-        top, bottom = _borders(g[:, :, left : w - right].transpose(0, 2, 1))
-        left, right = _borders(g[:, top : h - bottom, :])
+        top, bottom = _borders(maps[:, :, left : w - right].transpose(0, 2, 1))
+        left, right = _borders(maps[:, top : h - bottom, :])
     return left / w, top / h, (w - right) / w, (h - bottom) / h
 
 
-def _borders(g: np.ndarray) -> tuple[int, int]:
-    """Border widths, in columns, at the left and right of ``g`` (K, rows, columns)."""
-    still = g.std(axis=0)  # (rows, cols) each pixel's spread over time
-    level = np.median(g, axis=0)  # (rows, cols) a caption or logo shown now and then drops out
-    spread = np.percentile(level, 95, axis=0) - np.percentile(level, 5, axis=0)
-    moves = np.median(still, axis=0)  # (cols,)
-    flat = (moves < FLAT_TIME_STD) & (spread < FLAT_SPACE_RANGE)
-    # Gradient energy per pixel, averaged over time: low in a blurred bar.
+def _borders(maps: np.ndarray) -> tuple[int, int]:
+    """Border widths, in columns, at the left and right of ``maps``: (3, rows, cols) of
+    each pixel's spread over time, its median level and its gradient energy."""
+    still, level, energy = maps
     rows, cols = still.shape
-    energy = np.zeros((rows, cols), np.float32)
-    energy[:, 1:] += np.abs(np.diff(g, axis=2)).mean(axis=0)
-    energy[1:, :] += np.abs(np.diff(g, axis=1)).mean(axis=0)
+    low, high = np.percentile(level, [5, 95], axis=0)  # (cols,) each
+    moves = np.median(still, axis=0)  # (cols,)
+    flat = (moves < FLAT_TIME_STD) & (high - low < FLAT_SPACE_RANGE)
     # A blurred line is smooth all along (a line through the picture has sharp parts even
     # where it crosses the other axis's bars), compared with the centre's alike.
     centre = float(np.percentile(energy[rows // 4 : rows - rows // 4, cols // 4 : cols - cols // 4], 90))
@@ -218,7 +224,7 @@ def _grey_keyframes(container: Any, stream: Any, times: list[float]) -> tuple[li
 
 def _grey_frames_in_order(container: Any, stream: Any, times: list[float]) -> tuple[list[np.ndarray], float]:
     """The frame shown at each time, decoding from the start (for videos with too few
-    keyframes), up to MAX_FALLBACK_FRAMES frames."""
+    keyframes), up to MAX_FALLBACK_FRAMES frames (the last one then stands for the rest)."""
     size = _grey_size(stream)
     base = stream.time_base
     start = stream.start_time or 0

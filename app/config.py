@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # Decoding limits (applied in a throwaway child process).
     frame_fps: float = 1.0
     max_frames: int = 64
+    # Cut black, flat or blurred borders (letterbox, pillarbox, padding) off every sampled
+    # video before its frames are resized (app/media/geometry.py); rotation is always applied.
+    crop_borders: bool = True
     decode_timeout_s: float = 120.0
     decode_memory_mb: int = 4096
     max_video_seconds: float = 4 * 3600

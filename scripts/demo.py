@@ -160,7 +160,7 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
             with console.status(f"waiting for {len(wanted)} signed callbacks..."):
                 got = receiver.wait_for(wanted, timeout_s=600)
 
-    table = Table("event", "query", "top results (video id: score)", "source at")
+    table = Table("event", "query", "top results (video id: calibrated score)", "source at", "where (query = source)")
     hits = 0
     for event_id in [*expected, known, broken]:
         item = got.get(event_id)
@@ -176,10 +176,14 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
         want = expected.get(event_id)
         rank = ranks.get(want) if want else None
         hits += rank == 1
-        top = ", ".join(f"{r['video_id']}: {r['score']:.3f}" for r in body["results"])
-        table.add_row(
-            event_id, Path(query).name, top, "-" if want is None else (f"#{rank}" if rank else "[red]missed[/red]")
-        )
+        top = ", ".join(f"{r['video_id']}: {r['calibrated']:.3f}" for r in body["results"])
+        first = body["results"][0] if body["results"] else {}
+        where = ""
+        if first.get("query_start_s") is not None:
+            where = (f"{first['query_start_s']:.0f}-{first['query_end_s']:.0f} s = "
+                     f"{first['start_s']:.0f}-{first['end_s']:.0f} s of {first['video_id']}")  # fmt: skip
+        found = "-" if want is None else (f"#{rank}" if rank else "[red]missed[/red]")
+        table.add_row(event_id, Path(query).name, top, found, where)
     console.print(table)
     console.print(
         f"edited copies found at rank 1: {hits}/{len(expected)}; "

@@ -24,6 +24,7 @@ which part of the candidate, in seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,43 +87,87 @@ def align(
 ) -> Alignment:
     """The :class:`Alignment` of a (Tq, Tc) frame-similarity matrix, normalised by
     subtracting ``beta`` x the query frames' ``references`` (:func:`frame_references`);
-    times in seconds of each frame (default: one frame a second from 0). Frames choose
-    their partners by similarity itself: the normalisation, a level per query frame, must
-    not pull a candidate frame towards a query frame that looks less like it."""
+    times in seconds of each frame (default: one frame a second from 0)."""
     tq, tc = similarity.shape
-    if tq == 0 or tc == 0:
-        return Alignment(float("-inf"))
     q_times = np.arange(tq, dtype=np.float64) if query_times is None else np.asarray(query_times, np.float64)
     c_times = np.arange(tc, dtype=np.float64) if candidate_times is None else np.asarray(candidate_times, np.float64)
-    normalised = similarity if references is None else similarity - beta * references[:, None]
-    query_is_shorter = tq <= tc
-    raw, sims = (similarity, normalised) if query_is_shorter else (similarity.T, normalised.T)  # (short, long)
-    short_times, long_times = (q_times, c_times) if query_is_shorter else (c_times, q_times)
-    partner = raw.argmax(axis=1)  # (short,)
-    best = sims[np.arange(len(sims)), partner]
+    refs = np.zeros(tq, dtype=np.float32) if references is None else references
+    return align_many(similarity, [tc], q_times, [c_times], refs, beta=beta)[0]
+
+
+def align_many(
+    similarity: np.ndarray,
+    lengths: Sequence[int],
+    query_times: np.ndarray,
+    candidate_times: Sequence[np.ndarray],
+    references: np.ndarray,
+    *,
+    beta: float = BETA,
+) -> list[Alignment]:
+    """:func:`align` of many candidates at once: ``similarity`` is (Tq, sum of
+    ``lengths``), the candidates' frames side by side. Frames choose their partners by
+    similarity itself: the normalisation, a level per query frame, must not pull a
+    candidate frame towards a query frame that looks less like it."""
+    tq, n = len(query_times), len(lengths)
+    if tq == 0 or n == 0:
+        return [Alignment(float("-inf")) for _ in lengths]
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    t_max = int(lengths_a.max())
+    starts = np.cumsum(lengths_a) - lengths_a
+    valid = np.arange(t_max)[None, :] < lengths_a[:, None]  # (C, Tmax)
+    cols = np.where(valid, starts[:, None] + np.arange(t_max)[None, :], 0)
+    raw = np.where(valid[:, None, :], similarity[:, cols].transpose(1, 0, 2), -np.inf)  # (C, Tq, Tmax)
+    normalised = raw - beta * references[None, :, None]
+    # Each query frame's partner among a candidate's frames, and each candidate frame's
+    # among the query's; a pair is mutual when each is the other's partner.
+    row_partner = raw.argmax(axis=2)  # (C, Tq)
+    col_partner = raw.argmax(axis=1)  # (C, Tmax)
+    row_best = np.take_along_axis(normalised, row_partner[:, :, None], 2)[:, :, 0]
+    col_best = np.take_along_axis(normalised, col_partner[:, None, :], 1)[:, 0, :]
+    row_mutual = np.take_along_axis(col_partner, row_partner, 1) == np.arange(tq)[None, :]
+    col_mutual = np.take_along_axis(row_partner, col_partner, 1) == np.arange(t_max)[None, :]
+    q_step, q_gap = _step(query_times), _gap(query_times)
+    out = []
+    for c, length in enumerate(lengths_a):
+        c_times = np.asarray(candidate_times[c], dtype=np.float64)
+        if tq <= length:  # the query is the shorter video
+            found = _from_shorter(row_best[c], row_mutual[c], query_times, c_times[row_partner[c]],
+                                  q_step, _step(c_times), _gap(c_times))  # fmt: skip
+            out.append(found)
+        else:
+            found = _from_shorter(col_best[c, :length], col_mutual[c, :length], c_times,
+                                  query_times[col_partner[c, :length]], _step(c_times), q_step, q_gap)  # fmt: skip
+            out.append(Alignment(found.score, found.candidate_span, found.query_span))
+    return out
+
+
+def _from_shorter(
+    best: np.ndarray,
+    mutual: np.ndarray,
+    short_times: np.ndarray,
+    partner_times: np.ndarray,
+    short_step: float,
+    long_step: float,
+    gap: float,
+) -> Alignment:
+    """The alignment seen from the shorter video: ``best`` normalised similarity of each
+    of its frames to its partner, which is ``mutual`` or not and shown at
+    ``partner_times`` in the longer video. Spans returned as (shorter's, longer's)."""
     chamfer = float(best.mean())
-    # Only pairs that choose each other: a frame next to the copied part (the same scene,
-    # not copied) has a partner there, but that partner has a better one.
-    mutual = raw.argmax(axis=0)[partner] == np.arange(len(raw))
-    run = _matched_run(best, mutual, long_times[partner], _gap(long_times))
+    run = _matched_run(best, mutual, partner_times, gap)
     if run is None:
         return Alignment(chamfer)
     # A copy of part of the shorter video (both videos only overlap) scores as the
     # quality of the overlap, once it is long enough to mean something.
     segment = float(best[run].mean()) * min(1.0, len(run) / MIN_RUN_FRAMES)
-    score = max(chamfer, segment)
-    short_span = (float(short_times[run].min()), float(short_times[run].max() + _step(short_times)))
-    long_span = (float(long_times[partner][run].min()), float(long_times[partner][run].max() + _step(long_times)))
-    if query_is_shorter:
-        return Alignment(score, short_span, long_span)
-    return Alignment(score, long_span, short_span)
+    short_span = (float(short_times[run].min()), float(short_times[run].max() + short_step))
+    long_span = (float(partner_times[run].min()), float(partner_times[run].max() + long_step))
+    return Alignment(max(chamfer, segment), short_span, long_span)
 
 
 def _step(times: np.ndarray) -> float:
     """The sampling period of a video's frames (1 s for a single frame)."""
-    gaps = np.diff(times)
-    gaps = gaps[gaps > 0]
-    return float(np.median(gaps)) if len(gaps) else 1.0
+    return float(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 and times[-1] > times[0] else 1.0
 
 
 def _gap(times: np.ndarray) -> float:

@@ -1,8 +1,8 @@
 """Frame descriptors as they are stored and read back for the second stage of a search.
 
 Stored in the embedding's row (migration 0007): float16 (T, D) bytes, one L2-normalised
-descriptor per sampled frame, and float32 (T,) frame times in seconds. 256-d float16 is
-512 bytes a frame: a 64-frame video is 32 KB, read for each of the first stage's
+descriptor per sampled frame, and float32 (T,) frame times in seconds. 128-d float16 is
+256 bytes a frame: a 64-frame video is 16 KB, read for each of the first stage's
 candidates in one statement.
 
 The background is a fixed sample of the library's frames: their mean is subtracted from

@@ -3,9 +3,9 @@
 Runs only inside the child (:mod:`app.media.child`), under its resource limits. The probe
 reads what the container declares and refuses, before anything is decoded, what exceeds
 :class:`~app.media.video.DecodeLimits` or is not a video; a sample then decodes only the
-frames shown at the target times, resized while decoding, and saves them as
-``frames.npy`` in the parent's folder. A refusal is :class:`Refused`, with a reason that
-never contains the file's path.
+frames shown at the target times, resized while decoding (upright, inside any borders
+:mod:`app.media.geometry` found), and saves them as ``frames.npy`` in the parent's
+folder. A refusal is :class:`Refused`, with a reason that never contains the file's path.
 
 PyAV and decord are imported here, lazily and timed; never torch.
 """
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.logs import one_line
+from app.media.geometry import Geometry, crop_box, read_geometry
 from app.media.sandbox import FRAMES_FILE
 from app.media.video import DecodeLimits, VideoInfo, check_file
 
@@ -61,11 +62,15 @@ def run_request(
     import av.logging
 
     t = _lap(timings, "import_av", t)
+    sampling = request["op"] == "sample"
+    find_borders = bool(request.get("crop_borders")) if sampling else None
     try:
-        info, sar = _probe_with_av(av, path, limits, size_bytes)
+        info, sar, geometry = _probe_with_av(av, path, limits, size_bytes, find_borders=find_borders, timings=timings)
     finally:
         t = _lap(timings, "probe", t)
-    if request["op"] == "probe":
+        if "geometry" in timings:  # timed on its own inside the probe
+            timings["probe"] = round(timings["probe"] - timings["geometry"], 4)
+    if geometry is None:
         return {"ok": True, "info": asdict(info)}
 
     import decord
@@ -73,7 +78,7 @@ def run_request(
 
     t = _lap(timings, "import_decord", t)
     try:
-        return _decode(decord, request, limits, info, sar, out, timings, t)
+        return _decode(decord, request, limits, info, sar, geometry, out, timings, t)
     except (RuntimeError, DECORDError) as exc:
         # decord raises RuntimeError at open but DECORDError (not a RuntimeError) while
         # reading; both mean the file cannot be decoded.
@@ -106,10 +111,20 @@ def _lap(timings: dict[str, float], name: str, t: float) -> float:
     return now
 
 
-def _probe_with_av(av: Any, path: str, limits: DecodeLimits, size_bytes: int) -> tuple[VideoInfo, float]:
+def _probe_with_av(
+    av: Any,
+    path: str,
+    limits: DecodeLimits,
+    size_bytes: int,
+    *,
+    find_borders: bool | None,
+    timings: dict[str, float],
+) -> tuple[VideoInfo, float, Geometry | None]:
     """Read the container's declarations with PyAV and refuse what exceeds the limits.
 
-    Returns (VideoInfo, sample aspect ratio as float).
+    Returns (VideoInfo, sample aspect ratio as float, geometry). The geometry (rotation,
+    and borders if ``find_borders``) is read from a few keyframes while the container is
+    open, unless ``find_borders`` is None (a probe alone): then it is None.
     """
     av.logging.set_level(av.logging.ERROR)  # for Capture below; the log is our own
     container_options = {"protocol_whitelist": "file", "format_whitelist": _ALLOWED_FORMATS}
@@ -181,14 +196,40 @@ def _probe_with_av(av: Any, path: str, limits: DecodeLimits, size_bytes: int) ->
             codec=str(ctx.name or "unknown"),
             size_bytes=size_bytes,
         )
-    return info, sar
+        geometry = None
+        if find_borders is not None:
+            t = time.perf_counter()
+            try:
+                geometry = read_geometry(container, vs, duration_s=duration, fps=fps, find_borders=find_borders)
+            except av.FFmpegError as exc:  # frames the index promised are not there
+                message = clean_message(exc, path)
+                if looks_like_oom(message):
+                    raise MemoryError from None
+                raise Refused(f"cannot decode: {message}") from None
+            _lap(timings, "geometry", t)
+    return info, sar, geometry
 
 
-def _resized_dims(width: int, height: int, sar: float, size: int) -> tuple[int, int]:
-    """(w, h) to decode at: short side of the *displayed* picture = size, aspect kept."""
-    display_w = width * sar
-    scale = size / min(display_w, height)
-    return max(size, round(display_w * scale)), max(size, round(height * scale))
+def _decode_plan(info: VideoInfo, sar: float, geometry: Geometry, size: int) -> tuple[int, int, int, int]:
+    """(w, h) to decode at, and (x, y) of the size x size square to keep from each frame.
+
+    The *displayed* picture (upright, sample aspect ratio applied) is scaled so that the
+    short side of its crop is ``size`` (aspect kept), and the square is the crop's centre.
+    """
+    display_w, display_h = info.width * sar, float(info.height)
+    if geometry.rotation in (90, 270):  # decord turns frames upright: the sides swap
+        display_w, display_h = display_h, display_w
+    left, top, right, bottom = geometry.crop
+    crop_w, crop_h = (right - left) * display_w, (bottom - top) * display_h
+    scale = size / min(crop_w, crop_h)
+    # Rounded so that the crop (rounded alike) holds the square whatever the rounding.
+    w = max(round(display_w * scale), size)
+    h = max(round(display_h * scale), size)
+    x0, x1 = round(left * w), max(round(right * w), round(left * w) + size)
+    y0, y1 = round(top * h), max(round(bottom * h), round(top * h) + size)
+    x = min(x0 + (x1 - x0 - size) // 2, w - size)
+    y = min(y0 + (y1 - y0 - size) // 2, h - size)
+    return w, h, x, y
 
 
 def _sample_times(
@@ -213,12 +254,13 @@ def _decode(
     limits: DecodeLimits,
     info: VideoInfo,
     sar: float,
+    geometry: Geometry,
     out: Path,
     timings: dict[str, float],
     t: float,
 ) -> dict[str, Any]:
     size = request["size"]
-    rw, rh = _resized_dims(info.width, info.height, sar, size)
+    rw, rh, x0, y0 = _decode_plan(info, sar, geometry, size)
     # Resizing inside decord's filter graph is cheaper than decoding full frames and
     # resizing them afterwards. num_threads=0 lets FFmpeg choose.
     vr = decord.VideoReader(request["path"], ctx=decord.cpu(0), width=rw, height=rh)
@@ -256,7 +298,6 @@ def _decode(
     t = _lap(timings, "decode", t)
     if batch.shape[1:] != (rh, rw, 3):
         raise Refused(f"decoder returned frames {batch.shape[1:]}, expected {(rh, rw, 3)}")
-    y0, x0 = (rh - size) // 2, (rw - size) // 2
     frames = batch[inverse.reshape(-1), y0 : y0 + size, x0 : x0 + size]  # (T, size, size, 3)
     np.save(out / FRAMES_FILE, np.ascontiguousarray(frames), allow_pickle=False)
     _lap(timings, "save", t)
@@ -269,4 +310,12 @@ def _decode(
         codec=info.codec,
         size_bytes=info.size_bytes,
     )
-    return {"ok": True, "info": asdict(sampled_info), "timestamps": starts[indices].tolist()}
+    upright_w, upright_h = (info.height, info.width) if geometry.rotation in (90, 270) else (info.width, info.height)
+    crop = asdict(crop_box(geometry, upright_w, upright_h)) if request.get("crop_borders") else None
+    return {
+        "ok": True,
+        "info": asdict(sampled_info),
+        "timestamps": starts[indices].tolist(),
+        "rotation": geometry.rotation,
+        "crop": crop,
+    }

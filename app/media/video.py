@@ -9,9 +9,12 @@ input, so **no decoder runs in the calling process**: each call starts a throwaw
    dumps) and dies with its parent (:mod:`app.media.child`);
 2. probes the file with PyAV and refuses, before decoding anything, what exceeds
    :class:`DecodeLimits` (size, streams, resolution, duration) or is not a video at all;
-3. decodes only the chosen frames with decord, resized while decoding, and writes them as
-   a ``.npy`` into a temporary directory that the parent owns and removes
-   (:mod:`app.media.decode`).
+3. reads the video's geometry from a few keyframes: its rotation metadata, and the
+   borders (letterbox, pillarbox, padding, blurred side-bars) around the picture
+   (:mod:`app.media.geometry`);
+4. decodes only the chosen frames with decord, upright, resized while decoding so that
+   the picture inside the borders fills the frame, and writes them as a ``.npy`` into a
+   temporary directory that the parent owns and removes (:mod:`app.media.decode`).
 
 The parent enforces the wall-clock timeout by killing the child's whole process group and
 turns every failure (the child's own refusal, a signal, running out of memory, a timeout)
@@ -36,11 +39,12 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from app.media import sandbox
+from app.media.geometry import Box
 
 if TYPE_CHECKING:
     from app.config import Settings
 
-__all__ = ["DecodeLimits", "Sample", "VideoError", "VideoInfo", "decode_limits", "probe", "sample_frames"]
+__all__ = ["Box", "DecodeLimits", "Sample", "VideoError", "VideoInfo", "decode_limits", "probe", "sample_frames"]
 
 
 class VideoError(Exception):
@@ -107,11 +111,19 @@ class Sample:
     ``frames``: (T, size, size, 3) uint8 RGB. ``timestamps``: (T,) float64, the presentation
     time of each returned frame in seconds from the video's first frame (non-decreasing;
     the same frame may repeat when the video has fewer frames than the sampling rate).
+
+    ``rotation``: degrees counter-clockwise the stored frames were turned to stand upright
+    (the stream's display matrix; 0, 90, 180 or 270). ``crop``: the picture the frames were
+    taken from, inside any borders, in pixels of the upright stored frame (``info.width``
+    x ``info.height``, swapped for a rotation of 90 or 270); the whole frame when no
+    border was found, None when borders were not looked for.
     """
 
     info: VideoInfo
     frames: np.ndarray
     timestamps: np.ndarray
+    rotation: int = 0
+    crop: Box | None = None
 
 
 def probe(path: str | Path, *, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
@@ -135,6 +147,7 @@ def sample_frames(
     max_frames: int = 64,
     start_s: float | None = None,
     duration_s: float | None = None,
+    crop_borders: bool | None = None,
     limits: DecodeLimits = DecodeLimits(),
 ) -> Sample:
     """Sample ``fps`` frames per second of video time, resized and centre-cropped.
@@ -145,8 +158,11 @@ def sample_frames(
     ``start + k / fps``; if that is more than ``max_frames``, ``max_frames`` frames evenly
     spaced over the span instead. Each target time takes the frame being shown then.
 
-    Frames are scaled so the short side is ``size`` (keeping the display aspect ratio),
-    then centre-cropped: ``Sample.frames`` is (T, size, size, 3) uint8 RGB.
+    Frames are turned upright (rotation metadata), cut to the picture inside any borders
+    (with ``crop_borders``; None: the ``VIDSIM_CROP_BORDERS`` setting, on by default), then
+    scaled so the picture's short side is ``size`` (keeping the display aspect ratio) and
+    centre-cropped: ``Sample.frames`` is (T, size, size, 3) uint8 RGB. Borders are found
+    on the whole video whatever the span, so every span of one video is cut alike.
 
     Raises :class:`VideoError` for anything wrong with the video (missing, not a video,
     over ``limits``, undecodable, decoder crash, timeout), :class:`ValueError` for bad
@@ -163,6 +179,12 @@ def sample_frames(
     if duration_s is not None and not (duration_s > 0):
         raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
 
+    if crop_borders is None:
+        # Read here rather than passed by every caller: library videos and queries must
+        # all be cut alike, or copies of one picture would embed differently.
+        from app.config import get_settings
+
+        crop_borders = get_settings().crop_borders
     local = _local_path(path)
     check_file(local, limits)
     request = {
@@ -173,6 +195,7 @@ def sample_frames(
         "max_frames": int(max_frames),
         "start_s": None if start_s is None else float(start_s),
         "duration_s": None if duration_s is None else float(duration_s),
+        "crop_borders": bool(crop_borders),
     }
     frames_bytes = max_frames * size * size * 3
     result = _run_child(request, limits, frames_bytes=frames_bytes)
@@ -180,7 +203,14 @@ def sample_frames(
     timestamps = np.asarray(result["timestamps"], dtype=np.float64)  # (T,)
     if timestamps.shape != (frames.shape[0],):
         raise VideoError(f"decoder returned {timestamps.shape} timestamps for {frames.shape}")
-    return Sample(info=VideoInfo(**result["info"]), frames=frames, timestamps=timestamps)
+    crop = None if result.get("crop") is None else Box(**result["crop"])
+    return Sample(
+        info=VideoInfo(**result["info"]),
+        frames=frames,
+        timestamps=timestamps,
+        rotation=int(result.get("rotation", 0)),
+        crop=crop,
+    )
 
 
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

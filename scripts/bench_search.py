@@ -1,0 +1,181 @@
+"""Warm search latency: the first stage alone against both stages (frame re-rank with the
+background normalisation and fusion), through ``search_library`` on the configured
+Postgres, measured in the same run.
+
+A scratch model version gets ``--n`` library videos (clustered 512-d vectors, and
+``--frames`` float16 frame descriptors each (the encoder's frame_dim), as the encoder stores them) and an
+index version built from them; ``--queries`` searches run with the second stage off and
+on, and the second stage's phases are timed apart (reading the candidates' frames, the
+alignment; the background, built once per index version, is timed with it here). The
+rows are deleted afterwards. The second stage's cost depends on the candidates and their
+frames, not on the library's size: the first stage's at a million videos is `bench index`'s.
+
+    python -m scripts.bench_search --n 10000 --queries 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import delete
+
+from app.config import get_settings
+from app.db import migrate, session_scope
+from app.index import queries as index_queries
+from app.index import rebuild, search
+from app.index.frames import BACKGROUND_VIDEOS, Background, pack, unpack
+from app.index.rerank import rerank
+from app.learn.encoder import EncoderConfig
+from app.models import Embedding, IndexVersion, ModelVersion, Video
+
+
+def _clustered(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    centres = rng.normal(size=(max(1, n // 50), dim))
+    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _percentiles(ms: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(ms)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench_search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=10_000, help="library videos")
+    p.add_argument("--frames", type=int, default=64, help="frame descriptors per video")
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--k", type=int, default=10)
+    args = p.parse_args(argv)
+    console = Console()
+    settings = get_settings()
+    migrate()
+    rng = np.random.default_rng(0)
+    dim, frame_dim = 512, EncoderConfig().frame_dim
+    vectors = _clustered(args.n, dim, rng)
+    with session_scope() as s:
+        model = ModelVersion(
+            name=f"bench-search-{uuid.uuid4().hex[:8]}",
+            config={},
+            checkpoint_path=None,
+            dim=dim,
+            trained=False,
+            data_summary={"note": "scratch model of scripts/bench_search.py"},
+        )
+        s.add(model)
+        s.flush()
+        model_id = model.id
+    t0 = time.perf_counter()
+    for start in range(0, args.n, 1000):
+        with session_scope() as s:
+            videos = [
+                Video(uri=f"bench://search/{model_id}/{i}", status="ready")
+                for i in range(start, min(args.n, start + 1000))
+            ]
+            s.add_all(videos)
+            s.flush()
+            rows = []
+            for video, vector in zip(videos, vectors[start : start + 1000], strict=True):
+                frames = rng.normal(size=(args.frames, frame_dim)).astype(np.float32)
+                blob, times = pack(
+                    frames / np.linalg.norm(frames, axis=1, keepdims=True), np.arange(args.frames, dtype=np.float32)
+                )
+                rows.append(
+                    Embedding(
+                        video_id=video.id,
+                        model_version_id=model_id,
+                        vector=vector.tobytes(),
+                        dim=dim,
+                        frames=args.frames,
+                        frame_dim=frame_dim,
+                        frame_vectors=blob,
+                        frame_times=times,
+                    )
+                )
+            s.add_all(rows)
+        console.print(f"\rlibrary {min(args.n, start + 1000)}/{args.n}", end="")
+    console.print(f" ({time.perf_counter() - t0:.0f} s)")
+    try:
+        with session_scope() as s:
+            model = s.get_one(ModelVersion, model_id)
+            rebuild.rebuild_index(session=s, model=model, settings=settings)
+        picks = rng.integers(0, args.n, args.queries)
+        query_vectors = vectors[picks] + 0.2 * rng.normal(size=(args.queries, dim)).astype(np.float32)
+        query_frames = [
+            unpack(
+                *pack(
+                    rng.normal(size=(args.frames, frame_dim)).astype(np.float32),
+                    np.arange(args.frames, dtype=np.float32),
+                ),
+                frame_dim,
+            )
+            for _ in range(args.queries)
+        ]
+        timings: dict[str, list[float]] = {"first stage": [], "both stages": [], "frames read": [], "alignment": []}
+        with session_scope() as s:
+            model = s.get_one(ModelVersion, model_id)
+            for warm in (True, False):  # one pass to warm caches (background, index), then measured
+                for i in range(args.queries):
+                    for name, query_side in (("first stage", None), ("both stages", query_frames[i])):
+                        t = time.perf_counter()
+                        matches, _ = search.search_library(
+                            session=s,
+                            model=model,
+                            query=query_vectors[i],
+                            k=args.k,
+                            exclude=set(),
+                            query_frames=query_side,
+                            settings=settings,
+                        )
+                        if not warm:
+                            timings[name].append((time.perf_counter() - t) * 1000)
+                        assert matches, "the scratch library is searched"
+                    if warm:
+                        continue
+                    wide, _ = search.search_library(
+                        session=s,
+                        model=model,
+                        query=query_vectors[i],
+                        k=settings.rerank_candidates,
+                        exclude=set(),
+                        settings=settings,
+                    )
+                    ids = [m.video_id for m in wide]
+                    t = time.perf_counter()
+                    stored = index_queries.stored_frames(session=s, model_id=model_id, video_ids=ids)
+                    t1 = time.perf_counter()
+                    background = Background.of(
+                        index_queries.background_frames(session=s, model_id=model_id, limit=BACKGROUND_VIDEOS)
+                    )
+                    rerank(query_frames[i], stored, background)
+                    t2 = time.perf_counter()
+                    timings["frames read"].append((t1 - t) * 1000)
+                    timings["alignment"].append((t2 - t1) * 1000)
+        table = Table(
+            title=f"warm search, {args.n} videos, {args.frames} frames each, "
+            f"{settings.rerank_candidates} candidates re-ranked, k={args.k}"
+        )
+        for col in ("", "p50 ms", "p99 ms", "mean ms"):
+            table.add_column(col, justify="right" if col else "left")
+        for name, ms in timings.items():
+            p50, p99, mean = _percentiles(ms)
+            table.add_row(name, f"{p50:.2f}", f"{p99:.2f}", f"{mean:.2f}")
+        console.print(table)
+        first, both = _percentiles(timings["first stage"]), _percentiles(timings["both stages"])
+        console.print(f"both stages / first stage: p50 x{both[0] / first[0]:.2f}, p99 x{both[1] / first[1]:.2f}")
+    finally:
+        with session_scope() as s:
+            s.execute(delete(IndexVersion).where(IndexVersion.model_version_id == model_id))
+            s.execute(delete(Embedding).where(Embedding.model_version_id == model_id))
+            s.execute(delete(Video).where(Video.uri.like(f"bench://search/{model_id}/%")))
+            s.execute(delete(ModelVersion).where(ModelVersion.id == model_id))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     background = Background.of(
                         index_queries.background_frames(session=s, model_id=model_id, limit=BACKGROUND_VIDEOS)
                     )
-                    rerank(query_frames[i], stored, background)
+                    rerank(query_frames[i], stored, background, locate=args.k)
                     t2 = time.perf_counter()
                     timings["frames read"].append((t1 - t) * 1000)
                     timings["alignment"].append((t2 - t1) * 1000)

@@ -116,7 +116,9 @@ def test_background_levels_skip_the_source_itself() -> None:
     levels = frame_references(bg.prepare(query), bg.frames, bg.valid)
     assert BACKGROUND_RANK >= 3 and float(levels.max()) < 0.5  # unrelated videos set the level
     aligned = rerank(Frames(query, _times(10)), {1: Frames(source, _times(10)), 2: Frames(videos[5], _times(10))}, bg)
-    assert aligned[1].score > 0.5 and aligned[2].score < 0.2  # (ranked first: the source at 0 would score ~0)
+    assert (
+        aligned[1].alignment.score > 0.5 and aligned[2].alignment.score < 0.2
+    )  # (ranked first: the source at 0 would score ~0)
 
 
 def test_normalisation_demotes_frames_that_look_like_everything() -> None:
@@ -132,7 +134,7 @@ def test_normalisation_demotes_frames_that_look_like_everything() -> None:
     real = np.concatenate([_frames(rng, 1), _noisy(distinct, rng, 0.6)])
     bg = Background.of(others)
     aligned = rerank(Frames(query, _times(4)), {1: Frames(generic, _times(4)), 2: Frames(real, _times(4))}, bg)
-    assert aligned[2].score > aligned[1].score
+    assert aligned[2].alignment.score > aligned[1].alignment.score
 
 
 def test_frames_round_trip_through_storage() -> None:

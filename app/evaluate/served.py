@@ -32,7 +32,7 @@ from app.index.build import build_version
 from app.index.calibrate import CALIBRATION_PERCENTILE, calibrate, calibration_reference
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
 from app.index.params import IndexParams
-from app.index.rerank import fused, rerank
+from app.index.rerank import rerank
 from app.index.version import IndexVersionFiles
 
 
@@ -117,9 +117,10 @@ def second_stage(
     out = np.full((n_q, n_l), np.nan)
     for i in range(n_q):
         top = np.argsort(-first[i], kind="stable")[: stage.candidates]
-        aligned = rerank(frames_of(query_frames[i]), {int(j): library[j] for j in top}, background, beta=stage.beta)
-        for j, a in aligned.items():
-            out[i, j] = fused(a.score, first[i, j])
+        aligned = rerank(frames_of(query_frames[i]), {int(j): library[j] for j in top}, background,
+                         first={int(j): float(first[i, j]) for j in top}, locate=0, beta=stage.beta)  # fmt: skip
+        for j, r in aligned.items():
+            out[i, j] = r.fused
     scored = ~np.isnan(out)
     out[~scored] = float(np.min(out[scored])) - 1.0 if scored.any() else 0.0
     return out

@@ -104,44 +104,96 @@ def align_many(
     *,
     beta: float = BETA,
 ) -> list[Alignment]:
-    """:func:`align` of many candidates at once: ``similarity`` is (Tq, sum of
-    ``lengths``), the candidates' frames side by side. Frames choose their partners by
-    similarity itself: the normalisation, a level per query frame, must not pull a
-    candidate frame towards a query frame that looks less like it."""
-    tq, n = len(query_times), len(lengths)
-    if tq == 0 or n == 0:
-        return [Alignment(float("-inf")) for _ in lengths]
-    lengths_a = np.asarray(lengths, dtype=np.int64)
-    t_max = int(lengths_a.max())
-    starts = np.cumsum(lengths_a) - lengths_a
-    valid = np.arange(t_max)[None, :] < lengths_a[:, None]  # (C, Tmax)
-    cols = np.where(valid, starts[:, None] + np.arange(t_max)[None, :], 0)
-    raw = np.where(valid[:, None, :], similarity[:, cols].transpose(1, 0, 2), -np.inf)  # (C, Tq, Tmax)
-    normalised = raw - beta * references[None, :, None]
-    # Each query frame's partner among a candidate's frames, and each candidate frame's
-    # among the query's; a pair is mutual when each is the other's partner.
-    row_partner = raw.argmax(axis=2)  # (C, Tq)
-    col_partner = raw.argmax(axis=1)  # (C, Tmax)
-    row_best = np.take_along_axis(normalised, row_partner[:, :, None], 2)[:, :, 0]
-    col_best = np.take_along_axis(normalised, col_partner[:, None, :], 1)[:, 0, :]
-    row_mutual = np.take_along_axis(col_partner, row_partner, 1) == np.arange(tq)[None, :]
-    col_mutual = np.take_along_axis(row_partner, col_partner, 1) == np.arange(t_max)[None, :]
-    q_step, q_gap = _step(query_times), _gap(query_times)
-    out = []
-    for c, length in enumerate(lengths_a):
-        c_times = np.asarray(candidate_times[c], dtype=np.float64)
-        if tq <= length:  # the query is the shorter video
-            found = _from_shorter(row_best[c], row_mutual[c], query_times, c_times[row_partner[c]],
-                                  q_step, _step(c_times), _gap(c_times))  # fmt: skip
-            out.append(found)
+    """:func:`align` of many candidates at once (see :class:`FramePairs`)."""
+    pairs = FramePairs(similarity, lengths, query_times, candidate_times, references, beta=beta)
+    return [pairs.alignment(c, score) for c, score in enumerate(pairs.scores)]
+
+
+class FramePairs:
+    """The frame pairs of a query with many candidates: ``similarity`` is (Tq, sum of
+    ``lengths``), the candidates' frames side by side. Every candidate's score comes from
+    a few array operations (``scores``); its spans, a loop of their own, only when asked
+    (:meth:`alignment`): a search locates the results it returns, not every candidate.
+
+    Frames choose their partners by similarity itself: the normalisation, a level per
+    query frame, must not pull a candidate frame towards a query frame that looks less
+    like it."""
+
+    def __init__(
+        self,
+        similarity: np.ndarray,
+        lengths: Sequence[int],
+        query_times: np.ndarray,
+        candidate_times: Sequence[np.ndarray],
+        references: np.ndarray,
+        *,
+        beta: float = BETA,
+    ) -> None:
+        tq, n = len(query_times), len(lengths)
+        self.query_times, self.candidate_times = query_times, candidate_times
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.query_shorter = tq <= self.lengths  # (C,)
+        if tq == 0 or n == 0:
+            self.scores = np.full(n, -np.inf)
+            return
+        t_max = int(self.lengths.max())
+        starts = np.cumsum(self.lengths) - self.lengths
+        valid = np.arange(t_max)[None, :] < self.lengths[:, None]  # (C, Tmax)
+        cols = np.where(valid, starts[:, None] + np.arange(t_max)[None, :], 0)
+        raw = np.where(valid[:, None, :], similarity[:, cols].transpose(1, 0, 2), -np.inf)  # (C, Tq, Tmax)
+        normalised = raw - beta * references[None, :, None]
+        # Each query frame's partner among a candidate's frames, and each candidate
+        # frame's among the query's; a pair is mutual when each is the other's partner.
+        self.row_partner = raw.argmax(axis=2)  # (C, Tq)
+        self.col_partner = raw.argmax(axis=1)  # (C, Tmax)
+        self.row_best = np.take_along_axis(normalised, self.row_partner[:, :, None], 2)[:, :, 0]
+        self.col_best = np.take_along_axis(normalised, self.col_partner[:, None, :], 1)[:, 0, :]
+        self.row_mutual = np.take_along_axis(self.col_partner, self.row_partner, 1) == np.arange(tq)[None, :]
+        self.col_mutual = np.take_along_axis(self.row_partner, self.col_partner, 1) == np.arange(t_max)[None, :]
+
+        # Seen from the shorter video of each pair: (C, W) arrays, W = max(Tq, Tmax).
+        width = max(tq, t_max)
+        shorter = self.query_shorter[:, None]
+
+        def side(rows: np.ndarray, columns: np.ndarray, fill: float | bool) -> np.ndarray:
+            out = np.full((n, width), fill, dtype=np.result_type(rows, columns))
+            out[:, :tq] = np.where(shorter, rows, out[:, :tq])
+            out[:, :t_max] = np.where(shorter, out[:, :t_max], columns)
+            return out
+
+        best = side(self.row_best, np.where(valid, self.col_best, -np.inf), -np.inf)
+        real = side(np.ones((n, tq), dtype=bool), valid, False)
+        mutual = side(self.row_mutual, self.col_mutual & valid, False) & real
+        chamfer = np.where(real, best, 0.0).sum(axis=1) / real.sum(axis=1)
+        top = np.where(mutual, best, -np.inf).max(axis=1)  # the best mutual pair
+        matched = mutual & (best >= MATCH_FRACTION * top[:, None]) & (top[:, None] > 0)
+        count = matched.sum(axis=1)
+        # Where the videos only overlap, the quality of the overlap counts once it spans
+        # MIN_RUN_FRAMES frames.
+        quality = np.where(matched, best, 0.0).sum(axis=1) / np.maximum(count, 1)
+        segment = quality * np.minimum(1.0, count / MIN_RUN_FRAMES)
+        self.scores = np.where(count > 0, np.maximum(chamfer, segment), chamfer)
+
+    def alignment(self, c: int, score: float | None = None) -> Alignment:
+        """Candidate ``c``'s :class:`Alignment`, its spans included."""
+        score = float(self.scores[c]) if score is None else float(score)
+        if not np.isfinite(score):
+            return Alignment(score)
+        length, c_times = int(self.lengths[c]), np.asarray(self.candidate_times[c], dtype=np.float64)
+        q_times = self.query_times
+        if self.query_shorter[c]:
+            spans = _spans(self.row_best[c], self.row_mutual[c], q_times, c_times[self.row_partner[c]],
+                           _step(q_times), _step(c_times), _gap(c_times))  # fmt: skip
+            query_span, candidate_span = spans if spans else (None, None)
         else:
-            found = _from_shorter(col_best[c, :length], col_mutual[c, :length], c_times,
-                                  query_times[col_partner[c, :length]], _step(c_times), q_step, q_gap)  # fmt: skip
-            out.append(Alignment(found.score, found.candidate_span, found.query_span))
-    return out
+            spans = _spans(self.col_best[c, :length], self.col_mutual[c, :length], c_times,
+                           q_times[self.col_partner[c, :length]], _step(c_times), _step(q_times),
+                           _gap(q_times))  # fmt: skip
+            candidate_span, query_span = spans if spans else (None, None)
+        return Alignment(score, query_span, candidate_span)
 
 
-def _from_shorter(
+def _spans(
     best: np.ndarray,
     mutual: np.ndarray,
     short_times: np.ndarray,
@@ -149,20 +201,16 @@ def _from_shorter(
     short_step: float,
     long_step: float,
     gap: float,
-) -> Alignment:
-    """The alignment seen from the shorter video: ``best`` normalised similarity of each
-    of its frames to its partner, which is ``mutual`` or not and shown at
-    ``partner_times`` in the longer video. Spans returned as (shorter's, longer's)."""
-    chamfer = float(best.mean())
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The matched spans seen from the shorter video: ``best`` normalised similarity of
+    each of its frames to its partner, which is ``mutual`` or not and shown at
+    ``partner_times`` in the longer video. Returns (shorter's, longer's) or None."""
     run = _matched_run(best, mutual, partner_times, gap)
     if run is None:
-        return Alignment(chamfer)
-    # A copy of part of the shorter video (both videos only overlap) scores as the
-    # quality of the overlap, once it is long enough to mean something.
-    segment = float(best[run].mean()) * min(1.0, len(run) / MIN_RUN_FRAMES)
+        return None
     short_span = (float(short_times[run].min()), float(short_times[run].max() + short_step))
     long_span = (float(partner_times[run].min()), float(partner_times[run].max() + long_step))
-    return Alignment(max(chamfer, segment), short_span, long_span)
+    return short_span, long_span
 
 
 def _step(times: np.ndarray) -> float:

@@ -15,9 +15,11 @@ an unclipped sum reaches 0.70 but loses every insertion.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from app.index.align import BETA, Alignment, align_many, frame_references, unit_rows
+from app.index.align import BETA, Alignment, FramePairs, frame_references, unit_rows
 from app.index.frames import Background, Frames
 
 FIRST_STAGE_WEIGHT = 0.25
@@ -28,12 +30,29 @@ def fused(match: float, first_calibrated: float) -> float:
     return match + FIRST_STAGE_WEIGHT * max(first_calibrated, 0.0)
 
 
+@dataclass(frozen=True)
+class Reranked:
+    """A candidate after the second stage: its alignment (``alignment.score`` is the
+    frame-alignment score) and the ``fused`` score it is ranked by."""
+
+    alignment: Alignment
+    fused: float
+
+
 def rerank(
-    query: Frames, candidates: dict[int, Frames], background: Background | None, *, beta: float = BETA
-) -> dict[int, Alignment]:
-    """The :class:`Alignment` of each candidate (key -> frames) with ``query``: frames
-    centred on the background's mean frame, similarities normalised by the query frames'
-    background levels (none without a background)."""
+    query: Frames,
+    candidates: dict[int, Frames],
+    background: Background | None,
+    *,
+    first: dict[int, float] | None = None,
+    locate: int | None = None,
+    beta: float = BETA,
+) -> dict[int, Reranked]:
+    """Each candidate (key -> frames) aligned with ``query``: frames centred on the
+    background's mean frame, similarities normalised by the query frames' background
+    levels (none without a background), then fused with the candidate's ``first``-stage
+    calibrated score (0 when not given). Spans are found for the ``locate`` best by fused
+    score (default: all)."""
     if not candidates:
         return {}
     prepare = background.prepare if background is not None else unit_rows
@@ -44,7 +63,15 @@ def rerank(
         else np.zeros(len(q), dtype=np.float32)
     )
     keys = list(candidates)
-    stacked = prepare(np.concatenate([candidates[key].vectors for key in keys]))
-    aligned = align_many(q @ stacked.T, [len(candidates[key]) for key in keys], query.times,
-                         [candidates[key].times for key in keys], references, beta=beta)  # fmt: skip
-    return dict(zip(keys, aligned, strict=True))
+    stacked = np.concatenate([candidates[key].vectors for key in keys])
+    sims = background.similarity(q, stacked) if background is not None else q @ unit_rows(stacked).T
+    pairs = FramePairs(sims, [len(candidates[key]) for key in keys], query.times,
+                       [candidates[key].times for key in keys], references, beta=beta)  # fmt: skip
+    first = first or {}
+    final = [fused(float(m), first.get(key, 0.0)) for key, m in zip(keys, pairs.scores, strict=True)]
+    order = sorted(range(len(keys)), key=lambda i: -final[i])
+    located = set(order if locate is None else order[:locate])
+    return {
+        key: Reranked(pairs.alignment(i) if i in located else Alignment(float(pairs.scores[i])), final[i])
+        for i, key in enumerate(keys)
+    }

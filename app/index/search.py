@@ -27,7 +27,7 @@ from app.index import queries
 from app.index.calibrate import background_sample, calibrate, calibration_reference
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
 from app.index.hits import Hit, exact_search, merge
-from app.index.rerank import fused, rerank
+from app.index.rerank import rerank
 from app.index.transform import normalise
 from app.index.version import IndexFileError, IndexVersionFiles
 from app.models import Embedding, IndexVersion, ModelVersion
@@ -307,16 +307,20 @@ def search_library(
                      len(candidates))  # fmt: skip
         first = [m for m in candidates if not (exclude_near_duplicates and m.near_duplicate)]
         return first[:k], used
-    aligned = rerank(query_frames, stored, _background(session=session, model=model, version=used))
+    calibrated = {m.video_id: m.calibrated or 0.0 for m in candidates}
+    # Spans for the results returned (all of them when near-duplicates are left out: which
+    # are returned is known only after).
+    aligned = rerank(query_frames, stored, _background(session=session, model=model, version=used), first=calibrated,
+                     locate=None if exclude_near_duplicates else k)  # fmt: skip
     threshold = settings.rerank_near_duplicate_threshold
     matches = []
     for m in candidates:
-        a = aligned[m.video_id]
-        final = fused(a.score, m.calibrated or 0.0)
-        near = final >= threshold
+        r = aligned[m.video_id]
+        near = r.fused >= threshold
         if not (near and exclude_near_duplicates):
-            matches.append(dataclasses.replace(m, calibrated=final, near_duplicate=near, match=a.score,
-                                               query_span=a.query_span, span=a.candidate_span))  # fmt: skip
+            matches.append(dataclasses.replace(m, calibrated=r.fused, near_duplicate=near, match=r.alignment.score,
+                                               query_span=r.alignment.query_span,
+                                               span=r.alignment.candidate_span))  # fmt: skip
     matches.sort(key=lambda m: (-(m.calibrated or 0.0), -m.score, m.video_id))
     return matches[:k], used
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -241,7 +242,10 @@ def _delta_vectors(*, session: Session, model: ModelVersion, since: int) -> tupl
 # statement) costs about what widening the index search would, and widening misses them.
 EXACT_COLLECTION = 256
 _EXACT_CHUNK = 10_000  # vectors read at a time when a large collection is searched exactly
-_WIDTHS = (4, 16, 64)  # candidates looked at: (k + excluded) times each, until k qualify
+_WIDTHS = (4.0, 16.0, 64.0)  # candidates looked at: (k + excluded) times each, until k qualify
+# The second stage asks for many candidates (settings.rerank_candidates): over-fetching
+# each 4 times would read 4 x 64 stored vectors per search for a few filtered out.
+_RERANK_WIDTHS = (1.25, 4.0, 16.0)
 
 
 @dataclass(frozen=True)
@@ -300,7 +304,7 @@ def search_library(
     assert query_frames is not None
     candidates, used = _first_stage(session=session, model=model, query=query, k=max(k, settings.rerank_candidates),
                                     exclude=exclude, collection=collection, exclude_near_duplicates=False,
-                                    settings=settings)  # fmt: skip
+                                    settings=settings, widths=_RERANK_WIDTHS)  # fmt: skip
     stored = queries.stored_frames(session=session, model_id=model.id, video_ids=[m.video_id for m in candidates])
     if len(stored) < len(candidates):  # rows from before frame descriptors: one scale for all
         logger.debug("second stage skipped: %d of %d candidates have no frames", len(candidates) - len(stored),
@@ -355,6 +359,7 @@ def _first_stage(
     collection: str | None,
     exclude_near_duplicates: bool,
     settings: Settings,
+    widths: tuple[float, ...] = _WIDTHS,
 ) -> tuple[list[Match], int | None]:
     """The video-vector search: top ``k`` eligible matches by cosine, calibrated."""
     q = normalise(np.asarray(query, dtype=np.float32).reshape(-1))
@@ -369,8 +374,8 @@ def _first_stage(
         return queries.stored_vectors(session=session, model_id=model.id, dim=model.dim, video_ids=ids)
 
     matches: list[Match] = []
-    for width in _WIDTHS:
-        fetch = (k + len(exclude)) * width
+    for width in widths:
+        fetch = math.ceil((k + len(exclude)) * width)
         hits = merge(
             searcher.search(q, fetch, vectors_of=vectors_of) if searcher is not None else [],
             exact_search(delta_keys, delta_vecs, q, fetch),
@@ -381,7 +386,7 @@ def _first_stage(
         matches = wanted.matches(hits, allowed)
         if len(matches) >= k or len(hits) < fetch:  # enough, or every candidate looked at
             return matches[:k], used
-        if collection is not None and width == _WIDTHS[0]:
+        if collection is not None and width == widths[0]:
             members = queries.collection_members(session=session, model_id=model.id, collection=collection,
                                                  limit=EXACT_COLLECTION + 1)  # fmt: skip
             if len(members) <= EXACT_COLLECTION:

@@ -139,7 +139,7 @@ class Phase:
     max_ms: float | None = None
     drain_s: float | None = None  # from the last publish to the last callback
     cpu_s: float | None = None  # worker process tree, publishing start to drained
-    cpu_ms_per_event: float | None = None
+    cpu_ms_per_event: float | None = None  # per event answered (with or without an error)
     errors: list[str] = field(default_factory=list)  # a few of the error messages
 
     def set_latencies(self, latencies: list[float]) -> None:
@@ -222,8 +222,9 @@ def run_phase(
     phase.set_latencies(latencies)
     if got:
         phase.drain_s = round(max(0.0, max(r.at for r in got.values()) - stopped_at), 2)
-    if phase.cpu_s is not None and phase.published:
-        phase.cpu_ms_per_event = round(phase.cpu_s / phase.published * 1000, 2)
+    if phase.cpu_s is not None and phase.answered + phase.errored:
+        # Per event answered: a lost event's work may not have been done.
+        phase.cpu_ms_per_event = round(phase.cpu_s / (phase.answered + phase.errored) * 1000, 2)
     return phase
 
 

@@ -101,7 +101,8 @@ def deliver(
     2xx is success; 3xx is a failure (redirects are never followed); 410 sets ``disable``;
     429/502/503/504 report ``Retry-After``. ``timeout_s`` applies to connecting and to each
     read/write; body reading also stops at the overall deadline. ``client`` (tests) may be
-    any httpx client: the request still goes to the vetted address only.
+    any httpx client: the request still goes to the vetted address only, on a connection
+    of its own. Without one, each callback host has a client with kept connections.
     """
     started = time.monotonic()
     deadline = started + timeout_s
@@ -139,6 +140,10 @@ def deliver(
         "Accept-Encoding": "identity",
         **signature_headers,
     }
+    if client is not None:
+        # A caller's client may be shared between hosts: never reuse a connection it
+        # opened for another host name (and its TLS session).
+        headers["Connection"] = "close"
     extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
 
     error = "no address to connect to"

@@ -128,6 +128,7 @@ class Phase:
 
     rate: float  # events per second asked for
     duration_s: float
+    backlog_at_start: int = 0  # events a slower run before left queued
     published: int = 0
     publish_rate: float = 0.0  # achieved
     answered: int = 0  # verified callbacks without an error
@@ -191,7 +192,7 @@ def run_phase(
     cpu: ProcessTreeCPU | None,
 ) -> Phase:
     """Warm events at ``rate`` for ``duration_s``, open loop, then the callbacks."""
-    phase = Phase(rate=rate, duration_s=duration_s)
+    phase = Phase(rate=rate, duration_s=duration_s, backlog_at_start=redis.llen(queue_key))
     tag = uuid.uuid4().hex[:8]
     ids = [f"load-{tag}-{i}" for i in range(int(rate * duration_s))]
 
@@ -511,6 +512,7 @@ def print_report(results: dict[str, Any]) -> None:
         "errored",
         "lost",
         "drain s",
+        "backlog at start",
         "worker CPU ms/event",
         title="warm event -> verified callback, open loop",
     )
@@ -524,6 +526,7 @@ def print_report(results: dict[str, Any]) -> None:
             str(p["errored"]),
             str(p["lost"]),
             str(p["drain_s"]),
+            str(p["backlog_at_start"]),
             str(p["cpu_ms_per_event"]),
         )
     console.print(table)
@@ -605,6 +608,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rate", type=float, default=100.0, help="the headline rate (runs --headline-duration)")
     parser.add_argument("--headline-duration", type=float, default=60.0)
     parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for callbacks after a run")
+    parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds to wait for a backlog between runs")
     parser.add_argument("--library", type=int, default=20, help="warm library videos")
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes (the compose default)")
     parser.add_argument("--pool", default="prefork", help="the events worker's pool")
@@ -675,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{rate:g}/s x {duration:g} s: p50 {phase.p50_ms} p95 {phase.p95_ms} p99 {phase.p99_ms} ms, "
                     f"lost {phase.lost}, errored {phase.errored}, CPU {phase.cpu_ms_per_event} ms/event"
                 )
-                _wait_idle(rx, 30)
+                _wait_idle(rx, redis, queue_key, args.idle_timeout)
         if rx.rejected:
             print(f"receiver rejected {len(rx.rejected)} callbacks: {rx.rejected[:3]}")
         results["rejected_callbacks"] = len(rx.rejected)
@@ -708,9 +712,13 @@ def _children() -> list[int]:
     return [child.pid for child in psutil.Process().children()]
 
 
-def _wait_idle(receiver: Any, seconds: float) -> None:
-    """Lets the callbacks of a run finish arriving before the next run starts."""
+def _wait_idle(receiver: Any, redis: Any, queue_key: str, seconds: float) -> None:
+    """Lets the events a run left queued (past its drain timeout) be served, and their
+    callbacks arrive, before the next run starts; what is still queued then is that
+    run's ``backlog_at_start``."""
     deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and redis.llen(queue_key):
+        time.sleep(1.0)
     count = -1
     while time.monotonic() < deadline and count != len(receiver.received):
         count = len(receiver.received)

@@ -641,6 +641,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before the run"
     )
 
+    print(_fresh_start(redis, settings.broker_prefix, settings.sqlalchemy_url))
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "phases": []}
     with CallbackReceiver(settings.webhook_secrets[0]) as rx:
@@ -704,6 +705,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(results, out / "latency.png")
     print(f"results: {out / 'results.json'}, plot: {out / 'latency.png'}")
     return results
+
+
+def _fresh_start(redis: Any, prefix: str, database_url: str) -> str:
+    """Drops what earlier runs left in the load test's own queues and database (never
+    anyone else's): their queued events and retries, whose receivers are gone, and their
+    pending deliveries, which the sweeper would keep retrying through this run."""
+    if not database_url.endswith(f"/{LOAD_DB}") or prefix != f"{LOAD_DB}:":
+        return "not the load test's own database and queues: nothing dropped"
+    from sqlalchemy import update
+
+    from app.db import session_scope
+    from app.models import Delivery
+
+    queued = sum(int(redis.llen(prefix + q)) for q in ("events", "callbacks"))
+    redis.delete(prefix + "events", prefix + "callbacks")
+    with session_scope() as session:
+        stale = session.execute(
+            update(Delivery)
+            .where(Delivery.status == "pending")
+            .values(status="dead", next_attempt_at=None, last_error="left by an earlier load test run")
+        ).rowcount  # type: ignore[attr-defined]
+    return f"dropped what earlier runs left: {queued} queued messages, {stale} pending deliveries"
 
 
 def _children() -> list[int]:

@@ -1,8 +1,11 @@
 """Event -> callback latency through the real path (Redis, Postgres, a Celery worker, a
-local HTTP receiver), warm (video already embedded) and cold (a 60-s video never seen),
-beside the decode-only and embed-only time of the same frames measured in the same run.
+local HTTP receiver), cold (a 60-s video never seen) beside the decode-only and
+embed-only time of the same frames measured in the same run, and optionally warm events
+published one after another (``events``). Events lost or answered with an error are
+counted beside the percentiles. `vidsim bench latency` runs the open-loop warm
+benchmark (:mod:`scripts.load`) first, then this.
 
-    vidsim bench latency --events 500 --cold 5
+    vidsim bench latency --cold 5 --events 100
 
 Uses DATABASE_URL / REDIS_URL (the Makefile's `bench` target points them at the local
 services, in a database of its own).
@@ -29,15 +32,16 @@ def _defaults() -> None:
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
+    ordered = sorted(values) or [float("nan")]
 
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
-    return {"n": len(values), "p50": pct(50), "p95": pct(95), "p99": pct(99), "mean": statistics.fmean(values)}
+    mean = statistics.fmean(values) if values else float("nan")
+    return {"n": len(values), "p50": pct(50), "p95": pct(95), "p99": pct(99), "mean": mean}
 
 
-def main(*, events: int = 500, cold: int = 5, console: Console | None = None) -> dict[str, dict[str, float]]:
+def main(*, events: int = 0, cold: int = 5, console: Console | None = None) -> dict[str, dict[str, float]]:
     console = console or Console()
     _defaults()
     from sqlalchemy import func, select
@@ -108,24 +112,33 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
             for _ in range(5):
                 eid = publish_video_selected(video_id=ids[0], callback_url=rx.url)
                 rx.wait_for({eid}, timeout_s=60)
-            warm = []
+            warm, dropped = [], {"lost": 0, "errored": 0}  # counted beside the percentiles, never dropped
             for _ in track(range(events), description="warm events", console=console):
                 sent = time.time()
                 eid = publish_video_selected(video_id=random.choice(ids), callback_url=rx.url)
                 got = rx.wait_for({eid}, timeout_s=60).get(eid)
-                if got is not None:
+                if got is None:
+                    dropped["lost"] += 1
+                elif got.payload.get("error"):
+                    dropped["errored"] += 1
+                else:
                     warm.append((got.at - sent) * 1000)
-            results["warm event -> callback (ms)"] = _percentiles(warm)
+            if events:
+                results["warm event -> callback (ms)"] = _percentiles(warm) | dropped
 
-            cold_ms = []
+            cold_ms, cold_dropped = [], {"lost": 0, "errored": 0}
             for path in track(cold_videos, description="cold events", console=console):
                 sent = time.time()
                 eid = publish_video_selected(video_uri=str(path), callback_url=rx.url)
                 got = rx.wait_for({eid}, timeout_s=600).get(eid)
-                if got is not None and not got.payload.get("error"):
+                if got is None:
+                    cold_dropped["lost"] += 1
+                elif got.payload.get("error"):
+                    cold_dropped["errored"] += 1
+                else:
                     cold_ms.append((got.at - sent) * 1000)
-            if cold_ms:
-                results["cold 60-s video event -> callback (ms)"] = _percentiles(cold_ms)
+            if cold_videos:
+                results["cold 60-s video event -> callback (ms)"] = _percentiles(cold_ms) | cold_dropped
 
     decode_ms, embed_ms = [], []
     limits = decode_limits(settings)
@@ -144,9 +157,11 @@ def main(*, events: int = 500, cold: int = 5, console: Console | None = None) ->
         results["decode only, same 60-s videos (ms)"] = _percentiles(decode_ms)
         results["embed only, same frames (ms)"] = _percentiles(embed_ms)
 
-    table = Table("measure", "n", "p50", "p95", "p99", "mean", title="vidsim event -> callback latency")
+    columns = ("measure", "n", "p50", "p95", "p99", "mean", "lost", "errored")
+    table = Table(*columns, title="vidsim event -> callback latency")
     for name, r in results.items():
-        table.add_row(name, str(r["n"]), f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{r['p99']:.1f}", f"{r['mean']:.1f}")
+        figures = (f"{r[k]:.1f}" for k in ("p50", "p95", "p99", "mean"))
+        table.add_row(name, str(r["n"]), *figures, str(r.get("lost", "")), str(r.get("errored", "")))
     console.print(table)
     cold_key = "cold 60-s video event -> callback (ms)"
     if cold_key in results and decode_ms:

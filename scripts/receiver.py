@@ -36,6 +36,11 @@ class CallbackReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as a chat app's web server does; an idle connection is closed
+            # after longer than a sender keeps one (app.media.http: 5 s).
+            protocol_version = "HTTP/1.1"
+            timeout = 10
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 try:

@@ -58,6 +58,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    client_port: int  # which connection it came on
 
 
 class ReceiverServer(http.server.ThreadingHTTPServer):
@@ -92,7 +93,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         receiver = self.server.receiver
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
-        receiver.requests.append(Seen(self.path, dict(self.headers.items()), body))
+        receiver.requests.append(Seen(self.path, dict(self.headers.items()), body, self.client_address[1]))
         answer = receiver.answer
         try:
             if answer.delay_s and receiver.stop.wait(answer.delay_s):
@@ -382,6 +383,20 @@ def test_localhost_name_is_pinned_and_allowed_when_private_allowed(receiver: Rec
     assert {k.lower(): v for k, v in receiver.requests[0].headers.items()}["host"] == f"localhost:{receiver.port}"
 
 
+def test_connections_are_kept_per_host_name(receiver: Receiver, fake_dns: Callable[..., list[str]]) -> None:
+    """Callbacks to one host reuse a kept connection; another host name, even at the same
+    address, gets connections of its own (never one opened, or a TLS session made, for
+    another host)."""
+    fake_dns({"hooks-a.test": ["127.0.0.1"], "hooks-b.test": ["127.0.0.1"]})
+    for host in ("hooks-a.test", "hooks-a.test", "hooks-b.test", "hooks-b.test"):
+        result = _send(receiver, url=f"http://{host}:{receiver.port}/hook")
+        assert result.ok, result.error
+    a1, a2, b1, b2 = (seen.client_port for seen in receiver.requests)
+    assert a1 == a2 and b1 == b2 and a1 != b1
+    assert [seen.headers["Host"] for seen in receiver.requests[1:3]] == [f"hooks-a.test:{receiver.port}",
+                                                                        f"hooks-b.test:{receiver.port}"]  # fmt: skip
+
+
 BLOCKED = [
     "http://127.0.0.1/",
     "http://localhost/",
@@ -510,7 +525,7 @@ def test_connects_to_the_vetted_address_only(scheme: str, fake_dns: Callable[...
     assert request.url.host == "93.184.216.34"
     assert request.url.port == 8443 and request.url.raw_path == b"/cb?x=1"
     assert request.headers["host"] == "rebind.example.com:8443"
-    assert request.headers["connection"] == "close"
+    assert request.headers["connection"] == "close"  # a caller's client may serve other hosts
     if scheme == "https":
         assert request.extensions["sni_hostname"] == "rebind.example.com"
     else:

@@ -189,9 +189,9 @@ def proxy_env(canary: Canary, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         monkeypatch.setenv(name, proxy)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    attempt._default_client.cache_clear()  # a client made now, under these variables
+    attempt.close_clients()  # clients made now, under these variables
     yield proxy
-    attempt._default_client.cache_clear()
+    attempt.close_clients()
 
 
 def test_a_client_trusting_the_environment_would_use_the_proxy(proxy_env: str, canary: Canary, origin: Origin) -> None:

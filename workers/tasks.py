@@ -17,7 +17,7 @@ from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.config import Settings, get_settings
+from app.config import get_settings
 from app.db import dialect_insert, session_scope
 from app.deliver import outbox
 from app.index import rebuild
@@ -86,9 +86,8 @@ def _process_died_too_often(task: Task) -> bool:
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=["task_id"], set_={"attempts": TaskAttempt.attempts + 1, "last_started_at": utcnow()}
-        )
-        session.execute(stmt)
-        attempts = session.get_one(TaskAttempt, task_id, populate_existing=True).attempts
+        ).returning(TaskAttempt.attempts)
+        attempts = session.execute(stmt).scalar_one()
     # Each retry is a new message under the same id, started once if nothing goes wrong:
     # what is left after those is redeliveries of messages whose process died. The limit
     # is task_max_attempts starts of the current message, as the README documents (it was
@@ -100,13 +99,22 @@ def _process_died_too_often(task: Task) -> bool:
     return False
 
 
-def _after(outcome: recommend.Outcome) -> None:
+def _after(outcome: recommend.Outcome, *, deliver_here: bool = False) -> None:
+    """Enqueues what ``outcome`` says comes next. A new delivery, leased to this task, is
+    attempted right here with ``deliver_here`` (the event tasks: one task hop less per
+    event), else handed to a `callbacks` task with its lease (a maintenance task never
+    waits on a chat app)."""
     if outcome.fetch_uri is not None:
         fetch_video.delay(event_id=outcome.event_id)
     if outcome.embed_video_id is not None:
         embed_video.delay(outcome.embed_video_id, event_id=outcome.event_id)
-    if outcome.delivery_id is not None:
-        deliver_callback.delay(outcome.delivery_id)
+    leased = outcome.leased
+    if leased is not None and deliver_here:
+        with log_context(delivery_id=leased.id):
+            outbox.attempt_leased(leased, sessions=session_scope, settings=get_settings())
+    elif outcome.delivery_id is not None:
+        lease = leased.lease_until.isoformat() if leased is not None else None
+        deliver_callback.delay(outcome.delivery_id, lease=lease)
 
 
 def _fail_event(event_id: str | None, reason: str, raw: Any = None) -> None:
@@ -140,7 +148,7 @@ def video_selected(self: Task, event: Any = None, **extra: Any) -> None:
         outcome = recommend.accept_event(
             event, session=session, settings=get_settings(), fallback_id=f"invalid-{self.request.id}"
         )
-    _after(outcome)
+    _after(outcome, deliver_here=True)
 
 
 @celery_app.task(name="vidsim.serve_event", base=EventTask, bind=True, time_limit=TIME_LIMITS["events"], **RETRY_POLICY)
@@ -150,7 +158,7 @@ def serve_event(self: Task, event_id: str) -> None:
         return
     with session_scope() as session:
         outcome = recommend.serve_event(event_id, session=session, settings=get_settings())
-    _after(outcome)
+    _after(outcome, deliver_here=True)
 
 
 @celery_app.task(name="vidsim.fetch_video", base=EventTask, bind=True, time_limit=TIME_LIMITS["fetch"], **RETRY_POLICY)
@@ -161,7 +169,7 @@ def fetch_video(self: Task, event_id: str) -> None:
     if _process_died_too_often(self):
         _fail_event(event_id, "the worker process kept dying while fetching this event's video")
         return
-    _after(recommend.fetch_query_video(event_id, sessions=session_scope, settings=get_settings()))
+    _after(recommend.fetch_query_video(event_id, sessions=session_scope, settings=get_settings()), deliver_here=True)
 
 
 class EmbedTask(RetriedTask):
@@ -197,11 +205,12 @@ def embed_video(self: Task, video_id: int, event_id: str | None = None, model_id
 @celery_app.task(name="vidsim.deliver_callback", base=RetriedTask, time_limit=TIME_LIMITS["callbacks"], **RETRY_POLICY)
 def deliver_callback(delivery_id: int, lease: str | None = None) -> None:
     """One attempt; failures are rescheduled in the outbox, not by Celery countdowns.
-    ``lease``: the token of a sweeper's enqueue (``outbox.take_due``)."""
+    ``lease``: the token of the task that handed it over (``outbox.take_due``, or the
+    lease a new delivery is created with)."""
     settings = get_settings()
     token = datetime.fromisoformat(lease) if lease else None
     with session_scope() as session:
-        delivery = outbox.claim(delivery_id, session=session, lease_s=_delivery_lease_s(settings), token=token)
+        delivery = outbox.claim(delivery_id, session=session, lease_s=outbox.lease_s(settings), token=token)
     if delivery is None:
         return  # not due, done, or held by another worker
     with log_context(event_id=json.loads(delivery.body).get("event_id"), delivery_id=delivery_id):
@@ -214,15 +223,10 @@ def deliver_callback(delivery_id: int, lease: str | None = None) -> None:
 def sweep_outbox() -> int:
     """Beat: enqueue every delivery whose next attempt is due (or whose lease lapsed)."""
     with session_scope() as session:
-        taken = outbox.take_due(session=session, lease_s=_delivery_lease_s(get_settings()))
+        taken = outbox.take_due(session=session, lease_s=outbox.lease_s(get_settings()))
     for delivery_id, lease in taken:
         deliver_callback.delay(delivery_id, lease=lease.isoformat())
     return len(taken)
-
-
-def _delivery_lease_s(settings: Settings) -> float:
-    # Longer than one attempt can take (connect and read timeouts, the database).
-    return settings.callback_timeout_s * 2 + 30
 
 
 @celery_app.task(name="vidsim.backfill", time_limit=TIME_LIMITS["maintenance"])

@@ -15,10 +15,11 @@ used.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,11 +50,39 @@ class DeliveryResult:
     duration_ms: float
 
 
-@functools.cache
-def _default_client(allow_private: bool) -> httpx.Client:
-    # No keep-alive: requests go to the IP, so the pool is keyed by it, and a kept
-    # connection could carry another host's callback under the first host's TLS session.
-    return vetted_client(allow_private=allow_private, max_connections=100, keepalive=False)
+# Callback hosts whose client (and kept connections) a process holds at once; the one
+# used least recently is closed to make room.
+MAX_CLIENTS = 64
+_clients: OrderedDict[tuple[bool, str, str, int | None], httpx.Client] = OrderedDict()
+_clients_lock = threading.Lock()
+
+
+def _client_for(allow_private: bool, url: httpx.URL) -> httpx.Client:
+    """A client of its own per callback host (scheme, name, port), with keep-alive: a chat
+    app receiving a stream of callbacks gets them on a few kept connections, not a new
+    TCP (and TLS) connection each. Requests go to the vetted IP, so a pool is keyed by
+    IP; one pool per host name means a kept connection never carries another host's
+    callback, under the first host's TLS session."""
+    key = (allow_private, url.scheme, url.host, url.port)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is not None:
+            _clients.move_to_end(key)
+            return client
+        client = _clients[key] = vetted_client(allow_private=allow_private, max_connections=20, keepalive=True)
+        evicted = _clients.popitem(last=False)[1] if len(_clients) > MAX_CLIENTS else None
+    if evicted is not None:
+        evicted.close()  # (a request still in flight on it fails, and is retried on schedule)
+    return client
+
+
+def close_clients() -> None:
+    """Closes every client held for a callback host; the next attempts open new ones."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        client.close()
 
 
 def deliver(
@@ -72,7 +101,8 @@ def deliver(
     2xx is success; 3xx is a failure (redirects are never followed); 410 sets ``disable``;
     429/502/503/504 report ``Retry-After``. ``timeout_s`` applies to connecting and to each
     read/write; body reading also stops at the overall deadline. ``client`` (tests) may be
-    any httpx client: the request still goes to the vetted address only.
+    any httpx client: the request still goes to the vetted address only, on a connection
+    of its own. Without one, each callback host has a client with kept connections.
     """
     started = time.monotonic()
     deadline = started + timeout_s
@@ -102,15 +132,18 @@ def deliver(
     except UnresolvableHost as exc:
         return result(error=one_line(exc))
 
-    http_client = client if client is not None else _default_client(allow_private)
+    http_client = client if client is not None else _client_for(allow_private, target.url)
     headers = {
         "Host": target.url.netloc.decode("ascii"),  # the real name (and port), not the IP
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         "Accept-Encoding": "identity",
-        "Connection": "close",  # never reuse a connection opened for another host name
         **signature_headers,
     }
+    if client is not None:
+        # A caller's client may be shared between hosts: never reuse a connection it
+        # opened for another host name (and its TLS session).
+        headers["Connection"] = "close"
     extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
 
     error = "no address to connect to"

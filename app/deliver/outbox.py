@@ -1,12 +1,18 @@
 """The callback outbox: every recommendation gets one signed delivery, attempted now and
 retried on a schedule kept in the database. Workers claim a row with a lease, so a
-delivery is never attempted twice at once, even when the sweeper enqueues it again."""
+delivery is never attempted twice at once, even when the sweeper enqueues it again.
+
+A new delivery is created already leased to the task that made it, which makes the first
+attempt itself right after its transaction commits (:func:`attempt_leased`): no second
+task, and no sweep can take the row while that attempt is in flight. Should that task
+die before recording the attempt, the lease lapses and the sweeper retries the row."""
 
 from __future__ import annotations
 
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -14,6 +20,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import Sessions
 from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
 from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, utcnow
@@ -31,19 +38,42 @@ def webhook_id_for(event_id: str) -> str:
     return f"msg_{uuid.uuid5(_WEBHOOK_NS, event_id).hex}"
 
 
-def create_delivery(rec: Recommendation, *, session: Session, url: str, body: dict[str, Any]) -> Delivery:
-    """The recommendation's delivery, pending and due now (flushed, not committed)."""
+def lease_s(settings: Settings) -> float:
+    """How long one attempt holds its delivery: longer than an attempt can take (connect
+    and read timeouts, the database), so that no other worker attempts it meanwhile."""
+    return settings.callback_timeout_s * 2 + 30
+
+
+@dataclass(frozen=True)
+class Leased:
+    """A delivery leased to its holder for one attempt: what the attempt sends, and the
+    lease (the token a task it is handed to claims it with, :func:`claim`)."""
+
+    id: int
+    url: str
+    webhook_id: str
+    body: str
+    lease_until: datetime
+
+
+def create_delivery(rec: Recommendation, *, session: Session, url: str, body: dict[str, Any], lease_s: float) -> Leased:
+    """The recommendation's delivery, pending, due now and leased to the caller for its
+    first attempt (flushed, not committed): the sweeper leaves it alone until the lease
+    lapses, so the first attempt is never made twice at once."""
+    now = utcnow()
     delivery = Delivery(
         recommendation_id=rec.id,
         url=url,
         webhook_id=webhook_id_for(rec.event_id),
         body=json.dumps(body, separators=(",", ":"), sort_keys=True),
         status="pending",
-        next_attempt_at=utcnow(),
+        next_attempt_at=now,
+        lease_until=now + timedelta(seconds=lease_s),
     )
     session.add(delivery)
     session.flush()
-    return delivery
+    assert delivery.lease_until is not None  # just set
+    return Leased(delivery.id, delivery.url, delivery.webhook_id, delivery.body, delivery.lease_until)
 
 
 def claim(delivery_id: int, *, session: Session, lease_s: float, token: datetime | None = None) -> Delivery | None:
@@ -72,7 +102,7 @@ def claim(delivery_id: int, *, session: Session, lease_s: float, token: datetime
     return session.get(Delivery, delivery_id, populate_existing=True)
 
 
-def attempt(delivery: Delivery, *, settings: Settings) -> DeliveryResult:
+def attempt(delivery: Delivery | Leased, *, settings: Settings) -> DeliveryResult:
     """One HTTP attempt, outside any transaction."""
     return deliver(
         url=delivery.url,
@@ -84,10 +114,26 @@ def attempt(delivery: Delivery, *, settings: Settings) -> DeliveryResult:
     )
 
 
+def attempt_leased(leased: Leased, *, sessions: Sessions, settings: Settings) -> Delivery:
+    """The attempt of a delivery this caller holds the lease of (:func:`create_delivery`),
+    outside any transaction, then its record in a unit of work of its own."""
+    result = attempt(leased, settings=settings)
+    with sessions() as session:
+        return record(leased.id, result, session=session, settings=settings)
+
+
 def record(delivery_id: int, result: DeliveryResult, *, session: Session, settings: Settings) -> Delivery:
     """Stores the attempt and moves the delivery on: delivered, disabled (410), scheduled
     again, or dead after the last attempt of the schedule."""
-    delivery = session.get_one(Delivery, delivery_id, with_for_update=True)
+    # The delivery, locked, and when its event was received (for the latency metric).
+    delivery, received_at = session.execute(
+        select(Delivery, Event.received_at)
+        .join(Recommendation, Recommendation.id == Delivery.recommendation_id)
+        .join(Event, Event.event_id == Recommendation.event_id)
+        .where(Delivery.id == delivery_id)
+        .with_for_update(of=Delivery)
+        .execution_options(populate_existing=True)
+    ).one()
     delivery.attempts += 1
     session.add(
         DeliveryAttempt(
@@ -109,9 +155,6 @@ def record(delivery_id: int, result: DeliveryResult, *, session: Session, settin
         # replay of a delivered callback is one more attempt, not a second event.
         if delivery.delivered_at is None:
             delivery.delivered_at = utcnow()
-            received_at = session.scalar(
-                select(Event.received_at).join(Recommendation).where(Recommendation.id == delivery.recommendation_id)
-            )
             if received_at is not None:
                 EVENT_TO_CALLBACK.observe((delivery.delivered_at - received_at).total_seconds())
     elif result.disable:

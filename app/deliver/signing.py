@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 import secrets as _secrets
@@ -57,6 +58,12 @@ def _secret_key(secret: str) -> bytes:
     return key
 
 
+@functools.lru_cache(maxsize=16)
+def _signer(secret: str) -> Webhook:
+    """The signer of one secret, read once per process (every callback is signed)."""
+    return Webhook(_secret_key(secret))
+
+
 def sign(*, secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
     """Standard Webhooks headers: webhook-id, webhook-timestamp, webhook-signature.
 
@@ -78,7 +85,7 @@ def sign(*, secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> dic
         raise ValueError("the callback body must be UTF-8 (JSON)") from None
     when = datetime.fromtimestamp(timestamp, tz=UTC)
     signatures = dict.fromkeys(  # ordered, without duplicates
-        Webhook(_secret_key(secret)).sign(msg_id, when, text) for secret in secrets
+        _signer(secret).sign(msg_id, when, text) for secret in secrets
     )
     return {
         "webhook-id": msg_id,

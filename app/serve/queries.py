@@ -17,15 +17,17 @@ Writes that live with another step are theirs: registering a video
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session, make_transient_to_detached, undefer
 
+from app.db import dialect_insert
 from app.index import frames as index_frames
 from app.learn.registry import active_model
-from app.models import Delivery, Embedding, Event, ModelVersion, Recommendation, Video
+from app.models import Delivery, Embedding, Event, ModelVersion, Recommendation, Video, utcnow
 from app.serve.embedding_jobs import given_up_ids
 from app.serve.events import VideoSelected
 
@@ -40,23 +42,33 @@ def get_event(event_id: str, *, session: Session) -> Event:
     return session.get_one(Event, event_id)
 
 
-def record_event(event: VideoSelected, *, session: Session) -> None:
-    """Records a valid event once by its id, whichever worker records it first."""
-    if session.get(Event, event.event_id) is not None:
-        return
-    try:
-        with session.begin_nested():
-            session.add(
-                Event(
-                    event_id=event.event_id,
-                    payload=event.model_dump(exclude_none=True),
-                    k=event.k,
-                    callback_url=event.callback_url,
-                    status="received",
-                )
-            )
-    except IntegrityError:
-        logger.info("event %s already recorded by another worker", event.event_id)
+def record_event(event: VideoSelected, *, session: Session) -> Event | None:
+    """Records a valid event once by its id, whichever worker records it first: the new
+    row when this call recorded it, None when it was recorded before. One statement: the
+    row is inserted unless present, and the object that stands for it is put in the
+    session as loaded, not read back."""
+    values: dict[str, Any] = {
+        "event_id": event.event_id,
+        "payload": event.model_dump(exclude_none=True),
+        "k": event.k,
+        "callback_url": event.callback_url,
+        "status": "received",
+        "attempts": 0,
+        "received_at": utcnow(),
+    }
+    inserted = session.scalar(
+        dialect_insert(session)(Event)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(Event.event_id)
+    )
+    if inserted is None:
+        logger.info("event %s already recorded", event.event_id)
+        return None
+    ev = Event(**values, video_id=None, error=None, completed_at=None)
+    make_transient_to_detached(ev)  # the row as just inserted: persistent once added, no SELECT
+    session.add(ev)
+    return ev
 
 
 def record_rejected_event(event_id: str, *, raw: object, callback_url: str, reason: str, session: Session) -> Event:
@@ -95,6 +107,38 @@ def find_embedding(video_id: int, model_id: int, *, session: Session) -> Embeddi
         .where(Embedding.video_id == video_id, Embedding.model_version_id == model_id)
         .options(undefer(Embedding.frame_vectors), undefer(Embedding.frame_times))
     )
+
+
+def query_embedding(video_id: int, *, session: Session) -> tuple[ModelVersion, Embedding | None]:
+    """The active model and the video's embedding by it (None: not embedded yet): the
+    query vector of a search, with its frame descriptors. One statement, which also
+    tells whether the active model changed (:func:`model_version`)."""
+    row = session.execute(
+        select(ModelVersion.id, Embedding)
+        .outerjoin(Embedding, and_(Embedding.model_version_id == ModelVersion.id, Embedding.video_id == video_id))
+        .where(ModelVersion.is_active)
+        .options(undefer(Embedding.frame_vectors), undefer(Embedding.frame_times))
+    ).first()
+    if row is None:  # a fresh install: the untrained model, made active now
+        model = active_model(session=session)
+        return model, find_embedding(video_id, model.id, session=session)
+    return model_version(row[0], session=session), row[1]
+
+
+# Model versions by id, loaded once per process and detached: what serving reads of one
+# (name, dim, config, trained) never changes once it is registered; which one is active
+# is read with each event's embedding.
+_model_versions: dict[int, ModelVersion] = {}
+
+
+def model_version(model_id: int, *, session: Session) -> ModelVersion:
+    """A model version, read-only (its serving fields), cached for the process."""
+    model = _model_versions.get(model_id)
+    if model is None:
+        model = session.get_one(ModelVersion, model_id)
+        session.expunge(model)
+        _model_versions[model_id] = model
+    return model
 
 
 def has_embedding(video_id: int, model_id: int, *, session: Session) -> bool:
@@ -159,9 +203,15 @@ def find_recommendation(event_id: str, *, session: Session) -> Recommendation | 
     return session.scalar(select(Recommendation).where(Recommendation.event_id == event_id))
 
 
-def add_recommendation(rec: Recommendation, *, session: Session) -> Recommendation:
+def add_recommendation(rec: Recommendation, *, session: Session, contended: bool = True) -> Recommendation:
     """Stores an event's one recommendation and returns it; or, when another worker stored
-    one first (a redelivered message served concurrently), returns theirs."""
+    one first (a redelivered message served concurrently), returns theirs. An event this
+    transaction recorded is not ``contended``: another worker's transaction waits on its
+    row until this one ends, then finds this recommendation; no savepoint is needed."""
+    if not contended:
+        session.add(rec)
+        session.flush()
+        return rec
     try:
         with session.begin_nested():
             session.add(rec)

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from app.config import Settings
+from app.config import Settings, get_settings
 from app.db import Sessions
 from app.deliver import outbox
 from app.index import frames as index_frames
 from app.index.search import Match, search_library, vector_of
-from app.learn.registry import active_model, describe_clips
+from app.learn.registry import describe_clips
 from app.media import register as library
 from app.media import video as video_io
 from app.metrics import EVENTS
@@ -38,14 +38,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """What to enqueue after commit: fetching the event's video from ``fetch_uri`` (then
-    serve the event again), an embedding of ``embed_video_id`` (likewise), or the first
-    attempt of ``delivery_id``."""
+    """What to do after commit: fetching the event's video from ``fetch_uri`` (then
+    serve the event again), an embedding of ``embed_video_id`` (likewise), or an attempt
+    of ``delivery_id``: a new one comes ``leased`` to the caller for its first attempt
+    (``outbox.attempt_leased``, or a task handed the lease)."""
 
     event_id: str
     embed_video_id: int | None = None
     delivery_id: int | None = None
     fetch_uri: str | None = None
+    leased: outbox.Leased | None = None
 
 
 def accept_event(raw: Any, *, session: Session, settings: Settings, fallback_id: str) -> Outcome:
@@ -56,8 +58,10 @@ def accept_event(raw: Any, *, session: Session, settings: Settings, fallback_id:
         event = parse_event(raw, max_k=settings.max_k)
     except InvalidEvent as exc:
         return _reject(raw, str(exc), fallback_id=fallback_id, session=session)
-    queries.record_event(event, session=session)
-    return serve_event(event.event_id, session=session, settings=settings)
+    ev = queries.record_event(event, session=session)
+    if ev is None:  # recorded before: a redelivered or republished message
+        return serve_event(event.event_id, session=session, settings=settings)
+    return _serve(ev, event, session=session, settings=settings, fresh=True)
 
 
 def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outcome:
@@ -67,24 +71,36 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
     existing = queries.find_recommendation(event_id, session=session)
     if existing is not None:
         return _existing_outcome(existing, session=session)
-    event = VideoSelected.model_validate(ev.payload)
+    return _serve(ev, VideoSelected.model_validate(ev.payload), session=session, settings=settings, fresh=False)
 
+
+def _serve(ev: Event, event: VideoSelected, *, session: Session, settings: Settings, fresh: bool) -> Outcome:
+    """Answers an event not answered yet; ``fresh``: recorded by this transaction, so no
+    other worker can answer it meanwhile (:func:`queries.add_recommendation`). Nothing
+    is flushed before the answer is (the event's video with its status, in one UPDATE):
+    the reads in between need none of it."""
+    with session.no_autoflush:
+        return _serve_unflushed(ev, event, session=session, settings=settings, fresh=fresh)
+
+
+def _serve_unflushed(ev: Event, event: VideoSelected, *, session: Session, settings: Settings, fresh: bool) -> Outcome:
+    event_id = ev.event_id
     try:
         query_video = _query_video(ev, event, session=session, settings=settings)
     except library.SourceError as exc:
-        return _answer(ev, error=str(exc), session=session)
+        return _answer(ev, error=str(exc), session=session, fresh=fresh)
     if isinstance(query_video, str):
         ev.status = "fetching"
         return Outcome(event_id, fetch_uri=query_video)
     if query_video.status == "failed":
-        return _answer(ev, query=query_video, error=f"video {query_video.id}: {query_video.error}", session=session)
+        error = f"video {query_video.id}: {query_video.error}"
+        return _answer(ev, query=query_video, error=error, session=session, fresh=fresh)
 
-    model = active_model(session=session)
-    emb = queries.find_embedding(query_video.id, model.id, session=session)
+    model, emb = queries.query_embedding(query_video.id, session=session)
     if emb is None:
         refused = embedding_jobs.refusal(query_video.id, model, session=session)
         if refused is not None:  # not asked for again: it failed for good
-            return _answer(ev, query=query_video, model=model, error=refused, session=session)
+            return _answer(ev, query=query_video, model=model, error=refused, session=session, fresh=fresh)
         ev.status = "embedding"
         return Outcome(event_id, embed_video_id=query_video.id)
 
@@ -108,6 +124,7 @@ def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outco
         results=results,
         search_ms=(time.perf_counter() - started) * 1000,
         session=session,
+        fresh=fresh,
     )
 
 
@@ -191,8 +208,10 @@ def _answer(
     error: str | None = None,
     search_ms: float | None = None,
     session: Session,
+    fresh: bool = False,
 ) -> Outcome:
-    """Stores the one recommendation of an event and its outbox delivery."""
+    """Stores the one recommendation of an event and its outbox delivery (``fresh``: the
+    event was recorded by this transaction, see :func:`_serve`)."""
     rec = Recommendation(
         event_id=ev.event_id,
         query_video_id=query.id if query else None,
@@ -202,19 +221,23 @@ def _answer(
         error=error,
         search_ms=search_ms,
     )
-    stored = queries.add_recommendation(rec, session=session)
+    # Written with the recommendation, in one flush; should another worker have answered
+    # the event first, the savepoint that loses the race takes this back too.
+    ev.status, ev.error, ev.completed_at = ("failed" if error else "served"), error, utcnow()
+    stored = queries.add_recommendation(rec, session=session, contended=not fresh)
     if stored is not rec:
         # Served concurrently by another worker (a redelivered message): keep theirs.
         return _existing_outcome(stored, session=session)
-    ev.status, ev.error, ev.completed_at = ("failed" if error else "served"), error, utcnow()
     EVENTS.labels(ev.status).inc()
     if error:
         logger.warning("event %s failed: %s", ev.event_id, error)
     body = callback_body(ev, rec, query=query, model=model)
     if not ev.callback_url:
         return Outcome(ev.event_id)
-    delivery = outbox.create_delivery(rec, session=session, url=ev.callback_url, body=body)
-    return Outcome(ev.event_id, delivery_id=delivery.id)
+    # (settings read here: the error paths that answer an event are not handed them)
+    lease_s = outbox.lease_s(get_settings())
+    leased = outbox.create_delivery(rec, session=session, url=ev.callback_url, body=body, lease_s=lease_s)
+    return Outcome(ev.event_id, delivery_id=leased.id, leased=leased)
 
 
 def callback_body(ev: Event, rec: Recommendation, *, query: Video | None, model: ModelVersion | None) -> dict[str, Any]:

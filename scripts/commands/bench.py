@@ -12,15 +12,21 @@ from scripts.commands.common import PASS_EXTRA_ARGS, console
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
 
 
-@bench_app.command("latency")
+@bench_app.command("latency", context_settings=PASS_EXTRA_ARGS)
 def bench_latency(
-    events: Annotated[int, typer.Option(help="Warm events to publish.")] = 500,
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(help="Warm events published one after another (0: none).")] = 0,
     cold: Annotated[int, typer.Option(help="Cold (never seen) 60-s videos to publish.")] = 5,
 ) -> None:
-    """Event -> callback latency, warm and cold, beside decode-only time."""
+    """Warm events published open loop at fixed rates (the rate -> latency table, CPU per
+    event by phase, the Celery round-trip floor, a plot; options: see `python -m
+    scripts.load --help`), then cold events beside decode-only time."""
     from scripts.bench_latency import main as bench_main
+    from scripts.load import main as load_main
 
-    bench_main(events=events, cold=cold, console=console)
+    load_main(list(ctx.args))
+    if events or cold:
+        bench_main(events=events, cold=cold, console=console)
 
 
 @bench_app.command("retrieval", context_settings=PASS_EXTRA_ARGS)

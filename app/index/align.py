@@ -92,21 +92,7 @@ def align(
     q_times = np.arange(tq, dtype=np.float64) if query_times is None else np.asarray(query_times, np.float64)
     c_times = np.arange(tc, dtype=np.float64) if candidate_times is None else np.asarray(candidate_times, np.float64)
     refs = np.zeros(tq, dtype=np.float32) if references is None else references
-    return align_many(similarity, [tc], q_times, [c_times], refs, beta=beta)[0]
-
-
-def align_many(
-    similarity: np.ndarray,
-    lengths: Sequence[int],
-    query_times: np.ndarray,
-    candidate_times: Sequence[np.ndarray],
-    references: np.ndarray,
-    *,
-    beta: float = BETA,
-) -> list[Alignment]:
-    """:func:`align` of many candidates at once (see :class:`FramePairs`)."""
-    pairs = FramePairs(similarity, lengths, query_times, candidate_times, references, beta=beta)
-    return [pairs.alignment(c, score) for c, score in enumerate(pairs.scores)]
+    return FramePairs(similarity, [tc], q_times, [c_times], refs, beta=beta).alignment(0)
 
 
 class FramePairs:

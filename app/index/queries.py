@@ -177,12 +177,22 @@ def stored_frames(*, session: Session, model_id: int, video_ids: list[int]) -> d
     candidates), one statement; videos without them (older rows) are absent."""
     if not video_ids:
         return {}
-    stmt = (
-        select(Embedding.video_id, Embedding.frame_dim, Embedding.frame_vectors, Embedding.frame_times)
-        .where(Embedding.model_version_id == model_id, Embedding.video_id.in_(video_ids))
-        .where(Embedding.frame_vectors.is_not(None))
-    )
-    return {video_id: frames.unpack(v, t, dim) for video_id, dim, v, t in session.execute(stmt) if v and dim}
+    if session.get_bind().dialect.name == "postgresql":
+        # Binary results, as stored_vectors: 64 candidates' frames are a megabyte, which
+        # the text protocol would send as hex and decode again.
+        cursor = session.connection().connection.driver_connection.cursor(binary=True)  # type: ignore[union-attr]
+        rows = cursor.execute(
+            "SELECT video_id, frame_dim, frame_vectors, frame_times FROM embeddings"
+            " WHERE model_version_id = %s AND video_id = ANY(%s) AND frame_vectors IS NOT NULL",
+            (model_id, list(video_ids)),
+        ).fetchall()
+    else:
+        rows = session.execute(
+            select(Embedding.video_id, Embedding.frame_dim, Embedding.frame_vectors, Embedding.frame_times)
+            .where(Embedding.model_version_id == model_id, Embedding.video_id.in_(video_ids))
+            .where(Embedding.frame_vectors.is_not(None))
+        ).all()
+    return {video_id: frames.unpack(bytes(v), t and bytes(t), dim) for video_id, dim, v, t in rows if v and dim}
 
 
 def background_frames(*, session: Session, model_id: int, limit: int) -> list[np.ndarray]:

@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     # re-ranked by aligning their frames with the query's (app.index.align); 0 turns it off.
     rerank_candidates: int = 64
     # A re-ranked result whose fused score (app.index.rerank.fused) reaches this is flagged
-    # as a near-duplicate (dev part of the benchmark, untrained encoder: precision 0.81,
-    # recall 0.47; README).
+    # as a near-duplicate (dev part of the benchmark, untrained encoder: precision 0.62,
+    # recall 0.53; README).
     rerank_near_duplicate_threshold: float = 0.5
 
     # Decoding limits (applied in a throwaway child process).

@@ -248,19 +248,19 @@ def test_embedding_holds_no_transaction_while_decoding(settings, data_dir: Path)
             [f"{engine.pool.checkedout()} connection(s) checked out"] if engine.pool.checkedout() else []
         )
 
-    real_sample, real_embed = video_io.sample_frames, recommend.embed_clips
+    real_sample, real_describe = video_io.sample_frames, recommend.describe_clips
 
     def sample_frames(*args: Any, **kwargs: Any) -> Any:
         observe("decoding")
         return real_sample(*args, **kwargs)
 
-    def embed_clips(*args: Any, **kwargs: Any) -> Any:
+    def describe_clips(*args: Any, **kwargs: Any) -> Any:
         observe("embedding")
-        return real_embed(*args, **kwargs)
+        return real_describe(*args, **kwargs)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(video_io, "sample_frames", sample_frames)
-    mp.setattr(recommend, "embed_clips", embed_clips)
+    mp.setattr(recommend, "describe_clips", describe_clips)
     try:
         embed_video.apply(args=[video_id]).get()  # the task's own code, in this process
     finally:

@@ -306,11 +306,12 @@ def search_library(
                                     exclude=exclude, collection=collection, exclude_near_duplicates=False,
                                     settings=settings, widths=_RERANK_WIDTHS)  # fmt: skip
     stored = queries.stored_frames(session=session, model_id=model.id, video_ids=[m.video_id for m in candidates])
-    if len(stored) < len(candidates):  # rows from before frame descriptors: one scale for all
-        logger.debug("second stage skipped: %d of %d candidates have no frames", len(candidates) - len(stored),
-                     len(candidates))  # fmt: skip
-        first = [m for m in candidates if not (exclude_near_duplicates and m.near_duplicate)]
-        return first[:k], used
+    # Rows from before frame descriptors (migration 0007) are not re-ranked: with none
+    # re-rankable the first stage answers alone; otherwise they follow the re-ranked
+    # ones, in the first stage's order and on its scale (``match`` None).
+    legacy = [m for m in candidates if m.video_id not in stored and not (exclude_near_duplicates and m.near_duplicate)]
+    if not stored:
+        return legacy[:k], used
     calibrated = {m.video_id: m.calibrated or 0.0 for m in candidates}
     # Spans for the results returned (all of them when near-duplicates are left out: which
     # are returned is known only after).
@@ -319,6 +320,8 @@ def search_library(
     threshold = settings.rerank_near_duplicate_threshold
     matches = []
     for m in candidates:
+        if m.video_id not in aligned:
+            continue
         r = aligned[m.video_id]
         near = r.fused >= threshold
         if not (near and exclude_near_duplicates):
@@ -326,7 +329,7 @@ def search_library(
                                                query_span=r.alignment.query_span,
                                                span=r.alignment.candidate_span))  # fmt: skip
     matches.sort(key=lambda m: (-(m.calibrated or 0.0), -m.score, m.video_id))
-    return matches[:k], used
+    return (matches + legacy)[:k], used
 
 
 # Per process: the background frames of the library a model serves, drawn again when the

@@ -125,3 +125,9 @@ def receiver(settings):  # type: ignore[no-untyped-def]
 
     with CallbackReceiver(settings.webhook_secrets[0]) as rx:
         yield rx
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the videos one test module makes."""
+    return tmp_path_factory.mktemp("media")

@@ -29,11 +29,6 @@ OTHER_PICTURE = 20.0
 
 
 @pytest.fixture(scope="module")
-def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("geometry")
-
-
-@pytest.fixture(scope="module")
 def source(media_dir: Path) -> Path:
     """6 s of 240x180 moving texture (cells of 4 pixels: 1 would make a 1 % change of
     scale a new picture), a content of its own."""

@@ -29,11 +29,6 @@ FAST_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("media")
-
-
-@pytest.fixture(scope="module")
 def clip(media_dir: Path) -> Path:
     """4 s, 320x240, 25 fps H.264 with B-frames."""
     return make_video(media_dir / "clip.mp4", seconds=4, pattern="smptebars")

@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     # How often beat advances rollouts and looks at parked events.
     sweep_interval_s: float = 30.0
     torch_threads: int = 0  # 0: let torch decide
+    # numpy's BLAS threads in each worker process (0: the library's default, one per core).
+    # Prefork already runs a process per core, and a search's matrices are small: with two
+    # BLAS threads on a busy 2-core machine, both stages of a warm search took p50 58 ms
+    # against 14 ms with one (scripts/bench_search.py, 10k videos).
+    blas_threads: int = 1
     metrics_port: int | None = None  # workers serve Prometheus metrics here when set
 
     # Logs. Workers write one JSON object per line (ts, level, logger, message, and the

@@ -23,6 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import delete
+from threadpoolctl import threadpool_limits
 
 from app.config import get_settings
 from app.db import migrate, session_scope
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     console = Console()
     settings = get_settings()
+    if settings.blas_threads:  # as a worker process searches (workers/tasks.py)
+        threadpool_limits(limits=settings.blas_threads, user_api="blas")
     migrate()
     rng = np.random.default_rng(0)
     dim, frame_dim = 512, EncoderConfig().frame_dim

@@ -146,16 +146,16 @@ def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train
                 publish_video_selected(event_id=event_id, video_uri=str(q.path), callback_url=receiver.url, k=5)
                 expected[event_id] = path_to_id[q.source]
                 notes[event_id] = (
-                    f"query: {q.path.name}, an edited copy ({q.edit.replace('_', ' ')}) "
+                    f"an edited copy ({q.edit.replace('_', ' ')}) "
                     f"of library video {path_to_id[q.source]} ({q.source.name})"
                 )
             first_id = path_to_id[corpus.library[0]]
             known = f"demo-{run}-library-{first_id}"
             publish_video_selected(event_id=known, video_id=first_id, callback_url=receiver.url, k=5)
-            notes[known] = f"query: library video {first_id} itself (already embedded: served from its stored vector)"
+            notes[known] = f"library video {first_id} itself (already embedded: served from its stored vector)"
             broken = f"demo-{run}-broken"
             publish_video_selected(event_id=broken, video_uri=str(bad), callback_url=receiver.url)
-            notes[broken] = "query: a text file named .mp4 (shows a readable error, and the worker carries on)"
+            notes[broken] = "a text file named .mp4 (shows a readable error, and the worker carries on)"
             wanted = {*expected, known, broken}
             with console.status(f"waiting for {len(wanted)} signed callbacks..."):
                 got = receiver.wait_for(wanted, timeout_s=600)

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import get_settings
@@ -65,14 +65,30 @@ class RetriedTask(Task):
             raise self.retry(exc=exc, countdown=countdown, max_retries=DATABASE_DOWN_MAX_RETRIES) from None
 
 
+@worker_init.connect
+def _init_worker(**_: Any) -> None:
+    # Here for the solo and thread pools, which serve in this process; a prefork child
+    # sets it again after the fork.
+    _limit_blas_threads()
+
+
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
+    _limit_blas_threads()
     # Torch and CUDA are initialised here, in the child, never before a fork.
     import torch
 
     threads = get_settings().torch_threads
     if threads:
         torch.set_num_threads(threads)
+
+
+def _limit_blas_threads() -> None:
+    threads = get_settings().blas_threads
+    if threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
 
 
 def _process_died_too_often(task: Task) -> bool:

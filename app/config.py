@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # as a near-duplicate (dev part of the benchmark, untrained encoder: precision 0.62,
     # recall 0.53; README).
     rerank_near_duplicate_threshold: float = 0.5
+    # Candidates' frame descriptors kept in each worker process (MB, least recently used
+    # out first; 0: read from Postgres for every search). 256 MB holds the frames of about
+    # 8,000 videos of 64 s.
+    rerank_frame_cache_mb: int = 256
 
     # Decoding limits (applied in a throwaway child process).
     frame_fps: float = 1.0

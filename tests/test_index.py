@@ -710,14 +710,52 @@ def test_second_stage_serves_what_the_benchmark_scores(session, settings) -> Non
     first = served_scores(queries_v, library, params=IndexParams(dtype="f32"))
     expected = second_stage(first, queries_f, frames, stage=SecondStage(settings.rerank_candidates))
     column = {v.id: j for j, v in enumerate(videos)}
-    for i, query_video in enumerate(query_videos):
-        emb = serve_queries.find_embedding(query_video.id, model.id, session=session)
-        assert emb is not None and emb.frame_vectors is not None
-        matches, _ = search.search_library(
-            session=session, model=model, query=queries_v[i], k=10, exclude={query_video.id},
-            query_frames=unpack(emb.frame_vectors, emb.frame_times, frame_dim), settings=settings,
-        )  # fmt: skip
-        served = [column[m.video_id] for m in matches]
-        assert served == list(np.argsort(-expected[i], kind="stable")[:10]), i
-        np.testing.assert_allclose([m.calibrated for m in matches], expected[i][served], atol=1e-4)
-        assert all(m.match is not None and m.span is not None for m in matches[:1])
+    # Read from Postgres, then (the same searches again) from the process's frame cache.
+    uncached = settings.model_copy(update={"rerank_frame_cache_mb": 0})
+    for config in (uncached, settings, settings):
+        for i, query_video in enumerate(query_videos):
+            emb = serve_queries.find_embedding(query_video.id, model.id, session=session)
+            assert emb is not None and emb.frame_vectors is not None
+            matches, _ = search.search_library(
+                session=session, model=model, query=queries_v[i], k=10, exclude={query_video.id},
+                query_frames=unpack(emb.frame_vectors, emb.frame_times, frame_dim), settings=config,
+            )  # fmt: skip
+            served = [column[m.video_id] for m in matches]
+            assert served == list(np.argsort(-expected[i], kind="stable")[:10]), i
+            np.testing.assert_allclose([m.calibrated for m in matches], expected[i][served], atol=1e-4)
+            assert all(m.match is not None and m.span is not None for m in matches[:1])
+    assert {(model.id, v.id) for v in videos} <= set(search._frame_cache)
+
+
+def test_frame_cache_keeps_the_most_recent_within_its_bound(session) -> None:  # type: ignore[no-untyped-def]
+    """Candidates' frames read once stay in the process, least recently used out first,
+    never more than the bound."""
+    from app.serve import queries as serve_queries
+
+    model = ModelVersion(name=f"frame-cache-{uuid.uuid4().hex[:8]}", config={}, checkpoint_path=None, dim=8,
+                         trained=False, data_summary={})  # fmt: skip
+    session.add(model)
+    session.flush()
+    rng = np.random.default_rng(3)
+    videos = [Video(uri=f"test://frame-cache/{model.id}/{i}", status="ready") for i in range(40)]
+    session.add_all(videos)
+    session.flush()
+    stored = {}
+    for video in videos:  # 64 frames of 128-d: 33 KB a video once read, 40 of them over 1 MB
+        f = normalise(rng.normal(size=(64, 128))).astype(np.float16).astype(np.float32)
+        stored[video.id] = f
+        serve_queries.add_embedding(video.id, model.id, _unit(1, 8, seed=video.id)[0], frames=64, session=session,
+                                    frame_vectors=f, frame_times=np.arange(64, dtype=np.float32))  # fmt: skip
+    session.commit()
+    ids = [v.id for v in videos]
+    read = search._candidate_frames(session=session, model_id=model.id, video_ids=ids, limit_mb=1)
+    assert set(read) == set(ids)
+    for video_id, frames in read.items():
+        np.testing.assert_array_equal(frames.vectors, stored[video_id])
+    kept = [v for v in ids if (model.id, v) in search._frame_cache]
+    assert 0 < len(kept) < len(ids) and kept == ids[-len(kept) :]  # the oldest went first
+    assert search._frame_cache_bytes <= 1024**2
+    again = search._candidate_frames(session=session, model_id=model.id, video_ids=ids[:3], limit_mb=1)
+    for video_id, frames in again.items():
+        np.testing.assert_array_equal(frames.vectors, stored[video_id])
+    assert all((model.id, v) in search._frame_cache for v in ids[:3])

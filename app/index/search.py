@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,7 +306,8 @@ def search_library(
     candidates, used = _first_stage(session=session, model=model, query=query, k=max(k, settings.rerank_candidates),
                                     exclude=exclude, collection=collection, exclude_near_duplicates=False,
                                     settings=settings, widths=_RERANK_WIDTHS)  # fmt: skip
-    stored = queries.stored_frames(session=session, model_id=model.id, video_ids=[m.video_id for m in candidates])
+    stored = _candidate_frames(session=session, model_id=model.id, video_ids=[m.video_id for m in candidates],
+                               limit_mb=settings.rerank_frame_cache_mb)  # fmt: skip
     # Rows from before frame descriptors (migration 0007) are not re-ranked: with none
     # re-rankable the first stage answers alone; otherwise they follow the re-ranked
     # ones, in the first stage's order and on its scale (``match`` None).
@@ -330,6 +332,39 @@ def search_library(
                                                span=r.alignment.candidate_span))  # fmt: skip
     matches.sort(key=lambda m: (-(m.calibrated or 0.0), -m.score, m.video_id))
     return (matches + legacy)[:k], used
+
+
+# Per process: candidates' frame descriptors by (model, video), least recently used first.
+# An embedding row is written once per model and video and ids are never reused, so what
+# was read stays right; a video disabled or deleted since is no candidate any more.
+_frame_cache: OrderedDict[tuple[int, int], Frames] = OrderedDict()
+_frame_cache_bytes = 0
+
+
+def _candidate_frames(*, session: Session, model_id: int, video_ids: list[int], limit_mb: int) -> dict[int, Frames]:
+    """:func:`queries.stored_frames` of ``video_ids``, those read before from the cache."""
+    global _frame_cache_bytes
+    if limit_mb <= 0:
+        return queries.stored_frames(session=session, model_id=model_id, video_ids=video_ids)
+    found: dict[int, Frames] = {}
+    with _lock:
+        for video_id in video_ids:
+            frames = _frame_cache.get((model_id, video_id))
+            if frames is not None:
+                _frame_cache.move_to_end((model_id, video_id))
+                found[video_id] = frames
+    missing = [v for v in video_ids if v not in found]
+    read = queries.stored_frames(session=session, model_id=model_id, video_ids=missing) if missing else {}
+    with _lock:
+        for video_id in missing:  # in the candidates' order, not the rows'
+            frames = read.get(video_id)
+            if frames is not None and (model_id, video_id) not in _frame_cache:
+                _frame_cache[(model_id, video_id)] = frames
+                _frame_cache_bytes += frames.vectors.nbytes + frames.times.nbytes
+        while _frame_cache_bytes > limit_mb * 1024**2 and _frame_cache:
+            _, old = _frame_cache.popitem(last=False)
+            _frame_cache_bytes -= old.vectors.nbytes + old.times.nbytes
+    return found | read
 
 
 # Per process: the background frames of the library a model serves, drawn again when the

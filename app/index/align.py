@@ -92,12 +92,14 @@ def align(
     q_times = np.arange(tq, dtype=np.float64) if query_times is None else np.asarray(query_times, np.float64)
     c_times = np.arange(tc, dtype=np.float64) if candidate_times is None else np.asarray(candidate_times, np.float64)
     refs = np.zeros(tq, dtype=np.float32) if references is None else references
-    return FramePairs(similarity, [tc], q_times, [c_times], refs, beta=beta).alignment(0)
+    padded = np.asarray(similarity).reshape(tq, 1, tc)  # one candidate, nothing padded
+    return FramePairs(padded, [tc], q_times, [c_times], refs, beta=beta).alignment(0)
 
 
 class FramePairs:
-    """The frame pairs of a query with many candidates: ``similarity`` is (Tq, sum of
-    ``lengths``), the candidates' frames side by side. Every candidate's score comes from
+    """The frame pairs of a query with many candidates: ``similarity`` is (Tq, C, Tmax),
+    candidate c's frames in its first ``lengths[c]`` columns (the rest are ignored; they
+    are overwritten). Every candidate's score comes from
     a few array operations (``scores``); its spans, a loop of their own, only when asked
     (:meth:`alignment`): a search locates the results it returns, not every candidate.
 
@@ -122,18 +124,20 @@ class FramePairs:
         if tq == 0 or n == 0:
             self.scores = np.full(n, -np.inf)
             return
-        t_max = int(self.lengths.max())
-        starts = np.cumsum(self.lengths) - self.lengths
+        t_max = similarity.shape[2]
         valid = np.arange(t_max)[None, :] < self.lengths[:, None]  # (C, Tmax)
-        cols = np.where(valid, starts[:, None] + np.arange(t_max)[None, :], 0)
-        raw = np.where(valid[:, None, :], similarity[:, cols].transpose(1, 0, 2), -np.inf)  # (C, Tq, Tmax)
-        normalised = raw - beta * references[None, :, None]
+        similarity[:, ~valid] = -np.inf  # in place: no copy of the (Tq, C, Tmax) array
+        raw = similarity.transpose(1, 0, 2)  # (C, Tq, Tmax), a view
         # Each query frame's partner among a candidate's frames, and each candidate
         # frame's among the query's; a pair is mutual when each is the other's partner.
+        # Only the partners' similarities are normalised (a level per query frame).
         self.row_partner = raw.argmax(axis=2)  # (C, Tq)
-        self.col_partner = raw.argmax(axis=1)  # (C, Tmax)
-        self.row_best = np.take_along_axis(normalised, self.row_partner[:, :, None], 2)[:, :, 0]
-        self.col_best = np.take_along_axis(normalised, self.col_partner[:, None, :], 1)[:, 0, :]
+        # (argmax along a strided axis is several times slower than a contiguous copy)
+        self.col_partner = np.ascontiguousarray(raw.transpose(0, 2, 1)).argmax(axis=2)  # (C, Tmax)
+        row_raw = np.take_along_axis(raw, self.row_partner[:, :, None], 2)[:, :, 0]
+        col_raw = np.take_along_axis(raw, self.col_partner[:, None, :], 1)[:, 0, :]
+        self.row_best = row_raw - beta * references[None, :]
+        self.col_best = col_raw - beta * references[self.col_partner]
         self.row_mutual = np.take_along_axis(self.col_partner, self.row_partner, 1) == np.arange(tq)[None, :]
         self.col_mutual = np.take_along_axis(self.row_partner, self.col_partner, 1) == np.arange(t_max)[None, :]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -65,10 +65,19 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def dialect_insert(session: Session) -> Callable[..., Any]:
-    """The ``insert`` of the session's database, which has ``on_conflict_do_update``
-    (Postgres, or SQLite when embedded)."""
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A connection on which each statement commits by itself: for a single statement that
+    must be committed before the work that follows it (no BEGIN and COMMIT around it)."""
+    with get_engine().connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def dialect_insert(session: Session | Connection) -> Callable[..., Any]:
+    """The ``insert`` of the session's (or connection's) database, which has
+    ``on_conflict_do_update`` (Postgres, or SQLite when embedded)."""
+    dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
+    return postgresql.insert if dialect.name == "postgresql" else sqlite.insert
 
 
 def _lock_key(name: str) -> int:

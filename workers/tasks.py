@@ -18,14 +18,14 @@ from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import get_settings
-from app.db import dialect_insert, session_scope
+from app.db import autocommit, session_scope
 from app.deliver import outbox
 from app.index import rebuild
 from app.learn import registry, rollout
 from app.learn.registry import active_model
 from app.logs import log_context
-from app.models import TaskAttempt, utcnow
 from app.serve import parked, recommend
+from app.task_attempts import count_start
 from workers.app import TIME_LIMITS, celery_app
 from workers.metrics import queue_depths
 
@@ -96,14 +96,8 @@ def _process_died_too_often(task: Task) -> bool:
     keeps dying (and so is redelivered) is given up after a bounded number (celery#9082).
     Retries of the task itself carry the same id and count too."""
     task_id = task.request.id or "unknown"
-    with session_scope() as session:
-        stmt = dialect_insert(session)(TaskAttempt).values(
-            task_id=task_id, name=task.name, attempts=1, last_started_at=utcnow()
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["task_id"], set_={"attempts": TaskAttempt.attempts + 1, "last_started_at": utcnow()}
-        ).returning(TaskAttempt.attempts)
-        attempts = session.execute(stmt).scalar_one()
+    with autocommit() as conn:  # committed before the task's work, which may kill the process
+        attempts = count_start(conn, task_id=task_id, name=task.name)
     # Each retry is a new message under the same id, started once if nothing goes wrong:
     # what is left after those is redeliveries of messages whose process died. The limit
     # is task_max_attempts starts of the current message, as the README documents (it was

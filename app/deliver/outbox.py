@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Connection, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import Sessions
+from app.db import Sessions, autocommit, get_engine
 from app.deliver.attempt import DeliveryResult, deliver, next_delay_s
 from app.metrics import DELIVERIES, EVENT_TO_CALLBACK
 from app.models import Delivery, DeliveryAttempt, Event, Recommendation, utcnow
@@ -56,6 +56,11 @@ class Leased:
     lease_until: datetime
 
 
+def encode_body(body: dict[str, Any]) -> str:
+    """A callback's body as sent, frozen in the outbox: every attempt sends these bytes."""
+    return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
+
 def create_delivery(rec: Recommendation, *, session: Session, url: str, body: dict[str, Any], lease_s: float) -> Leased:
     """The recommendation's delivery, pending, due now and leased to the caller for its
     first attempt (flushed, not committed): the sweeper leaves it alone until the lease
@@ -65,7 +70,7 @@ def create_delivery(rec: Recommendation, *, session: Session, url: str, body: di
         recommendation_id=rec.id,
         url=url,
         webhook_id=webhook_id_for(rec.event_id),
-        body=json.dumps(body, separators=(",", ":"), sort_keys=True),
+        body=encode_body(body),
         status="pending",
         next_attempt_at=now,
         lease_until=now + timedelta(seconds=lease_s),
@@ -114,12 +119,58 @@ def attempt(delivery: Delivery | Leased, *, settings: Settings) -> DeliveryResul
     )
 
 
-def attempt_leased(leased: Leased, *, sessions: Sessions, settings: Settings) -> Delivery:
+def attempt_leased(leased: Leased, *, sessions: Sessions, settings: Settings) -> DeliveryResult:
     """The attempt of a delivery this caller holds the lease of (:func:`create_delivery`),
-    outside any transaction, then its record in a unit of work of its own."""
+    outside any transaction, then its record: a success in one statement that commits
+    by itself (:func:`record_delivered`), anything else in a unit of work of ``sessions``."""
     result = attempt(leased, settings=settings)
+    if result.ok and get_engine().dialect.name == "postgresql":
+        # Most attempts: one statement, which commits by itself (no unit of work needed).
+        with autocommit() as conn:
+            record_delivered(leased.id, result, conn=conn)
+        return result
     with sessions() as session:
-        return record(leased.id, result, session=session, settings=settings)
+        record(leased.id, result, session=session, settings=settings)
+    return result
+
+
+# An attempt that succeeded, stored: the delivery delivered (when first delivered, if it
+# was before: a replay), and the attempt numbered after the ones before it.
+_RECORD_DELIVERED = """
+WITH delivered AS (
+    UPDATE deliveries
+    SET attempts = attempts + 1, status = 'delivered', next_attempt_at = NULL, lease_until = NULL,
+        last_status_code = %(status_code)s, last_error = NULL, delivered_at = COALESCE(delivered_at, %(now)s)
+    WHERE id = %(id)s
+    RETURNING id, recommendation_id, attempts, delivered_at
+), attempted AS (
+    INSERT INTO delivery_attempts (delivery_id, attempt, status_code, error, duration_ms, attempted_at)
+    SELECT id, attempts, %(status_code)s, NULL, %(duration_ms)s, %(now)s FROM delivered
+)
+SELECT d.attempts, d.delivered_at, e.received_at
+FROM delivered AS d
+LEFT JOIN recommendations AS r ON r.id = d.recommendation_id
+LEFT JOIN events AS e ON e.event_id = r.event_id
+"""
+
+
+def record_delivered(delivery_id: int, result: DeliveryResult, *, conn: Connection) -> None:
+    """:func:`record` of a successful attempt, on Postgres, in one statement: the SQL sent
+    on the connection as it is, no ORM object (the warm path's last write, after
+    :func:`app.serve.queries.store_warm_answer`)."""
+    assert result.ok
+    now = utcnow()
+    row = conn.connection.driver_connection.execute(  # type: ignore[union-attr]
+        _RECORD_DELIVERED,
+        {"id": delivery_id, "status_code": result.status_code, "duration_ms": result.duration_ms, "now": now},
+    ).fetchone()
+    if row is None:  # deleted meanwhile (an operator): nothing to record
+        return
+    attempts, delivered_at, received_at = row
+    DELIVERIES.labels("delivered").inc()
+    if delivered_at == now and received_at is not None:  # its first answer
+        EVENT_TO_CALLBACK.observe((now - received_at).total_seconds())
+    logger.info("delivery %d attempt %d -> delivered (%s)", delivery_id, attempts, result.status_code)
 
 
 def record(delivery_id: int, result: DeliveryResult, *, session: Session, settings: Settings) -> Delivery:

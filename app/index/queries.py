@@ -106,10 +106,25 @@ def fresh_embeddings(
     videos stamped at or above ``since`` (what an index built at horizon ``since`` may
     lack), but none of the ``held`` videos (read before, still inside the window); and
     this read's horizon, to read from next time (None: nothing came back). One statement."""
-    stmt = _fresh_statement(session.get_bind().dialect.name)
-    rows = session.execute(stmt, {"model_id": model_id, "since": since, "held": held}).all()
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # On every search: the SQL sent on the connection as it is, in binary (vectors as
+        # raw bytes), without SQLAlchemy's work per statement (several times the read's).
+        cursor = session.connection().connection.driver_connection.cursor(binary=True)  # type: ignore[union-attr]
+        rows = cursor.execute(_FRESH_SQL, {"model_id": model_id, "since": since, "held": held}).fetchall()
+    else:
+        rows = list(session.execute(_fresh_statement(dialect), {"model_id": model_id, "since": since, "held": held}))
     # (stamps are never None here: each passed ``>= since``)
     return [(video_id, stamp or 0, vector) for video_id, stamp, vector, _ in rows], (rows[0][3] if rows else None)
+
+
+# ``_fresh_statement`` on Postgres; its horizon is ``_horizon``'s.
+_FRESH_SQL = """
+SELECT e.video_id, e.xact, e.vector, pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+FROM embeddings AS e JOIN videos AS v ON v.id = e.video_id
+WHERE e.model_version_id = %(model_id)s AND v.in_library AND v.enabled
+  AND e.xact >= %(since)s AND e.video_id <> ALL(%(held)s::bigint[])
+"""
 
 
 @functools.cache
@@ -209,11 +224,23 @@ def background_frames(*, session: Session, model_id: int, limit: int) -> list[np
     return [frames.unpack(v, None, dim).vectors for dim, v in rows if v and dim]
 
 
+_ELIGIBLE_SQL = "SELECT id, uri FROM videos WHERE id = ANY(%(ids)s::bigint[]) AND in_library AND enabled"
+_ELIGIBLE_IN_COLLECTION_SQL = _ELIGIBLE_SQL + " AND collection = %(collection)s"
+
+
 def eligible_videos(*, session: Session, video_ids: list[int], collection: str | None) -> dict[int, str]:
     """The uri of each of ``video_ids`` that may be recommended: in the library, enabled,
     and in ``collection`` when given."""
     if not video_ids:
         return {}
+    if session.get_bind().dialect.name == "postgresql":
+        # On every search, as ``fresh_embeddings``: one array parameter, the SQL as it is.
+        cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+        rows = cursor.execute(
+            _ELIGIBLE_SQL if collection is None else _ELIGIBLE_IN_COLLECTION_SQL,
+            {"ids": video_ids, "collection": collection},
+        )
+        return {video_id: uri for video_id, uri in rows}
     stmt = select(Video.id, Video.uri).where(Video.id.in_(video_ids), Video.in_library, Video.enabled)
     if collection is not None:
         stmt = stmt.where(Video.collection == collection)

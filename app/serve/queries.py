@@ -16,7 +16,10 @@ Writes that live with another step are theirs: registering a video
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -47,15 +50,7 @@ def record_event(event: VideoSelected, *, session: Session) -> Event | None:
     row when this call recorded it, None when it was recorded before. One statement: the
     row is inserted unless present, and the object that stands for it is put in the
     session as loaded, not read back."""
-    values: dict[str, Any] = {
-        "event_id": event.event_id,
-        "payload": event.model_dump(exclude_none=True),
-        "k": event.k,
-        "callback_url": event.callback_url,
-        "status": "received",
-        "attempts": 0,
-        "received_at": utcnow(),
-    }
+    values = _event_values(event)
     inserted = session.scalar(
         dialect_insert(session)(Event)
         .values(**values)
@@ -65,9 +60,166 @@ def record_event(event: VideoSelected, *, session: Session) -> Event | None:
     if inserted is None:
         logger.info("event %s already recorded", event.event_id)
         return None
-    ev = Event(**values, video_id=None, error=None, completed_at=None)
-    make_transient_to_detached(ev)  # the row as just inserted: persistent once added, no SELECT
+    ev = _loaded_event(values)
     session.add(ev)
+    return ev
+
+
+# --------------------------------------------------------------------------- the warm path
+#
+# A warm event (a library video already embedded by the active model) is most events, and
+# on Postgres it takes two statements here instead of eight: one records the event and
+# reads what its search needs, one stores its recommendation, its outbox row and its
+# status. They are SQL sent on the session's connection as it is: SQLAlchemy's work per
+# ORM statement (building, cache keys, the unit of work, loading objects) was two thirds
+# of a warm event's CPU, several times the round trip itself. Anything else (an event
+# recorded before, a video not embedded, a fresh install, SQLite) takes the general path.
+
+
+@dataclass(frozen=True)
+class WarmQuery:
+    """What a search for a just-recorded event needs: its query video, the active model,
+    and the video's embedding by it (float32 vector bytes, float16 frame descriptors and
+    their times, as stored)."""
+
+    video_id: int
+    video_uri: str
+    model_id: int
+    vector: bytes
+    frame_dim: int | None
+    frame_vectors: bytes | None
+    frame_times: bytes | None
+
+
+# Records the event unless present, and reads its video, the active model and the
+# video's embedding by it. The read does not see the row just inserted (one snapshot for
+# the whole statement), and needs none of it.
+_RECORD_AND_READ = """
+WITH recorded AS (
+    INSERT INTO events (event_id, payload, k, callback_url, status, attempts, received_at)
+    VALUES (%(event_id)s, %(payload)s::jsonb, %(k)s, %(callback_url)s, 'received', 0, %(received_at)s)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+)
+SELECT (SELECT count(*) FROM recorded), v.id, v.uri, v.status, m.id,
+       e.vector, e.frame_dim, e.frame_vectors, e.frame_times
+FROM (SELECT %(video_id)s::bigint AS id) AS q
+LEFT JOIN videos AS v ON v.id = q.id
+LEFT JOIN model_versions AS m ON m.is_active
+LEFT JOIN embeddings AS e ON e.video_id = v.id AND e.model_version_id = m.id
+"""
+
+
+def warm_path(session: Session) -> bool:
+    """Whether the session's database takes the warm path's statements (Postgres)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def record_warm_event(event: VideoSelected, *, session: Session) -> WarmQuery | Event | None:
+    """:func:`record_event` for an event naming a video by id, on Postgres, with the reads
+    of its search in the same statement. Returns what the search needs; or the new row
+    (put in the session) when the event cannot be searched at once (its video is unknown,
+    failed or not embedded, or no model is active: the general path answers it); or None
+    when it was recorded before."""
+    assert event.video_id is not None
+    values = _event_values(event)
+    cursor = session.connection().connection.driver_connection.cursor(binary=True)  # type: ignore[union-attr]
+    row = cursor.execute(
+        _RECORD_AND_READ, {**values, "payload": json.dumps(values["payload"]), "video_id": event.video_id}
+    ).fetchone()
+    assert row is not None  # one row, whatever is found
+    fresh, video_id, uri, status, model_id, vector, frame_dim, frame_vectors, frame_times = row
+    if not fresh:
+        logger.info("event %s already recorded", event.event_id)
+        return None
+    if video_id is None or status == "failed" or vector is None:
+        ev = _loaded_event(values)
+        session.add(ev)
+        return ev
+    return WarmQuery(video_id, uri, model_id, bytes(vector), frame_dim,
+                     frame_vectors and bytes(frame_vectors), frame_times and bytes(frame_times))  # fmt: skip
+
+
+# The recommendation, unless the event has one (a redelivered message served at the same
+# time: the other transaction's insert is waited for, then nothing is done), and only if it
+# was stored, the event's status and its outbox delivery, leased to this caller.
+_STORE_ANSWER = """
+WITH answer AS (
+    INSERT INTO recommendations (event_id, query_video_id, model_version_id, index_version_id, results,
+                                 search_ms, created_at)
+    VALUES (%(event_id)s, %(video_id)s, %(model_id)s, %(index_version_id)s, %(results)s::jsonb,
+            %(search_ms)s, %(now)s)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING id
+), served AS (
+    UPDATE events SET video_id = %(video_id)s, status = 'served', error = NULL, completed_at = %(now)s
+    FROM answer WHERE events.event_id = %(event_id)s
+), delivery AS (
+    INSERT INTO deliveries (recommendation_id, url, webhook_id, body, status, attempts, next_attempt_at,
+                            lease_until, created_at)
+    SELECT answer.id, %(url)s, %(webhook_id)s, %(body)s, 'pending', 0, %(now)s, %(lease_until)s, %(now)s
+    FROM answer
+    RETURNING id
+)
+SELECT delivery.id FROM delivery
+"""
+
+
+def store_warm_answer(
+    event_id: str,
+    *,
+    session: Session,
+    query: WarmQuery,
+    index_version_id: int | None,
+    results: list[dict[str, Any]],
+    search_ms: float,
+    url: str,
+    webhook_id: str,
+    body: str,
+    lease_until: datetime,
+) -> int | None:
+    """Stores a served event's one recommendation, its status and its outbox delivery
+    (pending, due now, leased until ``lease_until``) in one statement; returns the
+    delivery's id, or None when another worker answered the event first (nothing is
+    written then: :func:`find_recommendation` reads theirs)."""
+    now = utcnow()
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    row = cursor.execute(
+        _STORE_ANSWER,
+        {
+            "event_id": event_id,
+            "video_id": query.video_id,
+            "model_id": query.model_id,
+            "index_version_id": index_version_id,
+            "results": json.dumps({"items": results}),
+            "search_ms": search_ms,
+            "now": now,
+            "url": url,
+            "webhook_id": webhook_id,
+            "body": body,
+            "lease_until": lease_until,
+        },
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _event_values(event: VideoSelected) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "payload": event.model_dump(exclude_none=True),
+        "k": event.k,
+        "callback_url": event.callback_url,
+        "status": "received",
+        "attempts": 0,
+        "received_at": utcnow(),
+    }
+
+
+def _loaded_event(values: dict[str, Any]) -> Event:
+    """The object for an events row as just inserted with ``values``: put in the session
+    as loaded (persistent once added), with no SELECT."""
+    ev = Event(**values, video_id=None, error=None, completed_at=None)
+    make_transient_to_detached(ev)
     return ev
 
 

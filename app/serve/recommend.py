@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -58,10 +59,66 @@ def accept_event(raw: Any, *, session: Session, settings: Settings, fallback_id:
         event = parse_event(raw, max_k=settings.max_k)
     except InvalidEvent as exc:
         return _reject(raw, str(exc), fallback_id=fallback_id, session=session)
-    ev = queries.record_event(event, session=session)
-    if ev is None:  # recorded before: a redelivered or republished message
+    if event.video_id is not None and queries.warm_path(session):
+        recorded = queries.record_warm_event(event, session=session)
+        if isinstance(recorded, queries.WarmQuery):
+            return _serve_warm(recorded, event, session=session, settings=settings)
+    else:
+        recorded = queries.record_event(event, session=session)
+    if recorded is None:  # recorded before: a redelivered or republished message
         return serve_event(event.event_id, session=session, settings=settings)
-    return _serve(ev, event, session=session, settings=settings, fresh=True)
+    return _serve(recorded, event, session=session, settings=settings, fresh=True)
+
+
+def _serve_warm(query: queries.WarmQuery, event: VideoSelected, *, session: Session, settings: Settings) -> Outcome:
+    """Answers a just-recorded event whose video is embedded by the active model: the
+    search, then the recommendation, the event's status and its outbox delivery in one
+    statement (:func:`queries.store_warm_answer`). What :func:`_serve` does for any
+    event, without an ORM object on the way."""
+    model = queries.model_version(query.model_id, session=session)
+    frames = (
+        index_frames.unpack(query.frame_vectors, query.frame_times, query.frame_dim)
+        if query.frame_vectors is not None and query.frame_dim
+        else None
+    )
+    started = time.perf_counter()
+    matches, index_version = search_library(
+        session=session,
+        model=model,
+        query=np.frombuffer(query.vector, dtype=np.float32),
+        k=event.k,
+        exclude={query.video_id},
+        collection=event.collection,
+        exclude_near_duplicates=event.exclude_near_duplicates,
+        query_frames=frames,
+        settings=settings,
+    )
+    results = [result_item(m, rank) for rank, m in enumerate(matches, start=1)]
+    search_ms = (time.perf_counter() - started) * 1000
+    answer = _body(event.event_id, query=(query.video_id, query.video_uri), model=model,
+                   index_version=index_version, results=results, error=None)  # fmt: skip
+    body = outbox.encode_body(answer)
+    webhook_id = outbox.webhook_id_for(event.event_id)
+    lease_until = utcnow() + timedelta(seconds=outbox.lease_s(settings))
+    delivery_id = queries.store_warm_answer(
+        event.event_id,
+        session=session,
+        query=query,
+        index_version_id=index_version,
+        results=results,
+        search_ms=search_ms,
+        url=event.callback_url,
+        webhook_id=webhook_id,
+        body=body,
+        lease_until=lease_until,
+    )
+    if delivery_id is None:  # answered meanwhile by another worker (a redelivered message): keep theirs
+        existing = queries.find_recommendation(event.event_id, session=session)
+        assert existing is not None  # what stopped this one being stored
+        return _existing_outcome(existing, session=session)
+    EVENTS.labels("served").inc()
+    leased = outbox.Leased(delivery_id, event.callback_url, webhook_id, body, lease_until)
+    return Outcome(event.event_id, delivery_id=delivery_id, leased=leased)
 
 
 def serve_event(event_id: str, *, session: Session, settings: Settings) -> Outcome:
@@ -242,15 +299,28 @@ def _answer(
 
 def callback_body(ev: Event, rec: Recommendation, *, query: Video | None, model: ModelVersion | None) -> dict[str, Any]:
     """The callback contract (README, "Callback contract")."""
+    return _body(ev.event_id, query=(query.id, query.uri) if query else None, model=model,
+                 index_version=rec.index_version_id, results=rec.results.get("items", []), error=rec.error)  # fmt: skip
+
+
+def _body(
+    event_id: str,
+    *,
+    query: tuple[int, str] | None,
+    model: ModelVersion | None,
+    index_version: int | None,
+    results: list[dict[str, Any]],
+    error: str | None,
+) -> dict[str, Any]:
     return {
         "type": "video.recommendations",
-        "event_id": ev.event_id,
-        "query": {"video_id": query.id, "uri": query.uri} if query else None,
-        "results": rec.results.get("items", []),
+        "event_id": event_id,
+        "query": {"video_id": query[0], "uri": query[1]} if query else None,
+        "results": results,
         "model_version": model.name if model else None,
         "model_trained": model.trained if model else None,
-        "index_version": rec.index_version_id,
-        "error": rec.error,
+        "index_version": index_version,
+        "error": error,
     }
 
 

@@ -272,7 +272,8 @@ def _decode(
     rw, rh, x0, y0 = _decode_plan(info, sar, geometry, size)
     # Resizing inside decord's filter graph is cheaper than decoding full frames and
     # resizing them afterwards. num_threads=0 lets FFmpeg choose.
-    vr = decord.VideoReader(request["path"], ctx=decord.cpu(0), width=rw, height=rh)
+    threads = int(request.get("decode_threads") or 0)
+    vr = decord.VideoReader(request["path"], ctx=decord.cpu(0), width=rw, height=rh, num_threads=threads)
     t = _lap(timings, "open", t)
     n = len(vr)
     if n == 0:

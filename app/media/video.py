@@ -214,6 +214,7 @@ def stream_frames(
     crop_borders: bool | None = None,
     limits: DecodeLimits = DecodeLimits(),
     chunk_frames: int = 8,
+    decode_threads: int = 0,
 ) -> FrameStream:
     """:func:`sample_frames`' frames as the child decodes them, ``chunk_frames`` at a time.
 
@@ -228,7 +229,8 @@ def stream_frames(
     here, everything else :class:`VideoError` from the iteration or :meth:`FrameStream.sample`
     (a file that turns out undecodable halfway raises after the chunks before). Leaving
     the ``with`` block kills a child still running; ``limits.timeout_s`` covers the whole
-    stream, however long the caller takes over each chunk.
+    stream, however long the caller takes over each chunk. ``decode_threads``: the
+    decoder's threads (0: FFmpeg chooses, one per core).
     """
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
@@ -242,6 +244,8 @@ def stream_frames(
         raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames!r}")
+    if decode_threads < 0:
+        raise ValueError(f"decode_threads must be >= 0, got {decode_threads!r}")
 
     if crop_borders is None:
         # Read here rather than passed by every caller: library videos and queries must
@@ -261,6 +265,7 @@ def stream_frames(
         "duration_s": None if duration_s is None else float(duration_s),
         "crop_borders": bool(crop_borders),
         "chunk_frames": int(chunk_frames),
+        "decode_threads": int(decode_threads),
     }
     return FrameStream(request, limits)
 

@@ -306,6 +306,7 @@ def embed_video(video_id: int, *, sessions: Sessions, settings: Settings, model_
         size=int(job.model.config.get("frame_size", 224)),
         max_frames=settings.max_frames,
         limits=video_io.decode_limits(settings),
+        decode_threads=1,  # the child's one core; the forward passes take the others
     )
     try:
         # The backbone runs on each chunk of frames while the child decodes the next.

@@ -39,7 +39,7 @@ class _Phases(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if str(record.msg).startswith("decoder child") and isinstance(record.args, tuple):
-            timings = record.args[3]
+            timings = record.args[-1]  # the phases come last
             self.last = dict(timings) if isinstance(timings, dict) else {}
 
 

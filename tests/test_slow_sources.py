@@ -248,19 +248,24 @@ def test_embedding_holds_no_transaction_while_decoding(settings, data_dir: Path)
             [f"{engine.pool.checkedout()} connection(s) checked out"] if engine.pool.checkedout() else []
         )
 
-    real_sample, real_describe = video_io.sample_frames, recommend.describe_clips
+    real_stream, real_describe = video_io.stream_frames, recommend.describe_stream
 
-    def sample_frames(*args: Any, **kwargs: Any) -> Any:
+    def stream_frames(*args: Any, **kwargs: Any) -> Any:
         observe("decoding")
-        return real_sample(*args, **kwargs)
+        return real_stream(*args, **kwargs)
 
-    def describe_clips(*args: Any, **kwargs: Any) -> Any:
-        observe("embedding")
-        return real_describe(*args, **kwargs)
+    def describe_stream(model: Any, chunks: Any, **kwargs: Any) -> Any:
+        def watched() -> Any:
+            for i, chunk in enumerate(chunks):
+                if i == 0:  # the child decodes the next chunks meanwhile
+                    observe("embedding")
+                yield chunk
+
+        return real_describe(model, watched(), **kwargs)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(video_io, "sample_frames", sample_frames)
-    mp.setattr(recommend, "describe_clips", describe_clips)
+    mp.setattr(video_io, "stream_frames", stream_frames)
+    mp.setattr(recommend, "describe_stream", describe_stream)
     try:
         embed_video.apply(args=[video_id]).get()  # the task's own code, in this process
     finally:

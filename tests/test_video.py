@@ -352,18 +352,14 @@ def test_protocol_looking_relative_path_is_a_plain_file(
     assert sample_frames("concat:clip.mp4", size=32).frames.shape == (4, 32, 32, 3)
 
 
-def test_frames_file_header_is_checked_before_loading(tmp_path: Path) -> None:
-    # What a misbehaving child could hand back: a header claiming 10^12 bytes of frames.
-    npy = tmp_path / "frames.npy"
-    with open(npy, "wb") as f:
-        header = {"descr": "|u1", "fortran_order": False, "shape": (10**6, 224, 224, 3)}
-        np.lib.format.write_array_header_1_0(f, header)
-    with pytest.raises(VideoError, match="malformed frames"):
-        video._load_frames(npy, max_frames=64, size=224)
-    np.save(npy, np.zeros((2, 8, 8, 3), np.uint8))
-    assert video._load_frames(npy, max_frames=64, size=8).shape == (2, 8, 8, 3)
-    with pytest.raises(VideoError, match="malformed frames"):
-        video._load_frames(npy, max_frames=1, size=8)
+def test_chunks_are_checked_before_use() -> None:
+    # What a misbehaving child could send: a chunk that is not whole frames.
+    with pytest.raises(VideoError, match="malformed chunk of 100 bytes"):
+        video._chunk_frames(bytearray(100), size=8)
+    with pytest.raises(VideoError, match="malformed chunk of 0 bytes"):
+        video._chunk_frames(bytearray(), size=8)
+    chunk = video._chunk_frames(bytearray(2 * 8 * 8 * 3), size=8)
+    assert chunk.shape == (2, 8, 8, 3) and chunk.dtype == np.uint8 and chunk.flags.writeable
 
 
 def test_failure_reasons_for_signals() -> None:

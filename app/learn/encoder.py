@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -202,6 +203,30 @@ class VideoEncoder(nn.Module):
         return self._library_normalise(vectors).cpu().numpy(), per_clip
 
     @torch.inference_mode()
+    def describe_stream(self, chunks: Iterable[np.ndarray], *, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`describe` of one clip whose frames arrive in chunks, each (n, H, W, 3)
+        uint8 (e.g. from a decoder still at work on the next ones).
+
+        The backbone runs on each chunk as it comes; the temporal pooling and the heads
+        then run once over all the frames, so the result equals ``describe([clip])`` for
+        the concatenated clip (up to float rounding). Returns the clip's (output_dim,)
+        vector and its (T, frame_dim) unit frame descriptors, float32.
+        """
+        self.eval()
+        parts = []
+        with self._autocast(bf16):
+            for chunk in chunks:
+                if len(chunk):
+                    parts.append(self.frame_features(self._clip_tensor(chunk).unsqueeze(0)))  # (1, n, D)
+        if not parts:
+            raise ValueError("describe_stream needs at least one frame")
+        feats = torch.cat(parts, dim=1)  # (1, T, D)
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        vectors, frames = self._heads(feats, mask, bf16=bf16, with_frames=True)
+        assert frames is not None
+        return self._library_normalise(vectors)[0].cpu().numpy(), frames[0].cpu().numpy()
+
+    @torch.inference_mode()
     def _unit_vectors(
         self, clips: list[np.ndarray], *, bf16: bool, with_frames: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,15 +239,34 @@ class VideoEncoder(nn.Module):
         frames = torch.zeros(len(clips), t_max, 3, size, size, device=device)
         mask = torch.zeros(len(clips), t_max, dtype=torch.bool, device=device)
         for i, clip in enumerate(clips):
-            x = torch.from_numpy(np.ascontiguousarray(clip)).to(device)  # (T, H, W, 3) uint8
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
-            if x.shape[-2:] != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-            frames[i, : len(clip)] = x
+            frames[i, : len(clip)] = self._clip_tensor(clip)
             mask[i, : len(clip)] = True
-        use_bf16 = bf16 and device.type == "cpu"
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 or device.type == "cuda"):
+        with self._autocast(bf16):
             feats = self.frame_features(frames)
+        return self._heads(feats, mask, bf16=bf16, with_frames=with_frames)
+
+    def _clip_tensor(self, clip: np.ndarray) -> torch.Tensor:
+        """(T, H, W, 3) uint8 frames -> (T, 3, size, size) floats in [0, 1] on the model's device."""
+        size = self.config.frame_size
+        x = torch.from_numpy(np.ascontiguousarray(clip)).to(self.mean.device)  # (T, H, W, 3) uint8
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return x
+
+    def _autocast(self, bf16: bool) -> torch.autocast:
+        """bf16 autocast on the GPU always, on the CPU when asked for."""
+        device = self.mean.device
+        return torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=(bf16 and device.type == "cpu") or device.type == "cuda"
+        )
+
+    def _heads(
+        self, feats: torch.Tensor, mask: torch.Tensor, *, bf16: bool, with_frames: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, D) frame features, mask (B, T) -> the (B, base_dim) unit served vectors
+        and, with ``with_frames``, the (B, T, frame_dim) unit frame descriptors."""
+        with self._autocast(bf16):
             rep = self.pool(feats, mask)
             out = rep if self.config.serve == "representation" else self.projector(rep)
             described = self.frame_head(feats) if with_frames else None

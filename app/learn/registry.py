@@ -9,15 +9,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.learn.device import cpu_has_bf16, serving_device
+from app.learn.device import cpu_has_bf16, serving_device, torch_threads
 from app.learn.encoder import EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
 from app.models import ModelVersion
 
@@ -148,6 +150,25 @@ def describe_clips(model: ModelVersion, clips: list[np.ndarray]) -> tuple[np.nda
     """:func:`embed_clips`'s vectors and each clip's (T_i, frame_dim) unit frame
     descriptors, from the same forward pass."""
     return encoder_for(model).describe(clips, bf16=cpu_has_bf16())
+
+
+def describe_stream(
+    model: ModelVersion, chunks: Iterable[np.ndarray], *, leave_a_core: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`describe_clips` of one clip whose frames arrive in chunks (a
+    :class:`~app.media.video.FrameStream`): the backbone runs on each chunk while the
+    decoder works on the next. Returns the (dim,) vector and the (T, frame_dim) unit
+    frame descriptors.
+
+    With ``leave_a_core``, the forward passes use one torch thread fewer than the
+    process otherwise does (at least one), leaving the decoding child its core: on a
+    few cores, a decoder and a forward pass that both want every core wait on each
+    other (see the README's "Latency benchmark").
+    """
+    encoder = encoder_for(model)
+    threads = max(1, torch.get_num_threads() - 1) if leave_a_core else None
+    with torch_threads(threads):
+        return encoder.describe_stream(chunks, bf16=cpu_has_bf16())
 
 
 def start_rollout(*, session: Session, model_id: int) -> ModelVersion:

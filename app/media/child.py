@@ -3,9 +3,10 @@
 Started by :mod:`app.media.sandbox`, never imported by the parent. Before it touches the
 file it makes itself disposable: it dies with its parent and sets resource limits on
 itself (address space, CPU seconds, output file size, no core dumps). Then it runs the
-request (:mod:`app.media.decode`) and writes what came of it, success or a readable
-refusal, to ``result.json`` in ``OUT_DIR``, atomically so that the parent never reads
-half a result.
+request (:mod:`app.media.decode`), sending the frames to the parent chunk by chunk as
+they are decoded, on the pipe the parent passed it (``stream_fd``), and writes what came
+of it, success or a readable refusal, to ``result.json`` in ``OUT_DIR``, atomically so
+that the parent never reads half a result.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from app.files import write_atomic
 from app.logs import one_line
 from app.media.decode import Refused, clean_message, looks_like_oom, run_request
-from app.media.sandbox import EXIT_OOM, RESULT_FILE
+from app.media.sandbox import EXIT_OOM, RESULT_FILE, send_chunk
 from app.media.video import DecodeLimits, VideoError
 
 
@@ -39,12 +40,19 @@ def main(argv: list[str]) -> int:
     import faulthandler
 
     faulthandler.enable()  # a crash leaves a Python traceback in the child's log
+    stream_fd: int = request["stream_fd"]
+
+    def send(payload: memoryview) -> None:
+        send_chunk(stream_fd, payload)
+
     try:
-        result = run_request(request, limits, out, timings, t)
+        result = run_request(request, limits, send, timings, t)
     except (Refused, VideoError) as exc:
         result = {"ok": False, "kind": "refused", "reason": one_line(str(exc), 300)}
     except MemoryError:
         result = {"ok": False, "kind": "oom"}
+    except BrokenPipeError:  # the parent stopped reading: it wants nothing more
+        result = {"ok": False, "kind": "error", "reason": "the parent closed the frame stream"}
     except Exception as exc:  # the parent turns this into a VideoError
         message = clean_message(exc, request["path"])
         if looks_like_oom(message):
@@ -52,6 +60,7 @@ def main(argv: list[str]) -> int:
         else:
             reason = f"decoder error: {type(exc).__name__}: {message}"
             result = {"ok": False, "kind": "error", "reason": one_line(reason, 300)}
+    os.close(stream_fd)  # EOF for the parent: nothing more comes
     result["timings"] = timings
     import resource
 

@@ -4,8 +4,9 @@ Runs only inside the child (:mod:`app.media.child`), under its resource limits. 
 reads what the container declares and refuses, before anything is decoded, what exceeds
 :class:`~app.media.video.DecodeLimits` or is not a video; a sample then decodes only the
 frames shown at the target times, resized while decoding (upright, inside any borders
-:mod:`app.media.geometry` found), and saves them as ``frames.npy`` in the parent's
-folder. A refusal is :class:`Refused`, with a reason that never contains the file's path.
+:mod:`app.media.geometry` found), and sends them to the parent chunk by chunk as they
+are decoded, so that the parent can work on the first frames while later ones decode.
+A refusal is :class:`Refused`, with a reason that never contains the file's path.
 
 PyAV and decord are imported here, lazily and timed; never torch.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,6 @@ import numpy as np
 
 from app.logs import one_line
 from app.media.geometry import Geometry, crop_box, read_geometry
-from app.media.sandbox import FRAMES_FILE
 from app.media.video import DecodeLimits, VideoInfo, check_file
 
 # Container formats the probe accepts (FFmpeg demuxer names). Anything else is refused
@@ -47,12 +48,20 @@ def clean_message(exc: BaseException, path: str) -> str:
     return one_line(line, 200)
 
 
+# Frames per chunk sent to the parent when the request names none.
+CHUNK_FRAMES = 8
+
+Send = Callable[[memoryview], None]
+
+
 def run_request(
-    request: dict[str, Any], limits: DecodeLimits, out: Path, timings: dict[str, float], t: float
+    request: dict[str, Any], limits: DecodeLimits, send: Send, timings: dict[str, float], t: float
 ) -> dict[str, Any]:
     """Probe (and for ``op == "sample"``, decode) the request's file; return the result dict.
 
-    ``timings`` collects each phase's seconds, the first one counted from ``t``. Raises
+    A sample's frames go to ``send``, ``request["chunk_frames"]`` at a time (the last
+    chunk may be shorter), each a C-contiguous (n, size, size, 3) uint8 buffer, in
+    order. ``timings`` collects each phase's seconds, the first one counted from ``t``. Raises
     :class:`Refused` (or :class:`~app.media.video.VideoError`) for an unusable file and
     MemoryError when the decoder ran out of memory.
     """
@@ -78,7 +87,7 @@ def run_request(
 
     t = _lap(timings, "import_decord", t)
     try:
-        return _decode(decord, request, limits, info, sar, geometry, out, timings, t)
+        return _decode(decord, request, limits, info, sar, geometry, send, timings, t)
     except (RuntimeError, DECORDError) as exc:
         # decord raises RuntimeError at open but DECORDError (not a RuntimeError) while
         # reading; both mean the file cannot be decoded.
@@ -255,7 +264,7 @@ def _decode(
     info: VideoInfo,
     sar: float,
     geometry: Geometry,
-    out: Path,
+    send: Send,
     timings: dict[str, float],
     t: float,
 ) -> dict[str, Any]:
@@ -263,7 +272,8 @@ def _decode(
     rw, rh, x0, y0 = _decode_plan(info, sar, geometry, size)
     # Resizing inside decord's filter graph is cheaper than decoding full frames and
     # resizing them afterwards. num_threads=0 lets FFmpeg choose.
-    vr = decord.VideoReader(request["path"], ctx=decord.cpu(0), width=rw, height=rh)
+    threads = int(request.get("decode_threads") or 0)
+    vr = decord.VideoReader(request["path"], ctx=decord.cpu(0), width=rw, height=rh, num_threads=threads)
     t = _lap(timings, "open", t)
     n = len(vr)
     if n == 0:
@@ -290,17 +300,9 @@ def _decode(
     pos = np.searchsorted(starts[order], targets + 1e-3, side="right") - 1
     pos = np.clip(pos, 0, n - 1)
     indices = order[pos]  # (T,)
-    # Decode each distinct frame once, in file order (decord seeks less that way).
-    unique, inverse = np.unique(indices, return_inverse=True)
     t = _lap(timings, "index", t)
-    batch = vr.get_batch(unique.tolist()).asnumpy()  # (U, rh, rw, 3) uint8 RGB
+    _send_frames(vr, indices, (rh, rw), (x0, y0, size), int(request.get("chunk_frames") or CHUNK_FRAMES), send, timings)
     del vr
-    t = _lap(timings, "decode", t)
-    if batch.shape[1:] != (rh, rw, 3):
-        raise Refused(f"decoder returned frames {batch.shape[1:]}, expected {(rh, rw, 3)}")
-    frames = batch[inverse.reshape(-1), y0 : y0 + size, x0 : x0 + size]  # (T, size, size, 3)
-    np.save(out / FRAMES_FILE, np.ascontiguousarray(frames), allow_pickle=False)
-    _lap(timings, "save", t)
     sampled_info = VideoInfo(
         duration_s=video_end,
         width=info.width,
@@ -319,3 +321,41 @@ def _decode(
         "rotation": geometry.rotation,
         "crop": crop,
     }
+
+
+def _send_frames(
+    vr: Any,
+    indices: np.ndarray,
+    shape: tuple[int, int],
+    square: tuple[int, int, int],
+    chunk: int,
+    send: Send,
+    timings: dict[str, float],
+) -> None:
+    """Decode the frames ``indices`` (T,) name and send their squares, ``chunk`` at a time.
+
+    Each chunk decodes its distinct frames once, in file order (decord seeks less that
+    way); a frame repeated across a chunk boundary (a video with fewer frames than the
+    sampling rate) is kept from the chunk before rather than decoded again.
+    """
+    rh, rw = shape
+    x0, y0, size = square
+    kept: dict[int, np.ndarray] = {}
+    decode_s = send_s = 0.0
+    for start in range(0, len(indices), chunk):
+        wanted = indices[start : start + chunk].tolist()
+        missing = sorted(set(wanted) - kept.keys())
+        t = time.perf_counter()
+        if missing:
+            batch = vr.get_batch(missing).asnumpy()  # (U, rh, rw, 3) uint8 RGB
+            if batch.shape[1:] != (rh, rw, 3):
+                raise Refused(f"decoder returned frames {batch.shape[1:]}, expected {(rh, rw, 3)}")
+            kept.update(zip(missing, batch, strict=True))
+        squares = np.stack([kept[i][y0 : y0 + size, x0 : x0 + size] for i in wanted])  # (n, size, size, 3)
+        kept = {i: kept[i] for i in wanted}
+        t2 = time.perf_counter()
+        send(squares.data.cast("B"))
+        decode_s += t2 - t
+        send_s += time.perf_counter() - t2
+    # "send" is mostly time spent waiting for the parent to take a chunk (a full pipe).
+    timings["decode"], timings["send"] = round(decode_s, 4), round(send_s, 4)

@@ -2,11 +2,12 @@
 
 The child is ``python -m app.media.child --child REQUEST_JSON OUT_DIR`` (see
 :mod:`app.media.child`). It runs in its own session, with a pruned environment, in a
-folder the caller owns; it writes ``result.json`` (and, for a sample, ``frames.npy``)
-there and its output goes to ``child.log`` beside them. This module waits for it under a
-wall-clock timeout, kills its whole process group when that runs out (or when anything
-interrupts the wait), reads its result, and turns every way it can fail into one line an
-operator can read (:class:`ChildFailed`).
+folder the caller owns; it sends what it decodes (frames, chunk by chunk, as it goes) on
+a pipe, writes ``result.json`` there at the end, and its output goes to ``child.log``
+beside it. This module reads the pipe under a wall-clock deadline that covers the whole
+stream, caps what may come through it, kills the child's whole process group when the
+deadline runs out (or when anything interrupts the caller), reads its result, and turns
+every way it can fail into one line an operator can read (:class:`ChildFailed`).
 
 It knows nothing of what the request asks; :mod:`app.media.video` builds the requests and
 reads the frames.
@@ -18,13 +19,15 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from app.logs import one_line
 
@@ -35,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 # What the child leaves in its output folder.
 RESULT_FILE = "result.json"
-FRAMES_FILE = "frames.npy"
 LOG_FILE = "child.log"
 # Child exit status when it ran out of memory and could not even write its result.
 EXIT_OOM = 86
@@ -70,59 +72,176 @@ class ChildFailed(Exception):
         self.reason = reason
 
 
-def run_child(request: dict[str, Any], limits: DecodeLimits, *, out: Path, frames_bytes: int) -> dict[str, Any]:
-    """Run one request in a child writing into the folder ``out``; return its result dict.
+def run_child(request: dict[str, Any], limits: DecodeLimits, *, out: Path) -> dict[str, Any]:
+    """Run one request that streams nothing (a probe) in a child writing into the folder
+    ``out``; return its result dict. Raises :class:`ChildFailed` for anything but success."""
+    with ChildStream(request, limits, out=out, max_bytes=0) as child:
+        for _ in child.chunks():
+            pass  # max_bytes=0: a chunk is refused before it is read
+        return child.result()
 
-    ``frames_bytes`` is the most the frames may take, for the child's output size limit.
-    Raises :class:`ChildFailed` for anything but success.
+
+class ChildStream:
+    """One child that sends chunks of bytes on a pipe while it works, then leaves its result.
+
+    ::
+
+        with ChildStream(request, limits, out=folder, max_bytes=cap) as child:
+            for chunk in child.chunks():  # bytearray payloads, as the child sends them
+                ...
+            result = child.result()
+
+    The wall-clock deadline (``limits.timeout_s``) covers the whole life of the child,
+    however long the caller takes between chunks (the child waits on a full pipe
+    meanwhile). When it runs out, when the child sends more than ``max_bytes`` in all, or
+    when the ``with`` block is left for any reason (an exception, a caller that stops
+    reading), the child's whole process group is killed and reaped. On the pipe, a chunk
+    is a 4-byte little-endian length, then that many bytes (:func:`send_chunk`).
     """
-    request = {**request, "limits": asdict(limits), "parent_pid": os.getpid()}
-    request["fsize_limit"] = frames_bytes + _FSIZE_SLACK
-    path = request["path"]
-    t_start = time.perf_counter()
-    timed_out = False
-    with open(out / LOG_FILE, "wb") as log:
-        # A new session: the child leads its own process group, which is killed as a
-        # whole on timeout, and terminal signals meant for the parent do not reach it.
-        # cwd is the private temp dir, so `-m` puts nothing else on the child's path.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.media.child", "--child", json.dumps(request), str(out)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=out,
-            env=_child_env(),
-            start_new_session=True,
-        )
+
+    def __init__(self, request: dict[str, Any], limits: DecodeLimits, *, out: Path, max_bytes: int) -> None:
+        self._limits = limits
+        self._out = out
+        self._max_bytes = max_bytes
+        self._path = request["path"]
+        self._request = {**request, "limits": asdict(limits), "parent_pid": os.getpid()}
+        # The frames go on the pipe: the output size limit is for the log and the result.
+        self._request["fsize_limit"] = _FSIZE_SLACK
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pipe = -1
+        self._received = 0
+        self._ended = False
+        self._started = 0.0
+
+    def __enter__(self) -> ChildStream:
+        read_fd, write_fd = os.pipe()
+        self._request["stream_fd"] = write_fd
+        self._started = time.perf_counter()
         try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            with open(self._out / LOG_FILE, "wb") as log:
+                # A new session: the child leads its own process group, which is killed as
+                # a whole on timeout, and terminal signals meant for the parent do not
+                # reach it. cwd is the private temp dir, so `-m` puts nothing else on the
+                # child's path. Only the pipe's write end is passed on (close_fds).
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "app.media.child", "--child", json.dumps(self._request), str(self._out)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=self._out,
+                    env=_child_env(),
+                    start_new_session=True,
+                    pass_fds=(write_fd,),
+                )
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
-            # Also reached on exceptions raised into this thread while waiting (e.g.
-            # Celery's SoftTimeLimitExceeded): never leave a decoder running.
-            if proc.returncode is None:
-                _kill_group(proc)
-    wall = time.perf_counter() - t_start
-    if timed_out:
-        logger.warning("decode of %s timed out after %.1f s, killed", path, wall)
-        raise ChildFailed(f"decode timed out after {limits.timeout_s:g} s")
+            os.close(write_fd)  # the child's copy is the only one: EOF when it exits
+        self._pipe = read_fd
+        return self
 
-    result = _read_result(out)
-    if result is not None:
-        logger.debug(
-            "decoder child for %s: %.3f s wall, peak RSS %s MB, phases %s",
-            path,
-            wall,
-            result.get("max_rss_mb"),
-            result.get("timings"),
-        )
-    if result is not None and result.get("ok"):
-        return result
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    reason = _failure_reason(proc.returncode, result, out, limits)
-    logger.info("video %s refused: %s (%.2f s)", path, reason, wall)
-    raise ChildFailed(reason)
+    def close(self) -> None:
+        """Kill the child's process group if it is still running; close the pipe."""
+        # Also reached on exceptions raised into this thread while the caller works on a
+        # chunk (e.g. Celery's SoftTimeLimitExceeded): never leave a decoder running.
+        if self._proc is not None and self._proc.returncode is None:
+            _kill_group(self._proc)
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+
+    def chunks(self) -> Iterator[bytearray]:
+        """The chunks the child sends, until it closes the pipe (it is done, or died).
+
+        Raises :class:`ChildFailed` when the deadline runs out or the child sends more
+        than ``max_bytes``; the child is killed first.
+        """
+        while True:
+            header = self._read(4)
+            if header is None:  # EOF between chunks: the child is done or died
+                self._ended = True
+                return
+            size = int.from_bytes(header, "little")
+            if size == 0 or self._received + size > self._max_bytes:
+                self._fail(f"decoder sent more than {self._max_bytes} bytes of frames")
+            payload = self._read(size)
+            if payload is None:  # EOF inside a chunk: the child died while sending it
+                self._ended = True
+                return
+            self._received += size
+            yield payload
+
+    def result(self) -> dict[str, Any]:
+        """Wait (within the deadline) for the child to exit; its result dict.
+
+        Raises :class:`ChildFailed` for anything but success.
+        """
+        assert self._proc is not None, "result() outside the with block"
+        if not self._ended:  # chunks the caller did not read: drain them (and count them)
+            for _ in self.chunks():
+                pass
+        try:
+            self._proc.wait(timeout=max(0.0, self._deadline() - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            self._timed_out()
+        wall = time.perf_counter() - self._started
+        result = _read_result(self._out)
+        if result is not None:
+            logger.debug(
+                "decoder child for %s: %.3f s wall, %d bytes streamed, peak RSS %s MB, phases %s",
+                self._path,
+                wall,
+                self._received,
+                result.get("max_rss_mb"),
+                result.get("timings"),
+            )
+        if result is not None and result.get("ok"):
+            result["streamed_bytes"] = self._received
+            return result
+        reason = _failure_reason(self._proc.returncode, result, self._out, self._limits)
+        logger.info("video %s refused: %s (%.2f s)", self._path, reason, wall)
+        raise ChildFailed(reason)
+
+    def _deadline(self) -> float:
+        return self._started + self._limits.timeout_s
+
+    def _read(self, n: int) -> bytearray | None:
+        """Exactly ``n`` bytes from the pipe, or None at EOF; waits until the deadline."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        poller = select.poll()
+        poller.register(self._pipe, select.POLLIN)
+        while got < n:
+            left = self._deadline() - time.perf_counter()
+            if left <= 0 or not poller.poll(left * 1000):
+                self._timed_out()
+            count = os.readv(self._pipe, [view[got:]])
+            if count == 0:
+                return None
+            got += count
+        return buf
+
+    def _timed_out(self) -> NoReturn:
+        wall = time.perf_counter() - self._started
+        logger.warning("decode of %s timed out after %.1f s, killed", self._path, wall)
+        self._fail(f"decode timed out after {self._limits.timeout_s:g} s")
+
+    def _fail(self, reason: str) -> NoReturn:
+        self.close()
+        raise ChildFailed(reason)
+
+
+def send_chunk(fd: int, payload: bytes | memoryview) -> None:
+    """The child's side of :meth:`ChildStream.chunks`: one chunk on the pipe ``fd``."""
+    data = memoryview(payload).cast("B")
+    os.write(fd, len(data).to_bytes(4, "little"))
+    while len(data):
+        data = data[os.write(fd, data) :]
 
 
 def _child_env() -> dict[str, str]:

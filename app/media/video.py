@@ -13,12 +13,16 @@ input, so **no decoder runs in the calling process**: each call starts a throwaw
    borders (letterbox, pillarbox, padding, blurred side-bars) around the picture
    (:mod:`app.media.geometry`);
 4. decodes only the chosen frames with decord, upright, resized while decoding so that
-   the picture inside the borders fills the frame, and writes them as a ``.npy`` into a
-   temporary directory that the parent owns and removes (:mod:`app.media.decode`).
+   the picture inside the borders fills the frame, and sends them to the parent on a
+   pipe, a chunk of frames at a time as they decode (:mod:`app.media.decode`), so that
+   the parent can embed the first frames while the child decodes the next
+   (:func:`stream_frames`); its result and log go to a temporary directory that the
+   parent owns and removes.
 
-The parent enforces the wall-clock timeout by killing the child's whole process group and
-turns every failure (the child's own refusal, a signal, running out of memory, a timeout)
-into a :class:`VideoError` whose ``reason`` is one line an operator can read.
+The parent enforces the wall-clock timeout (covering the whole stream) by killing the
+child's whole process group, caps the bytes of frames it accepts, and turns every
+failure (the child's own refusal, a signal, running out of memory, a timeout) into a
+:class:`VideoError` whose ``reason`` is one line an operator can read.
 
 The child imports this module (for the dataclasses), numpy, PyAV and decord, never torch
 or the settings, so that starting it stays cheap.
@@ -31,6 +35,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +49,18 @@ from app.media.geometry import Box
 if TYPE_CHECKING:
     from app.config import Settings
 
-__all__ = ["Box", "DecodeLimits", "Sample", "VideoError", "VideoInfo", "decode_limits", "probe", "sample_frames"]
+__all__ = [
+    "Box",
+    "DecodeLimits",
+    "FrameStream",
+    "Sample",
+    "VideoError",
+    "VideoInfo",
+    "decode_limits",
+    "probe",
+    "sample_frames",
+    "stream_frames",
+]
 
 
 class VideoError(Exception):
@@ -135,7 +151,11 @@ def probe(path: str | Path, *, limits: DecodeLimits = DecodeLimits()) -> VideoIn
     """
     local = _local_path(path)
     check_file(local, limits)
-    result = _run_child({"op": "probe", "path": str(local)}, limits, frames_bytes=0)
+    with tempfile.TemporaryDirectory(prefix="vidsim-decode-") as tmp:
+        try:
+            result = sandbox.run_child({"op": "probe", "path": str(local)}, limits, out=Path(tmp))
+        except sandbox.ChildFailed as exc:
+            raise VideoError(exc.reason) from None
     return VideoInfo(**result["info"])
 
 
@@ -167,6 +187,50 @@ def sample_frames(
     Raises :class:`VideoError` for anything wrong with the video (missing, not a video,
     over ``limits``, undecodable, decoder crash, timeout), :class:`ValueError` for bad
     arguments. Probing and decoding run in a child process (see the module docstring).
+    This is :func:`stream_frames` consumed whole.
+    """
+    stream = stream_frames(
+        path,
+        fps=fps,
+        size=size,
+        max_frames=max_frames,
+        start_s=start_s,
+        duration_s=duration_s,
+        crop_borders=crop_borders,
+        limits=limits,
+    )
+    with stream:
+        return stream.sample()
+
+
+def stream_frames(
+    path: str | Path,
+    *,
+    fps: float = 1.0,
+    size: int = 224,
+    max_frames: int = 64,
+    start_s: float | None = None,
+    duration_s: float | None = None,
+    crop_borders: bool | None = None,
+    limits: DecodeLimits = DecodeLimits(),
+    chunk_frames: int = 8,
+    decode_threads: int = 0,
+) -> FrameStream:
+    """:func:`sample_frames`' frames as the child decodes them, ``chunk_frames`` at a time.
+
+    ::
+
+        with stream_frames(path, fps=1.0, size=224) as stream:
+            for chunk in stream:  # (n, size, size, 3) uint8, n <= chunk_frames, in order
+                ...
+            sample = stream.sample()  # all the frames, their times, the video's info
+
+    The arguments are :func:`sample_frames`'; argument errors raise :class:`ValueError`
+    here, everything else :class:`VideoError` from the iteration or :meth:`FrameStream.sample`
+    (a file that turns out undecodable halfway raises after the chunks before). Leaving
+    the ``with`` block kills a child still running; ``limits.timeout_s`` covers the whole
+    stream, however long the caller takes over each chunk. ``decode_threads``: the
+    decoder's threads (0: FFmpeg chooses, one per core).
     """
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
@@ -178,6 +242,10 @@ def sample_frames(
         raise ValueError(f"start_s must be >= 0, got {start_s!r}")
     if duration_s is not None and not (duration_s > 0):
         raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames!r}")
+    if decode_threads < 0:
+        raise ValueError(f"decode_threads must be >= 0, got {decode_threads!r}")
 
     if crop_borders is None:
         # Read here rather than passed by every caller: library videos and queries must
@@ -196,21 +264,92 @@ def sample_frames(
         "start_s": None if start_s is None else float(start_s),
         "duration_s": None if duration_s is None else float(duration_s),
         "crop_borders": bool(crop_borders),
+        "chunk_frames": int(chunk_frames),
+        "decode_threads": int(decode_threads),
     }
-    frames_bytes = max_frames * size * size * 3
-    result = _run_child(request, limits, frames_bytes=frames_bytes)
-    frames: np.ndarray = result["frames"]  # (T, size, size, 3), checked by _load_frames
-    timestamps = np.asarray(result["timestamps"], dtype=np.float64)  # (T,)
-    if timestamps.shape != (frames.shape[0],):
-        raise VideoError(f"decoder returned {timestamps.shape} timestamps for {frames.shape}")
-    crop = None if result.get("crop") is None else Box(**result["crop"])
-    return Sample(
-        info=VideoInfo(**result["info"]),
-        frames=frames,
-        timestamps=timestamps,
-        rotation=int(result.get("rotation", 0)),
-        crop=crop,
-    )
+    return FrameStream(request, limits)
+
+
+class FrameStream:
+    """The frames of one sample arriving from the decoding child (see :func:`stream_frames`).
+
+    A context manager; iterating it yields each chunk once, (n, size, size, 3) uint8
+    (writable, the stream's own memory). :meth:`sample` reads whatever is left and
+    returns the whole :class:`Sample`.
+    """
+
+    def __init__(self, request: dict[str, Any], limits: DecodeLimits) -> None:
+        self._request = request
+        self._limits = limits
+        self._size: int = request["size"]
+        self._max_frames: int = request["max_frames"]
+        self._chunks: list[np.ndarray] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._child: sandbox.ChildStream | None = None
+        self._iterated = False
+        self._result: dict[str, Any] | None = None
+
+    def __enter__(self) -> FrameStream:
+        self._tmp = tempfile.TemporaryDirectory(prefix="vidsim-decode-")
+        try:
+            frame_bytes = self._size * self._size * 3
+            self._child = sandbox.ChildStream(
+                self._request, self._limits, out=Path(self._tmp.name), max_bytes=self._max_frames * frame_bytes
+            ).__enter__()
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._child is not None:
+                self._child.close()
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._child is None:
+            raise RuntimeError("iterate a FrameStream inside its with block")
+        if self._iterated:
+            raise RuntimeError("a FrameStream is iterated once")
+        self._iterated = True
+        try:
+            for payload in self._child.chunks():
+                chunk = _chunk_frames(payload, self._size)
+                self._chunks.append(chunk)
+                yield chunk
+            # The end of the stream: whether it ended well is the child's result. Read
+            # here, so that a failure reaches whoever iterates before they use the frames.
+            self._result = self._child.result()
+        except sandbox.ChildFailed as exc:
+            raise VideoError(exc.reason) from None
+
+    def sample(self) -> Sample:
+        """All the frames (those iterated and the rest), their times and the video's info."""
+        if self._child is None:
+            raise RuntimeError("call FrameStream.sample() inside its with block")
+        if not self._iterated:
+            for _ in self:
+                pass
+        result = self._result
+        if result is None:  # iterated, but not to the end
+            raise RuntimeError("FrameStream.sample() after an iteration left unfinished")
+        if not self._chunks:
+            raise VideoError("decoder returned no frames")
+        frames = np.concatenate(self._chunks) if len(self._chunks) > 1 else self._chunks[0]  # (T, size, size, 3)
+        timestamps = np.asarray(result["timestamps"], dtype=np.float64)  # (T,)
+        if timestamps.shape != (frames.shape[0],):
+            raise VideoError(f"decoder returned {timestamps.shape} timestamps for {frames.shape}")
+        crop = None if result.get("crop") is None else Box(**result["crop"])
+        return Sample(
+            info=VideoInfo(**result["info"]),
+            frames=frames,
+            timestamps=timestamps,
+            rotation=int(result.get("rotation", 0)),
+            crop=crop,
+        )
 
 
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -257,40 +396,13 @@ def check_file(path: Path, limits: DecodeLimits) -> int:
     return st.st_size
 
 
-def _run_child(request: dict[str, Any], limits: DecodeLimits, *, frames_bytes: int) -> dict[str, Any]:
-    """Run one request in a child; return its result dict (frames loaded) or raise VideoError."""
-    with tempfile.TemporaryDirectory(prefix="vidsim-decode-") as tmp:
-        out = Path(tmp)
-        try:
-            result = sandbox.run_child(request, limits, out=out, frames_bytes=frames_bytes)
-        except sandbox.ChildFailed as exc:
-            raise VideoError(exc.reason) from None
-        if request["op"] == "sample":
-            result["frames"] = _load_frames(out / sandbox.FRAMES_FILE, request["max_frames"], request["size"])
-        return result
+def _chunk_frames(payload: bytearray, size: int) -> np.ndarray:
+    """One chunk from the child as (n, size, size, 3) uint8, sharing ``payload``'s memory.
 
-
-def _load_frames(path: Path, max_frames: int, size: int) -> np.ndarray:
-    """Load the child's (T, size, size, 3) uint8 .npy, checking its header first.
-
-    The child parsed hostile input: a header is not trusted to size an allocation, and
-    allow_pickle=False keeps the file to plain data.
+    The child parsed hostile input: the parent trusts nothing of a chunk but its length,
+    which the sandbox has already capped (``max_frames`` frames in all).
     """
-    fmt = np.lib.format
-    try:
-        with open(path, "rb") as f:
-            version = fmt.read_magic(f)
-            read_header = fmt.read_array_header_2_0 if version >= (2, 0) else fmt.read_array_header_1_0
-            shape, fortran_order, dtype = read_header(f)
-            if (
-                dtype != np.uint8
-                or fortran_order
-                or len(shape) != 4
-                or tuple(shape[1:]) != (size, size, 3)
-                or not 1 <= shape[0] <= max_frames
-            ):
-                raise VideoError(f"decoder returned malformed frames {dtype}{shape}")
-            f.seek(0)
-            return np.lib.format.read_array(f, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise VideoError(f"decoder returned unreadable frames: {exc}") from None
+    frame_bytes = size * size * 3
+    if not payload or len(payload) % frame_bytes:
+        raise VideoError(f"decoder returned a malformed chunk of {len(payload)} bytes for {size}x{size} frames")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(-1, size, size, 3)

@@ -26,7 +26,7 @@ from app.db import Sessions
 from app.deliver import outbox
 from app.index import frames as index_frames
 from app.index.search import Match, search_library, vector_of
-from app.learn.registry import describe_clips
+from app.learn.registry import describe_stream
 from app.media import register as library
 from app.media import video as video_io
 from app.metrics import EVENTS
@@ -353,12 +353,12 @@ class Embedded:
     ok: bool
     frames: int = 0
     error: str | None = None
-    decode_s: float = 0.0
-    embed_s: float = 0.0
+    seconds: float = 0.0  # decoding and the forward passes, overlapped
 
 
 def embed_video(video_id: int, *, sessions: Sessions, settings: Settings, model_id: int | None = None) -> Embedded:
-    """Decodes (in a sandboxed child), embeds and stores one video for the active model
+    """Decodes (in a sandboxed child), embeds (chunk by chunk, as the frames come) and
+    stores one video for the active model
     (or ``model_id``, a model warming up). Skips work already done; records a readable
     error on the video when it is unusable.
 
@@ -370,34 +370,31 @@ def embed_video(video_id: int, *, sessions: Sessions, settings: Settings, model_
     if isinstance(job, Embedded):
         return job
     started = time.perf_counter()
+    stream = video_io.stream_frames(
+        job.source,
+        fps=settings.frame_fps,
+        size=int(job.model.config.get("frame_size", 224)),
+        max_frames=settings.max_frames,
+        limits=video_io.decode_limits(settings),
+        decode_threads=1,  # the child's one core; the forward passes take the others
+    )
     try:
-        sample = video_io.sample_frames(
-            job.source,
-            fps=settings.frame_fps,
-            size=int(job.model.config.get("frame_size", 224)),
-            max_frames=settings.max_frames,
-            limits=video_io.decode_limits(settings),
-        )
+        # The backbone runs on each chunk of frames while the child decodes the next.
+        with stream:
+            vectors, frames = describe_stream(job.model, stream)  # (D,), (T, F)
+            sample = stream.sample()
     except video_io.VideoError as exc:
         logger.warning("video %d failed to decode: %s", video_id, exc.reason)
         with sessions() as session:
             if (video := queries.find_video(video_id, session=session)) is not None:
                 video.status, video.error = "failed", exc.reason
         return Embedded(video_id, ok=False, error=exc.reason)
-    decoded = time.perf_counter()
-    vectors, frames = describe_clips(job.model, [sample.frames])  # (1, D), [(T, F)]
     done = time.perf_counter()
     with sessions() as session:
-        if not _store_embedding(video_id, job.model.id, vectors[0], frames[0], sample, session=session):
+        if not _store_embedding(video_id, job.model.id, vectors, frames, sample, session=session):
             return Embedded(video_id, ok=False, error=f"unknown video id {video_id}")
-    logger.info(
-        "embedded video %d: %d frames, decode %.2fs, embed %.2fs",
-        video_id,
-        len(sample.frames),
-        decoded - started,
-        done - decoded,
-    )
-    return Embedded(video_id, True, len(sample.frames), None, decoded - started, done - decoded)
+    logger.info("embedded video %d: %d frames, decode and embed %.2fs", video_id, len(sample.frames), done - started)
+    return Embedded(video_id, True, len(sample.frames), None, done - started)
 
 
 @dataclass(frozen=True)

@@ -230,3 +230,25 @@ def test_describe_stream_needs_a_frame() -> None:
     encoder = initial_encoder(EncoderConfig(frame_size=32))
     with pytest.raises(ValueError, match="at least one frame"):
         encoder.describe_stream(iter([np.zeros((0, 32, 32, 3), np.uint8)]))
+
+
+@pytest.mark.parametrize("uri", ["test://nowhere/clip.mp4", "/nonexistent/clip.mp4"])
+def test_a_video_that_cannot_be_streamed_is_recorded_failed_with_its_reason(uri: str, settings) -> None:  # type: ignore[no-untyped-def]
+    """embed_video turns a source the stream refuses before any child starts (another URL
+    scheme, a missing file) into the video's readable error, as a decoding failure is."""
+    import uuid
+
+    from app.db import session_scope
+    from app.models import Video
+    from app.serve.recommend import embed_video
+
+    with session_scope() as s:
+        video = Video(uri=f"{uri}?{uuid.uuid4().hex}", status="ready")
+        s.add(video)
+        s.flush()
+        video_id = video.id
+    result = embed_video(video_id, sessions=session_scope, settings=settings)
+    assert not result.ok and result.error
+    with session_scope() as s:
+        stored = s.get_one(Video, video_id)
+        assert stored.status == "failed" and stored.error == result.error

@@ -370,15 +370,15 @@ def embed_video(video_id: int, *, sessions: Sessions, settings: Settings, model_
     if isinstance(job, Embedded):
         return job
     started = time.perf_counter()
-    stream = video_io.stream_frames(
-        job.source,
-        fps=settings.frame_fps,
-        size=int(job.model.config.get("frame_size", 224)),
-        max_frames=settings.max_frames,
-        limits=video_io.decode_limits(settings),
-        decode_threads=1,  # the child's one core; the forward passes take the others
-    )
-    try:
+    try:  # opening the stream refuses what is no local video, with the same reasons
+        stream = video_io.stream_frames(
+            job.source,
+            fps=settings.frame_fps,
+            size=int(job.model.config.get("frame_size", 224)),
+            max_frames=settings.max_frames,
+            limits=video_io.decode_limits(settings),
+            decode_threads=1,  # the child's one core; the forward passes take the others
+        )
         # The backbone runs on each chunk of frames while the child decodes the next.
         with stream:
             vectors, frames = describe_stream(job.model, stream)  # (D,), (T, F)

@@ -108,6 +108,15 @@ def session():  # type: ignore[no-untyped-def]
         yield s
 
 
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Route app.media.video's temporary directories here, to check that they are removed."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
 # A real `celery worker` process; yields once it is consuming (shared with the demo).
 start_worker = running_worker
 

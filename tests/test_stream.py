@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -48,15 +47,6 @@ def corrupt_tail(media_dir: Path, twenty_s: Path) -> Path:
     path = media_dir / "corrupt-tail.mp4"
     path.write_bytes(bytes(data))
     return path
-
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Route app.media.video's temporary directories here, to check that they are removed."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
 
 
 class _SpyPopen(subprocess.Popen):

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,15 +41,6 @@ def ten_s(media_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def hostile(media_dir: Path) -> dict[str, Path]:
     return make_hostile_files(media_dir / "hostile")
-
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Route app.media.video's temporary directories here, to check that they are removed."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
 
 
 # ---------------------------------------------------------------------------------------

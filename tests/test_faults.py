@@ -523,6 +523,72 @@ def test_redis_and_postgres_restarted_mid_stream() -> None:
             stack.dispose()
 
 
+@pytest.mark.parametrize("redis_stops", ["before the message is recorded unacked", "while a message is reserved"])
+def test_a_message_held_when_redis_stops_is_put_back_by_the_next_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_stops: str
+) -> None:
+    """The two moments of a Redis restart in which kombu loses a message, reproduced by
+    stopping our own redis-server at exactly that point of a real consumer: after BRPOP
+    took the message off its queue and before kombu recorded it in the unacked hash
+    (celery/kombu#305: kombu dropped it for good), or while the message waits reserved
+    and unacknowledged (kombu cannot put it back with Redis down: it waited an hour, the
+    visibility timeout). Either way the next channel, once Redis is back, puts it back at
+    the head of its queue, and it is consumed again at once."""
+    from kombu import Connection, Exchange, Queue
+    from support.faultkit import OwnRedis
+
+    from workers import app as celery_app
+
+    monkeypatch.setattr(celery_app, "_TO_PUT_BACK", {})  # this process's, whatever this test leaves
+    queue = Queue("events", Exchange("events", type="direct"), routing_key="events")
+    options = {"visibility_timeout": 3600}
+    with OwnRedis(tmp_path / "redis") as own_redis:
+
+        def connect() -> Connection:
+            return Connection(own_redis.url, transport=celery_app.SafeRedisTransport, transport_options=options)
+
+        with connect() as publisher:
+            publisher.Producer().publish(
+                {"event_id": "held-1"}, exchange=queue.exchange, routing_key="events", declare=[queue]
+            )
+        received: list[dict] = []
+        consumer_connection = connect()
+        if redis_stops == "before the message is recorded unacked":
+            recorded = celery_app._RestoringQoS.append
+
+            def stop_redis_then_record(qos: celery_app._RestoringQoS, message: object, tag: str) -> None:
+                own_redis.stop()
+                recorded(qos, message, tag)
+
+            monkeypatch.setattr(celery_app._RestoringQoS, "append", stop_redis_then_record)
+            with (
+                consumer_connection.Consumer(queue, callbacks=[lambda body, message: received.append(body)]),
+                pytest.raises(consumer_connection.connection_errors),
+            ):
+                consumer_connection.drain_events(timeout=10)
+            monkeypatch.undo()
+        else:
+            with consumer_connection.Consumer(queue, callbacks=[lambda body, message: received.append(body)]):
+                consumer_connection.drain_events(timeout=10)  # delivered, never acked
+            own_redis.stop()
+        with contextlib.suppress(*consumer_connection.connection_errors):
+            consumer_connection.release()  # the channel closes, restoring fails: Redis is down
+        assert celery_app._TO_PUT_BACK, "the message held was forgotten"
+        own_redis.start()
+        again: list[dict] = []
+        with connect() as consumer:
+
+            def take(body: dict, message: object) -> None:
+                again.append(body)
+                message.ack()
+
+            with consumer.Consumer(queue, callbacks=[take]):
+                consumer.drain_events(timeout=10)
+        assert again == [{"event_id": "held-1"}]
+        assert not celery_app._TO_PUT_BACK
+        assert len(received) == (0 if redis_stops == "before the message is recorded unacked" else 1)
+
+
 def _ready_again(stack: Stack) -> bool:
     """The worker started last (after the supervisor's last restart line) consumes."""
     return b"ready." in (stack.data_dir / "worker.log").read_bytes().rsplit(b"--- supervisor", 1)[-1]

@@ -40,27 +40,44 @@ TIME_LIMITS = {
 }
 
 
-# Delivery tags of messages this process held when its broker connection broke, which
-# could not be put back then (Redis was down); the next channel puts them back.
-_UNRESTORED_TAGS: set[str] = set()
+# Messages this process held when its broker connection broke and could not put back
+# then (Redis was down), by delivery tag: the payload, exchange and routing key where the
+# message never reached the unacked hash, None where it did. The next channel puts them
+# back.
+_TO_PUT_BACK: dict[str, tuple[dict[str, Any], str, str] | None] = {}
 
 
 class _RestoringQoS(kombu_redis.QoS):
     """kombu's Redis QoS, except that messages it cannot put back when the connection
-    breaks are put back as soon as a new channel is open, instead of an hour later.
+    breaks are put back as soon as a new channel is open, instead of an hour later or
+    never.
 
-    On a lost connection Celery drops the requests it had reserved but not started
-    (their tags belong to the dead channel) and kombu tries to restore their messages to
-    their queues, which fails while Redis is down; they would wait in the unacked hash for
-    the visibility timeout (3600 s). Requests still running are left alone: they ack, or
-    come back after the visibility timeout as before."""
+    - On a lost connection Celery drops the requests it had reserved but not started
+      (their tags belong to the dead channel) and kombu tries to restore their messages
+      to their queues, which fails while Redis is down; they would wait in the unacked
+      hash for the visibility timeout (3600 s). Requests still running are left alone:
+      they ack, or come back after the visibility timeout as before.
+    - kombu takes a message in two steps: BRPOP removes it from its queue, then a second
+      command records it in the unacked hash (celery/kombu#305). When Redis goes between
+      the two, the message is only in this process's memory: kombu drops it, and the
+      event it carried was never answered (tests/test_faults.py, a Redis restart while
+      events flow). It is kept here instead, and not handed to Celery."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.connection.connection_errors:
+            info = message.delivery_info
+            _TO_PUT_BACK[delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
+            raise
 
     def restore_unacked(self, client=None):
         tags = set(self._delivered)
         try:
             return super().restore_unacked(client)
         except self.channel.connection.connection_errors:
-            _UNRESTORED_TAGS.update(tags - _running_tags())
+            for tag in tags - _running_tags():
+                _TO_PUT_BACK.setdefault(tag, None)
             self._delivered.clear()
             return []
 
@@ -84,13 +101,29 @@ class _SafeRedisChannel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for tag in tuple(_UNRESTORED_TAGS):
+        for tag, held in tuple(_TO_PUT_BACK.items()):
             try:
-                self.qos.restore_by_tag(tag)  # a tag already acked or restored is a no-op
+                self._put_back(tag, held)
             except self.connection.connection_errors:
                 break
-            _UNRESTORED_TAGS.discard(tag)
-            logging.getLogger(__name__).info("put back a message held when the broker connection broke: %s", tag)
+            del _TO_PUT_BACK[tag]
+            logger.info("put back a message held when the broker connection broke: %s", tag)
+
+    def _put_back(self, tag: str, held: tuple[dict[str, Any], str, str] | None) -> None:
+        """Requeues message ``tag`` at the head of its queue, from the unacked hash, or
+        from ``held`` (the message as BRPOP returned it) where the hash may lack it. A tag
+        acked or put back meanwhile is not requeued from the hash."""
+        if held is None:
+            self.qos.restore_by_tag(tag)
+            return
+
+        def put_back(pipe: Any) -> None:
+            pipe.multi()
+            self.qos._remove_from_indices(tag, pipe)  # in case the recording did reach Redis
+            self._do_restore_message(*held, pipe)
+
+        with self.conn_or_acquire() as client:
+            client.transaction(put_back, self.unacked_key)
 
     def _brpop_read(self, **options):
         try:

@@ -560,13 +560,13 @@ def test_a_message_held_when_redis_stops_is_put_back_by_the_next_channel(
                 own_redis.stop()
                 recorded(qos, message, tag)
 
-            monkeypatch.setattr(celery_app._RestoringQoS, "append", stop_redis_then_record)
             with (
+                monkeypatch.context() as patched,
                 consumer_connection.Consumer(queue, callbacks=[lambda body, message: received.append(body)]),
                 pytest.raises(consumer_connection.connection_errors),
             ):
+                patched.setattr(celery_app._RestoringQoS, "append", stop_redis_then_record)
                 consumer_connection.drain_events(timeout=10)
-            monkeypatch.undo()
         else:
             with consumer_connection.Consumer(queue, callbacks=[lambda body, message: received.append(body)]):
                 consumer_connection.drain_events(timeout=10)  # delivered, never acked

@@ -72,14 +72,24 @@ class _RestoringQoS(kombu_redis.QoS):
             raise
 
     def restore_unacked(self, client=None):
-        tags = set(self._delivered)
+        if client is None and self.channel.connection.client is None:
+            # The connection was closed under the channel: when a broken connection is
+            # dropped (Celery's collect(), then close()), a channel that also consumes a
+            # broadcast queue (a worker's control queue) fails to close the first time,
+            # and the second time kombu, to put its messages back, builds a client from
+            # connection parameters that are gone and raises AttributeError; Celery calls
+            # that an unrecoverable error and the worker exited.
+            return self._keep_for_next_channel()
         try:
             return super().restore_unacked(client)
         except self.channel.connection.connection_errors:
-            for tag in tags - _running_tags():
-                _TO_PUT_BACK.setdefault(tag, None)
-            self._delivered.clear()
-            return []
+            return self._keep_for_next_channel()
+
+    def _keep_for_next_channel(self):
+        for tag in set(self._delivered) - _running_tags():
+            _TO_PUT_BACK.setdefault(tag, None)
+        self._delivered.clear()
+        return []
 
 
 def _running_tags() -> set[str]:

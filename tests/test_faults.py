@@ -612,6 +612,64 @@ def test_a_message_held_when_redis_stops_is_put_back_by_the_next_channel(
         assert len(received) == (0 if redis_stops == "before the message is recorded unacked" else 1)
 
 
+def test_a_task_that_ends_after_redis_went_acknowledges_its_message_through_the_next_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that runs through a Redis outage acknowledges its message after Celery has
+    dropped the broken connection: kombu raised, a connection error (logged by Celery),
+    or AttributeError once the channel was closed (an unrecoverable error: the worker
+    exited), and the message stayed in the unacked hash, to be run again an hour later.
+    The acknowledgement is kept instead and made by the next channel: nothing is left
+    unacknowledged, and nothing comes back."""
+    import redis
+    from kombu import Connection, Exchange, Queue
+    from support.faultkit import OwnRedis
+
+    from workers import app as celery_app
+
+    monkeypatch.setattr(celery_app, "_TO_PUT_BACK", {})
+    monkeypatch.setattr(celery_app, "_TO_ACK", set())
+    monkeypatch.setattr(celery_app, "_running_tags", lambda: set(held))  # the task still runs
+    queue = Queue("events", Exchange("events", type="direct"), routing_key="events")
+    control = Queue("acked.pidbox", Exchange("acked.control", type="fanout", auto_delete=True), auto_delete=True)
+    held: dict[str, object] = {}
+    with OwnRedis(tmp_path / "redis") as own_redis:
+
+        def connect() -> Connection:
+            return Connection(own_redis.url, transport=celery_app.SafeRedisTransport)
+
+        with connect() as publisher:
+            publisher.Producer().publish(
+                {"event_id": "acked-1"}, exchange=queue.exchange, routing_key="events", declare=[queue]
+            )
+        consumer_connection = connect()
+        consumer_connection.Consumer(
+            [queue, control], callbacks=[lambda b, m: held.update({m.delivery_tag: m})]
+        ).consume()
+        consumer_connection.drain_events(timeout=10)
+        assert len(held) == 1
+        own_redis.stop()
+        with contextlib.suppress(Exception):
+            consumer_connection.collect(socket_timeout=2)
+        with contextlib.suppress(*consumer_connection.connection_errors):
+            consumer_connection.close()
+        assert not celery_app._TO_PUT_BACK  # still running: not put back
+        (message,) = held.values()
+        message.ack()  # the task ends
+        assert set(held) == celery_app._TO_ACK
+        own_redis.start()
+        client = redis.Redis.from_url(own_redis.url)
+        assert client.hlen("unacked") == 1  # as kombu left it
+        with (
+            connect() as consumer,
+            consumer.Consumer(queue, callbacks=[lambda b, m: pytest.fail(f"redelivered: {b}")]),  # the next channel
+            pytest.raises(TimeoutError),
+        ):
+            assert not celery_app._TO_ACK
+            consumer.drain_events(timeout=0.5)
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
 def _ready_again(stack: Stack) -> bool:
     """The worker started last (after the supervisor's last restart line) consumes."""
     return b"ready." in (stack.data_dir / "worker.log").read_bytes().rsplit(b"--- supervisor", 1)[-1]

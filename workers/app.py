@@ -40,28 +40,38 @@ TIME_LIMITS = {
 }
 
 
-# Messages this process held when its broker connection broke and could not put back
-# then (Redis was down), by delivery tag: the payload, exchange and routing key where the
-# message never reached the unacked hash, None where it did. The next channel puts them
-# back.
+# What this process could not tell Redis when its broker connection broke (Redis was
+# down), for the next channel to do: messages to put back, by delivery tag (the payload,
+# exchange and routing key where the message never reached the unacked hash, None where
+# it did), and messages to acknowledge (their tasks finished after the connection went).
 _TO_PUT_BACK: dict[str, tuple[dict[str, Any], str, str] | None] = {}
+_TO_ACK: set[str] = set()
 
 
 class _RestoringQoS(kombu_redis.QoS):
-    """kombu's Redis QoS, except that messages it cannot put back when the connection
-    breaks are put back as soon as a new channel is open, instead of an hour later or
-    never.
+    """kombu's Redis QoS, except that what it cannot do when the connection breaks is
+    done as soon as a new channel is open, instead of an hour later, or never, or by
+    killing the worker (tests/test_faults.py reproduces each case on a real Redis).
 
-    - On a lost connection Celery drops the requests it had reserved but not started
-      (their tags belong to the dead channel) and kombu tries to restore their messages
-      to their queues, which fails while Redis is down; they would wait in the unacked
-      hash for the visibility timeout (3600 s). Requests still running are left alone:
-      they ack, or come back after the visibility timeout as before.
     - kombu takes a message in two steps: BRPOP removes it from its queue, then a second
       command records it in the unacked hash (celery/kombu#305). When Redis goes between
-      the two, the message is only in this process's memory: kombu drops it, and the
-      event it carried was never answered (tests/test_faults.py, a Redis restart while
-      events flow). It is kept here instead, and not handed to Celery."""
+      the two, the message is only in this process's memory: kombu dropped it, and the
+      event it carried was never answered. It is kept for the next channel instead, and
+      not handed to Celery.
+    - On a lost connection Celery drops the requests it had reserved but not started
+      (their tags belong to the dead channel) and kombu tries to put their messages back
+      in their queues, which fails while Redis is down: they waited in the unacked hash
+      for the visibility timeout (3600 s). Requests still running are left to finish.
+    - Celery drops a broken connection with collect(), then close(). A channel that also
+      consumes a broadcast queue (a worker's control queue) fails to close the first time;
+      the second time, and when a task that ran through the outage acknowledges its
+      message afterwards, kombu builds a client from a connection that is gone and raises
+      AttributeError, which Celery calls an unrecoverable error: the worker exited, and
+      every message it held waited the visibility timeout."""
+
+    def _connection_gone(self) -> bool:
+        transport = self.channel.connection
+        return transport is None or transport.client is None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         try:
@@ -71,14 +81,17 @@ class _RestoringQoS(kombu_redis.QoS):
             _TO_PUT_BACK[delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
             raise
 
+    def ack(self, delivery_tag: str) -> None:
+        if not self._connection_gone():
+            try:
+                return super().ack(delivery_tag)
+            except self.channel.connection.connection_errors:
+                pass
+        _TO_ACK.add(delivery_tag)
+        super(kombu_redis.QoS, self).ack(delivery_tag)  # the bookkeeping, without Redis
+
     def restore_unacked(self, client=None):
-        if client is None and self.channel.connection.client is None:
-            # The connection was closed under the channel: when a broken connection is
-            # dropped (Celery's collect(), then close()), a channel that also consumes a
-            # broadcast queue (a worker's control queue) fails to close the first time,
-            # and the second time kombu, to put its messages back, builds a client from
-            # connection parameters that are gone and raises AttributeError; Celery calls
-            # that an unrecoverable error and the worker exited.
+        if client is None and self._connection_gone():
             return self._keep_for_next_channel()
         try:
             return super().restore_unacked(client)
@@ -111,13 +124,17 @@ class _SafeRedisChannel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for tag, held in tuple(_TO_PUT_BACK.items()):
-            try:
+        try:
+            for tag in tuple(_TO_ACK):
+                self.qos._remove_from_indices(tag).execute()
+                _TO_ACK.discard(tag)
+                logger.info("acknowledged a message whose task ended after the broker connection broke: %s", tag)
+            for tag, held in tuple(_TO_PUT_BACK.items()):
                 self._put_back(tag, held)
-            except self.connection.connection_errors:
-                break
-            del _TO_PUT_BACK[tag]
-            logger.info("put back a message held when the broker connection broke: %s", tag)
+                del _TO_PUT_BACK[tag]
+                logger.info("put back a message held when the broker connection broke: %s", tag)
+        except self.connection.connection_errors:
+            pass  # Redis went again: the next channel tries
 
     def _put_back(self, tag: str, held: tuple[dict[str, Any], str, str] | None) -> None:
         """Requeues message ``tag`` at the head of its queue, from the unacked hash, or

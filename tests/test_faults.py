@@ -612,15 +612,17 @@ def test_a_message_held_when_redis_stops_is_put_back_by_the_next_channel(
         assert len(received) == (0 if redis_stops == "before the message is recorded unacked" else 1)
 
 
-def test_a_task_that_ends_after_redis_went_acknowledges_its_message_through_the_next_channel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("ends", ["acknowledged", "rejected to be run again"])
+def test_a_task_that_ends_after_redis_went_settles_its_message_through_the_next_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ends: str
 ) -> None:
     """A task that runs through a Redis outage acknowledges its message after Celery has
     dropped the broken connection: kombu raised, a connection error (logged by Celery),
     or AttributeError once the channel was closed (an unrecoverable error: the worker
     exited), and the message stayed in the unacked hash, to be run again an hour later.
     The acknowledgement is kept instead and made by the next channel: nothing is left
-    unacknowledged, and nothing comes back."""
+    unacknowledged, and nothing comes back. A message rejected to be run again (its pool
+    process was lost) is put back by the next channel instead, and comes back at once."""
     import redis
     from kombu import Connection, Exchange, Queue
     from support.faultkit import OwnRedis
@@ -655,19 +657,23 @@ def test_a_task_that_ends_after_redis_went_acknowledges_its_message_through_the_
             consumer_connection.close()
         assert not celery_app._TO_PUT_BACK  # still running: not put back
         (message,) = held.values()
-        message.ack()  # the task ends
-        assert set(held) == celery_app._TO_ACK
+        if ends == "acknowledged":
+            message.ack()  # the task ends
+            assert set(held) == celery_app._TO_ACK
+        else:
+            message.reject(requeue=True)
+            assert set(held) == set(celery_app._TO_PUT_BACK)
         own_redis.start()
         client = redis.Redis.from_url(own_redis.url)
         assert client.hlen("unacked") == 1  # as kombu left it
-        with (
-            connect() as consumer,
-            consumer.Consumer(queue, callbacks=[lambda b, m: pytest.fail(f"redelivered: {b}")]),  # the next channel
-            pytest.raises(TimeoutError),
-        ):
-            assert not celery_app._TO_ACK
-            consumer.drain_events(timeout=0.5)
-        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+        again: list[dict] = []
+        with connect() as consumer, consumer.Consumer(queue, callbacks=[lambda b, m: again.append(b)]):
+            assert not celery_app._TO_ACK and not celery_app._TO_PUT_BACK  # done by the next channel
+            with contextlib.suppress(TimeoutError):
+                consumer.drain_events(timeout=0.5)
+        assert again == ([] if ends == "acknowledged" else [{"event_id": "acked-1"}])
+        if ends == "acknowledged":
+            assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
 
 
 def _ready_again(stack: Stack) -> bool:

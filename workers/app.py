@@ -43,7 +43,8 @@ TIME_LIMITS = {
 # What this process could not tell Redis when its broker connection broke (Redis was
 # down), for the next channel to do: messages to put back, by delivery tag (the payload,
 # exchange and routing key where the message never reached the unacked hash, None where
-# it did), and messages to acknowledge (their tasks finished after the connection went).
+# it did), and messages to acknowledge (their tasks finished after the connection went,
+# or were rejected for good).
 _TO_PUT_BACK: dict[str, tuple[dict[str, Any], str, str] | None] = {}
 _TO_ACK: set[str] = set()
 
@@ -64,8 +65,8 @@ class _RestoringQoS(kombu_redis.QoS):
       for the visibility timeout (3600 s). Requests still running are left to finish.
     - Celery drops a broken connection with collect(), then close(). A channel that also
       consumes a broadcast queue (a worker's control queue) fails to close the first time;
-      the second time, and when a task that ran through the outage acknowledges its
-      message afterwards, kombu builds a client from a connection that is gone and raises
+      the second time, and when a task that ran through the outage acknowledges (or
+      rejects) its message afterwards, kombu builds a client from a connection that is gone and raises
       AttributeError, which Celery calls an unrecoverable error: the worker exited, and
       every message it held waited the visibility timeout."""
 
@@ -89,6 +90,19 @@ class _RestoringQoS(kombu_redis.QoS):
                 pass
         _TO_ACK.add(delivery_tag)
         super(kombu_redis.QoS, self).ack(delivery_tag)  # the bookkeeping, without Redis
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        # (a pool process lost with task_reject_on_worker_lost: its message is requeued)
+        if not self._connection_gone():
+            try:
+                return super().reject(delivery_tag, requeue=requeue)
+            except self.channel.connection.connection_errors:
+                pass
+        if requeue:
+            _TO_PUT_BACK.setdefault(delivery_tag, None)
+        else:
+            _TO_ACK.add(delivery_tag)
+        super(kombu_redis.QoS, self).ack(delivery_tag)
 
     def restore_unacked(self, client=None):
         if client is None and self._connection_gone():

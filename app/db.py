@@ -6,12 +6,15 @@ import fcntl
 import functools
 import hashlib
 import os
+import select
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -31,7 +34,57 @@ def _engine_for(url: str, pid: int) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # LIFO: the connection checked in last is checked out next, so a process's work goes
+    # on one hot connection (no ping) while the others sit idle (pinged when next used).
+    engine = create_engine(url, pool_size=5, max_overflow=5, pool_use_lifo=True)
+    _check_on_checkout(engine)
+    return engine
+
+
+# A pooled connection is checked as it is checked out, as pool_pre_ping did, but with a
+# round trip (a ping) only when it is likely to be needed: the connection sat idle in the
+# pool for longer than this, or Postgres sent something on it while it sat there. An idle
+# session is sent nothing, so a socket with something to read is one whose server ended
+# it (a restart, a fast shutdown, pg_terminate_backend: the FATAL message and the close)
+# or, rarely, a notice; the ping tells which. A connection broken in a way nobody noticed
+# (no close reached this machine) and checked out within the idle limit fails its first
+# statement instead, and the task is retried as for any database outage
+# (workers/tasks.py, DATABASE_DOWN). pool_pre_ping pinged every checkout: three round trips
+# of a warm event's eleven, one per checkout.
+PING_AFTER_IDLE_S = 10.0
+
+
+def _check_on_checkout(engine: Engine) -> None:
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record):  # type: ignore[no-untyped-def]
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn, record, _proxy):  # type: ignore[no-untyped-def]
+        idle_since = record.info.get("idle_since")  # None: connected for this checkout
+        record.info["pinged"] = False
+        if idle_since is None:
+            return
+        if dbapi_conn.closed or getattr(dbapi_conn, "broken", False):
+            raise DisconnectionError("connection closed while in the pool")
+        if time.monotonic() - idle_since < PING_AFTER_IDLE_S and not _readable(dbapi_conn.fileno()):
+            return
+        record.info["pinged"] = True
+        try:
+            dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # As pool_pre_ping does: the pool replaces this connection (a new one is checked
+            # out instead) and every other connection made before now, at its checkout.
+            raise InvalidatePoolError(f"connection check failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket ``fd`` has something to read (or its peer closed it), at once."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def get_engine() -> Engine:

@@ -385,8 +385,9 @@ def _phase_of(filename: str) -> str:
 def counted_round_trips() -> Iterator[dict[str, int]]:
     """Counts what this process sends Postgres, as libpq sees it (its protocol trace), so
     that SQL sent on a connection as it is counts as SQLAlchemy's does: round trips (each
-    answered by a ReadyForQuery, connection checks on checkout, ``pool_pre_ping``,
-    included), and of them BEGIN, COMMIT or ROLLBACK, checks and statements."""
+    answered by a ReadyForQuery, connection checks on checkout included), and of them
+    BEGIN, COMMIT or ROLLBACK, checks (the pings of ``app.db``'s check on checkout) and
+    statements."""
     import tempfile
 
     from psycopg import pq
@@ -395,14 +396,16 @@ def counted_round_trips() -> Iterator[dict[str, int]]:
     from app.db import get_engine
 
     engine = get_engine()
-    counts = {"statements": 0, "transactions": 0, "checkouts": 0, "round_trips": 0}
+    counts = {"statements": 0, "transactions": 0, "checkouts": 0, "checks": 0, "round_trips": 0}
     traced: dict[int, tuple[Any, Any]] = {}  # id(pgconn) -> (pgconn, trace file)
 
-    def checkout(dbapi_connection: Any, *_: Any) -> None:
+    def checkout(dbapi_connection: Any, record: Any, *_: Any) -> None:
         counts["checkouts"] += 1
+        pinged = bool(record.info.get("pinged"))  # by app.db's listener, which runs first
+        counts["checks"] += pinged
         pgconn = dbapi_connection.pgconn
-        if id(pgconn) not in traced:  # its check on this checkout came before the trace
-            counts["round_trips"] += 1
+        if id(pgconn) not in traced:
+            counts["round_trips"] += pinged  # its check on this checkout came before the trace
             trace = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed once read, below)
             pgconn.trace(trace.fileno())
             pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
@@ -426,7 +429,7 @@ def counted_round_trips() -> Iterator[dict[str, int]]:
                     counts["transactions"] += command == "BEGIN"
                     ends += command in ("COMMIT", "ROLLBACK")
             trace.close()
-        counts["statements"] = counts["round_trips"] - counts["transactions"] - ends - counts["checkouts"]
+        counts["statements"] = counts["round_trips"] - counts["transactions"] - ends - counts["checks"]
 
 
 def per_event_work(events: int, *, library: list[int], receiver: Any) -> dict[str, Any]:

@@ -199,3 +199,74 @@ def test_task_starts_are_counted_and_committed_at_once() -> None:
             from app.models import TaskAttempt
 
             assert s.scalar(select(func.max(TaskAttempt.attempts)).where(TaskAttempt.task_id == task_id)) == 2
+
+
+def _backend_pid(conn: Any) -> int:
+    return int(conn.connection.driver_connection.info.backend_pid)
+
+
+def _terminate(pid: int) -> None:
+    """Ends the Postgres session ``pid`` from another connection, as a restart would
+    (its FATAL message and the close reach the client), and waits until they have."""
+    import os
+    import time
+
+    import psycopg
+
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))  # waits for the session's end
+    time.sleep(0.05)  # (the close crossing the loopback)
+
+
+def test_a_connection_checked_out_again_at_once_is_not_pinged() -> None:
+    """No round trip for the check of a connection back from a task a moment ago: the
+    three checkouts of a warm event cost no ping (pool_pre_ping sent one each)."""
+    with autocommit() as conn:
+        pid = _backend_pid(conn)
+    with autocommit() as conn:
+        assert _backend_pid(conn) == pid  # the same pooled connection
+        assert conn.connection._connection_record.info["pinged"] is False  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("path", ["autocommit", "session"])
+def test_a_connection_its_server_ended_while_pooled_is_replaced_at_checkout(library: list[int], settings,  # type: ignore[no-untyped-def]
+                                                                            path: str) -> None:  # fmt: skip
+    """A pooled connection whose Postgres session ended while it sat in the pool (a
+    Postgres restart, pg_terminate_backend), however short the wait, is found dead and
+    replaced when checked out: the task's statements run on a new connection, none fails."""
+    with autocommit() as conn:
+        pid = _backend_pid(conn)
+    _terminate(pid)
+    if path == "autocommit":
+        with autocommit() as conn:
+            assert _backend_pid(conn) != pid
+            assert conn.connection._connection_record.info["pinged"] is False  # type: ignore[union-attr]  # (fresh)
+            assert count_start(conn, task_id=f"task-{uuid.uuid4().hex}", name="vidsim.test") == 1
+    else:
+        event = _event(library[0])
+        with session_scope() as s:
+            outcome = recommend.accept_event(event, session=s, settings=settings, fallback_id="x")
+            assert _backend_pid(s.connection()) != pid
+        assert outcome.leased is not None
+        _, [_rec], [_delivery] = _rows(event["event_id"])
+
+
+def test_a_connection_broken_under_a_statement_is_retried_as_a_database_outage() -> None:
+    """A connection that breaks under one of the warm path's statements, sent on the
+    driver's connection as they are, raises psycopg's error, not SQLAlchemy's: the task
+    is retried while the database is down as for SQLAlchemy's (workers/tasks.py), and the
+    broken connection is not given to the next checkout."""
+    import psycopg
+
+    from workers.tasks import DATABASE_DOWN
+
+    with autocommit() as conn:
+        pid = _backend_pid(conn)
+    with pytest.raises(DATABASE_DOWN), autocommit() as conn:
+        assert _backend_pid(conn) == pid
+        _terminate(pid)
+        conn.connection.driver_connection.execute("SELECT 1")  # type: ignore[union-attr]
+    assert issubclass(psycopg.errors.AdminShutdown, DATABASE_DOWN)
+    with autocommit() as conn:
+        assert _backend_pid(conn) != pid
+        assert count_start(conn, task_id=f"task-{uuid.uuid4().hex}", name="vidsim.test") == 1

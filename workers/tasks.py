@@ -13,6 +13,7 @@ import random
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from celery import Task
 from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -37,7 +38,10 @@ logger = logging.getLogger(__name__)
 # errors. With those alone, a 5-second Postgres restart failed the events in flight, and
 # their failure handlers, needing the database too, could not record or answer them:
 # they were lost (tests/test_faults.py::test_redis_and_postgres_restarted_mid_stream).
-DATABASE_DOWN = (OperationalError, InterfaceError)
+# psycopg's own errors are here too: the warm path's statements are sent on the driver's
+# connection as they are (app/serve/queries.py, app/task_attempts.py, record_delivered),
+# so a connection that breaks under one raises psycopg's error, not SQLAlchemy's wrapper.
+DATABASE_DOWN = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 DATABASE_DOWN_MAX_RETRIES = 100
 DATABASE_DOWN_BACKOFF_MAX_S = 30.0
 

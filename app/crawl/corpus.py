@@ -383,6 +383,7 @@ _MANDELBROT_POINTS = (
     (-0.743643887037151, 0.13182590420533, 0.0003), (-0.75, 0.1, 0.01), (-1.25066, 0.02012, 0.001),
     (0.001643721971153, -0.822467633298876, 0.0005), (-0.1592, -1.0317, 0.002), (-0.77568377, 0.13646737, 0.0001),
 )  # fmt: skip
+_GRADIENT_COLOURS = ("0x1f3b73", "0xe8a33d", "0x2e8b57", "0xc0392b", "0x8e44ad", "0xf4d03f", "0x16a085", "0xd35400")
 _SCENES = (
     *((f"life-{i}", f"life=s={{s}}:r={{r}}:seed={i}:ratio={0.1 + 0.08 * i}:mold={10 * i}:rule={rule}:"
        f"life_color={c}:death_color=0x202040:mold_color=0x603010")
@@ -392,7 +393,9 @@ _SCENES = (
       for rule in (18, 30, 45, 73, 90, 110, 150)),
     *((f"sierpinski-{t}-{i}", f"sierpinski=s={{s}}:r={{r}}:type={t}:seed={i}:jump=1")
       for t in ("carpet", "triangle") for i in (1, 2)),
-    *((f"gradients-{i}", f"gradients=s={{s}}:r={{r}}:speed={0.005 * (i + 1)}:seed={i}:n={2 + i}")
+    # (the colours named: ffmpeg draws "random" ones, its default, from the clock, not the seed)
+    *((f"gradients-{i}", f"gradients=s={{s}}:r={{r}}:speed={0.005 * (i + 1)}:seed={i}:n={2 + i}:"
+       + ":".join(f"c{k}={colour}" for k, colour in enumerate(_GRADIENT_COLOURS[i : i + 2 + i])))
       for i in range(4)),
     ("testsrc2", "testsrc2=s={s}:r={r}"),
 )  # fmt: skip

@@ -186,6 +186,9 @@ def record(delivery_id: int, result: DeliveryResult, *, session: Session, settin
         .execution_options(populate_existing=True)
     ).one()
     delivery.attempts += 1
+    # One clock reading for the attempt's record and what it schedules: the next attempt
+    # is the schedule's delay after this one, not after the row happens to be flushed.
+    now = utcnow()
     session.add(
         DeliveryAttempt(
             delivery_id=delivery.id,
@@ -193,6 +196,7 @@ def record(delivery_id: int, result: DeliveryResult, *, session: Session, settin
             status_code=result.status_code,
             error=result.error,
             duration_ms=result.duration_ms,
+            attempted_at=now,
         )
     )
     delivery.last_status_code, delivery.last_error, delivery.lease_until = (
@@ -205,7 +209,7 @@ def record(delivery_id: int, result: DeliveryResult, *, session: Session, settin
         # delivered_at and the event's latency are those of its first answer: an operator's
         # replay of a delivered callback is one more attempt, not a second event.
         if delivery.delivered_at is None:
-            delivery.delivered_at = utcnow()
+            delivery.delivered_at = now
             if received_at is not None:
                 EVENT_TO_CALLBACK.observe((delivery.delivered_at - received_at).total_seconds())
     elif result.disable:
@@ -223,7 +227,7 @@ def record(delivery_id: int, result: DeliveryResult, *, session: Session, settin
         if delay is None:
             delivery.status, delivery.next_attempt_at = "dead", None
         else:
-            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+            delivery.next_attempt_at = now + timedelta(seconds=delay)
     DELIVERIES.labels("retry" if delivery.status == "pending" else delivery.status).inc()
     logger.info(
         "delivery %d attempt %d -> %s (%s)",

@@ -8,6 +8,8 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 from queue import Empty
 from typing import Any
 
@@ -66,9 +68,9 @@ class _RestoringQoS(kombu_redis.QoS):
     - Celery drops a broken connection with collect(), then close(). A channel that also
       consumes a broadcast queue (a worker's control queue) fails to close the first time;
       the second time, and when a task that ran through the outage acknowledges (or
-      rejects) its message afterwards, kombu builds a client from a connection that is gone and raises
-      AttributeError, which Celery calls an unrecoverable error: the worker exited, and
-      every message it held waited the visibility timeout."""
+      rejects) its message afterwards, kombu builds a client from a connection that is
+      gone and raises AttributeError, which Celery calls an unrecoverable error: the
+      worker exited, and every message it held waited the visibility timeout."""
 
     def _connection_gone(self) -> bool:
         transport = self.channel.connection
@@ -83,26 +85,25 @@ class _RestoringQoS(kombu_redis.QoS):
             raise
 
     def ack(self, delivery_tag: str) -> None:
-        if not self._connection_gone():
-            try:
-                return super().ack(delivery_tag)
-            except self.channel.connection.connection_errors:
-                pass
-        _TO_ACK.add(delivery_tag)
-        super(kombu_redis.QoS, self).ack(delivery_tag)  # the bookkeeping, without Redis
+        self._settle(delivery_tag, partial(kombu_redis.QoS.ack, self, delivery_tag), requeue=False)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         # (a pool process lost with task_reject_on_worker_lost: its message is requeued)
+        self._settle(delivery_tag, partial(kombu_redis.QoS.reject, self, delivery_tag, requeue), requeue=requeue)
+
+    def _settle(self, delivery_tag: str, settle: Callable[[], None], *, requeue: bool) -> None:
+        """``settle`` the message in Redis, or, with Redis gone, leave it to the next channel:
+        to put back (``requeue``) or to acknowledge."""
         if not self._connection_gone():
             try:
-                return super().reject(delivery_tag, requeue=requeue)
+                return settle()
             except self.channel.connection.connection_errors:
                 pass
         if requeue:
             _TO_PUT_BACK.setdefault(delivery_tag, None)
         else:
             _TO_ACK.add(delivery_tag)
-        super(kombu_redis.QoS, self).ack(delivery_tag)
+        super(kombu_redis.QoS, self).ack(delivery_tag)  # kombu's bookkeeping only, no Redis
 
     def restore_unacked(self, client=None):
         if client is None and self._connection_gone():

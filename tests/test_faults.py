@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.faultkit import Hook, Stack, Supervised, children, publisher_results, shared_stack
@@ -48,8 +49,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 # children (started by app/media/sandbox.py) never inherit that variable. It makes the embed
 # step of a video whose file name starts with "crash-" SIGKILL its own process (as a decoder
 # segfault would), and of one starting with "hang-" sleep past every limit (as a decoder
-# stuck in C code would); it logs every start; and it shortens the embed queue's hard time
-# limit.
+# stuck in C code would); it does the same to the serving of an event whose id starts with
+# "crashevent-"; it logs every start; and it shortens the embed queue's hard time limit.
 FAULT_HOOK = """
 import os
 import signal
@@ -79,6 +80,19 @@ if os.environ.get("VIDSIM_TEST_FAULTS"):
         return _embed_video(video_id, sessions=sessions, **kwargs)
 
     recommend.embed_video = embed_video
+
+    # An event whose id starts with "crashevent-" SIGKILLs the process serving it.
+    _accept_event = recommend.accept_event
+
+    def accept_event(event, **kwargs):
+        event_id = str(event.get("event_id", "")) if isinstance(event, dict) else ""
+        if event_id.startswith("crashevent-"):
+            with open(os.environ["VIDSIM_TEST_FAULT_LOG"], "a") as log:
+                log.write(f"{event_id} {os.getpid()} {time.time():.3f}\\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _accept_event(event, **kwargs)
+
+    recommend.accept_event = accept_event
 """
 EMBED_TIME_LIMIT_S = 6
 STEP_S = 1.5  # the callback retry schedule of the module's worker: five attempts
@@ -240,7 +254,9 @@ def test_crashing_task_is_given_up_and_a_hung_task_is_killed_at_its_hard_limit(
     stack: Stack, worker: Supervised, library: list[int], settings
 ) -> None:  # type: ignore[no-untyped-def]
     """A task that SIGKILLs its own process every time is started VIDSIM_TASK_MAX_ATTEMPTS
-    times (counted in Postgres), then recorded as failed with a reason and answered; a task
+    times (counted in Postgres), then recorded as failed with a reason and answered, an
+    embedding as a warm event (whose first start is not written: its redeliveries are
+    counted from the broker's mark); a task
     stuck past its hard time limit is killed once, recorded, answered, and never runs twice.
     (That every hard limit is below the visibility timeout is checked by
     tests/test_core.py::test_every_time_limit_is_below_the_visibility_timeout.)"""
@@ -257,6 +273,7 @@ def test_crashing_task_is_given_up_and_a_hung_task_is_killed_at_its_hard_limit(
         events = [
             {"event_id": f"crash-{uuid.uuid4().hex[:6]}", "video_uri": str(crash), "callback_url": hook.url},
             {"event_id": f"hang-{uuid.uuid4().hex[:6]}", "video_uri": str(hang), "callback_url": hook.url},
+            {"event_id": f"crashevent-{uuid.uuid4().hex[:6]}", "video_id": library[0], "callback_url": hook.url},
         ]
         stack.publish(events)
         ids = [e["event_id"] for e in events]
@@ -267,24 +284,32 @@ def test_crashing_task_is_given_up_and_a_hung_task_is_killed_at_its_hard_limit(
         after = publish_and_wait(stack, hook, library[0])  # the worker still serves
         assert after["error"] is None
 
-    crash_body, hang_body = (got[e][0].payload for e in ids)
+    crash_body, hang_body, crash_event_body = (got[e][0].payload for e in ids)
     assert crash_body["results"] == [] and "kept dying" in crash_body["error"], crash_body
+    assert crash_event_body["results"] == [] and "kept dying" in crash_event_body["error"], crash_event_body
     assert hang_body["results"] == [] and "TimeLimitExceeded" in hang_body["error"], hang_body
 
     fault_log = stack.data_dir / "starts.log"
     crash_starts = _starts(fault_log, "crash-")
     assert len(crash_starts) == max_attempts, crash_starts  # the next start gives up without running it
     assert len({pid for pid, _ in crash_starts}) == max_attempts  # each in a fresh process
+    crash_event_starts = _starts(fault_log, "crashevent-")
+    assert len(crash_event_starts) == max_attempts, crash_event_starts
+    assert len({pid for pid, _ in crash_event_starts}) == max_attempts
     hang_starts = _starts(fault_log, "hang-")
     assert len(hang_starts) == 1, hang_starts  # killed once, never redelivered, never twice at once
     assert f"Hard time limit ({float(EMBED_TIME_LIMIT_S)}s) exceeded for vidsim.embed_video" in stack.log()
 
     with stack.session() as s:
         counted = s.scalar(select(func.max(TaskAttempt.attempts)).where(TaskAttempt.name == "vidsim.embed_video"))
+        counted_event = s.scalar(
+            select(func.max(TaskAttempt.attempts)).where(TaskAttempt.name == "vidsim.video_selected")
+        )
         videos = {
             Path(v.uri).name: v for v in s.scalars(select(Video).where(Video.uri.in_([crash.as_uri(), hang.as_uri()])))
         }
     assert counted == max_attempts + 1  # the application's own count: the last start gave up
+    assert counted_event == max_attempts + 1
     assert videos[crash.name].status == "failed" and "kept dying" in (videos[crash.name].error or "")
     assert videos[hang.name].status == "failed" and "TimeLimitExceeded" in (videos[hang.name].error or "")
     print(
@@ -601,15 +626,64 @@ def test_a_message_held_when_redis_stops_is_put_back_by_the_next_channel(
         again: list[dict] = []
         with connect() as consumer:
 
-            def take(body: dict, message: object) -> None:
+            def take(body: dict, message: Any) -> None:
                 again.append(body)
+                redelivered.append(message.delivery_info.get("redelivered"))
                 message.ack()
 
+            redelivered: list[bool] = []
             with consumer.Consumer(queue, callbacks=[take]):
                 consumer.drain_events(timeout=10)
         assert again == [{"event_id": "held-1"}]
+        assert redelivered == [True]  # (the event tasks count only a redelivered message's start)
         assert not celery_app._TO_PUT_BACK
         assert len(received) == (0 if redis_stops == "before the message is recorded unacked" else 1)
+
+
+def test_a_raw_message_without_headers_is_marked_redelivered_when_put_back() -> None:
+    """kombu marks a message it puts back as redelivered only when the payload has
+    ``headers``; the event tasks write a start only for a marked one, so a raw message
+    without them, whose process died, would start for ever uncounted."""
+    import base64
+    import json
+
+    import redis
+    from kombu import Connection, Exchange, Queue
+
+    from workers import app as celery_app
+
+    prefix = f"redeliver-{uuid.uuid4().hex[:8]}:"
+    queue = Queue("events", Exchange("events", type="direct"), routing_key="events")
+    body = base64.b64encode(json.dumps({"event_id": "raw-1"}).encode()).decode()
+    raw = {  # a raw producer's message, as README "Publishing events", without headers
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "properties": {
+            "delivery_tag": str(uuid.uuid4()),
+            "body_encoding": "base64",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": "events"},
+            "priority": 0,
+        },
+    }
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    options = {"visibility_timeout": 3600, "global_keyprefix": prefix}
+    try:
+        with Connection(
+            os.environ["REDIS_URL"], transport=celery_app.SafeRedisTransport, transport_options=options
+        ) as conn:
+            taken: list[Any] = []
+            with conn.Consumer(queue, callbacks=[lambda _body, message: taken.append(message)]):
+                client.lpush(prefix + "events", json.dumps(raw))
+                conn.drain_events(timeout=10)
+                assert not taken[0].delivery_info.get("redelivered")
+                taken[0].reject(requeue=True)  # put back, as when its pool process died
+                conn.drain_events(timeout=10)
+                taken[1].ack()
+        assert taken[1].payload == {"event_id": "raw-1"} and taken[1].delivery_info["redelivered"] is True
+    finally:
+        client.delete(*(client.keys(prefix + "*") or [prefix]))
 
 
 @pytest.mark.parametrize("ends", ["acknowledged", "rejected to be run again"])

@@ -201,6 +201,38 @@ def test_task_starts_are_counted_and_committed_at_once() -> None:
             assert s.scalar(select(func.max(TaskAttempt.attempts)).where(TaskAttempt.task_id == task_id)) == 2
 
 
+def test_an_event_task_writes_no_first_start_and_still_gives_up_a_crash_loop(settings) -> None:  # type: ignore[no-untyped-def]
+    """The event tasks skip the statement for a message's first start; a redelivered one
+    (the broker marks it) is written with that first start counted, and the message is
+    given up after the same number of starts as any task's (tests/test_faults.py runs it
+    on a real worker whose process the event kills)."""
+    from app.models import TaskAttempt
+    from workers.tasks import _process_died_too_often, video_selected
+
+    task_id = f"task-{uuid.uuid4().hex}"
+
+    def start(**request: Any) -> bool:
+        video_selected.push_request(id=task_id, **request)
+        try:
+            return _process_died_too_often(video_selected, write_first_start=False)
+        finally:
+            video_selected.pop_request()
+
+    def written() -> int | None:
+        with session_scope() as s:
+            return s.scalar(select(TaskAttempt.attempts).where(TaskAttempt.task_id == task_id))
+
+    assert start(delivery_info={"redelivered": False}) is False
+    assert written() is None
+    gave_up = [start(delivery_info={"redelivered": True}) for _ in range(settings.task_max_attempts)]
+    assert written() == settings.task_max_attempts + 1  # the unwritten first start counted
+    assert gave_up == [False] * (settings.task_max_attempts - 1) + [True]
+    # A retry (a new message under the same id) is written even when not redelivered.
+    task_id = f"task-{uuid.uuid4().hex}"
+    assert start(retries=1, delivery_info={"redelivered": False}) is False
+    assert written() == 2
+
+
 def _backend_pid(conn: Any) -> int:
     return int(conn.connection.driver_connection.info.backend_pid)
 

@@ -167,6 +167,16 @@ class _SafeRedisChannel(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             client.transaction(put_back, self.unacked_key)
 
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        # kombu marks a message it puts back as redelivered, but gives up on the mark
+        # when the payload has no ``headers`` (a raw message can lack them), and the
+        # event tasks count a start only when it is marked (workers/tasks.py).
+        properties = payload.get("properties") if isinstance(payload, dict) else None
+        info = properties.get("delivery_info") if isinstance(properties, dict) else None
+        if isinstance(info, dict):
+            info["redelivered"] = True
+        return super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+
     def _brpop_read(self, **options):
         try:
             return super()._brpop_read(**options)

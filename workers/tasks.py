@@ -95,22 +95,40 @@ def _limit_blas_threads() -> None:
         threadpool_limits(limits=threads, user_api="blas")
 
 
-def _process_died_too_often(task: Task) -> bool:
+def _process_died_too_often(task: Task, *, write_first_start: bool = True) -> bool:
     """Counts, in the database, how often this message started. A message whose process
     keeps dying (and so is redelivered) is given up after a bounded number (celery#9082).
-    Retries of the task itself carry the same id and count too."""
+    Retries of the task itself carry the same id and count too.
+
+    With ``write_first_start=False`` (the event tasks: it is a statement and a round trip
+    of every warm event) a message's first start is not written: nothing can have died
+    on it yet. Every message put back in its queue is marked redelivered (by kombu, and by
+    :class:`workers.app._SafeRedisChannel` where kombu could not), so every later start is
+    written, and its row counts the unwritten first start too."""
+    retries = task.request.retries or 0
+    unwritten = 0
+    if not write_first_start:
+        if not retries and not (task.request.delivery_info or {}).get("redelivered") and _broker_marks_redeliveries():
+            return False
+        unwritten = 1
     task_id = task.request.id or "unknown"
     with autocommit() as conn:  # committed before the task's work, which may kill the process
-        attempts = count_start(conn, task_id=task_id, name=task.name)
+        attempts = count_start(conn, task_id=task_id, name=task.name, unwritten=unwritten)
     # Each retry is a new message under the same id, started once if nothing goes wrong:
     # what is left after those is redeliveries of messages whose process died. The limit
     # is task_max_attempts starts of the current message, as the README documents (it was
     # task_max_attempts + max_retries, so a crash loop ran 3 more times than configured).
-    limit = get_settings().task_max_attempts + (task.request.retries or 0)
+    limit = get_settings().task_max_attempts + retries
     if attempts > limit:
         logger.error("task %s %s started %d times; giving up", task.name, task_id, attempts)
         return True
     return False
+
+
+def _broker_marks_redeliveries() -> bool:
+    """Whether a message put back in its queue arrives marked redelivered: on Redis, yes;
+    the embedded broker (kombu's filesystem transport) marks it where Celery does not look."""
+    return not get_settings().embedded
 
 
 def _after(outcome: recommend.Outcome, *, deliver_here: bool = False) -> None:
@@ -155,8 +173,11 @@ def video_selected(self: Task, event: Any = None, **extra: Any) -> None:
     """The public entry point: the chat app publishes ``event`` (see README)."""
     if event is None and extra:
         event = extra  # a producer that sent the event's fields as keyword arguments
-    if _process_died_too_often(self):
-        _fail_event(event.get("event_id") if isinstance(event, dict) else None, "the worker process kept dying")
+    if _process_died_too_often(self, write_first_start=False):
+        # The event with it: where it killed the process before it was recorded, the
+        # callback URL is only in the message.
+        raw = event if isinstance(event, dict) else None
+        _fail_event(raw.get("event_id") if raw else None, "the worker process kept dying", raw=raw)
         return
     with session_scope() as session:
         outcome = recommend.accept_event(
@@ -167,7 +188,7 @@ def video_selected(self: Task, event: Any = None, **extra: Any) -> None:
 
 @celery_app.task(name="vidsim.serve_event", base=EventTask, bind=True, time_limit=TIME_LIMITS["events"], **RETRY_POLICY)
 def serve_event(self: Task, event_id: str) -> None:
-    if _process_died_too_often(self):
+    if _process_died_too_often(self, write_first_start=False):
         _fail_event(event_id, "the worker process kept dying while serving this event")
         return
     with session_scope() as session:

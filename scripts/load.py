@@ -486,24 +486,54 @@ def per_event_work(events: int, *, library: list[int], receiver: Any) -> dict[st
 # --------------------------------------------------------------------------- the library
 
 
+# Each library video's frame descriptors: a 60-s video at the default sampling (one a
+# second), in the active encoder's frame width, so each event's search runs both stages.
+LIBRARY_FRAMES = 60
+
+
 def seed_library(n: int, *, seed: int = 0) -> list[int]:
-    """``n`` ready library videos with clustered random vectors for the active model, and
-    an index built over them. Reused between runs."""
+    """``n`` ready library videos with clustered random vectors and frame descriptors for
+    the active model, and an index built over them. Reused between runs (rows seeded
+    before they had frame descriptors get them)."""
     import numpy as np
     from sqlalchemy import select
 
     from app.config import get_settings
     from app.db import session_scope
+    from app.index import frames
     from app.index.rebuild import rebuild_index
+    from app.learn.encoder import EncoderConfig
     from app.learn.registry import active_model
     from app.models import Embedding, Video
 
+    rng = np.random.default_rng(seed)
+
+    def frames_of(vector: np.ndarray, dim: int) -> tuple[bytes, bytes]:
+        # Frames that wander around a per-video direction, as a video's seconds do.
+        direction = np.resize(vector, dim) + 0.3 * rng.standard_normal(dim)
+        walk = direction + 0.5 * rng.standard_normal((LIBRARY_FRAMES, dim)).cumsum(axis=0) / np.sqrt(LIBRARY_FRAMES)
+        walk /= np.linalg.norm(walk, axis=1, keepdims=True)
+        return frames.pack(walk, np.arange(LIBRARY_FRAMES, dtype=np.float32) + 0.5)
+
     with session_scope() as session:
         model = active_model(session=session)
-        have = list(session.scalars(select(Video.id).where(Video.uri.like("load://%"), Video.in_library)))
-        if len(have) >= n:
-            return have[:n]
-        rng = np.random.default_rng(seed)
+        frame_dim = int((model.config or {}).get("frame_dim", EncoderConfig().frame_dim))
+        have = list(session.scalars(select(Video.id).where(Video.uri.like("load://%"), Video.in_library)))[:n]
+        without = list(
+            session.scalars(
+                select(Embedding).where(
+                    Embedding.model_version_id == model.id,
+                    Embedding.video_id.in_(have),
+                    Embedding.frame_vectors.is_(None),
+                )
+            )
+        )
+        for embedding in without:
+            vector = np.frombuffer(embedding.vector, dtype=np.float32)
+            embedding.frame_dim = frame_dim
+            embedding.frame_vectors, embedding.frame_times = frames_of(vector, frame_dim)
+        if len(have) >= n and not without:
+            return have
         centres = rng.standard_normal((max(1, n // 20), model.dim)).astype(np.float32)
         videos = [
             Video(uri=f"load://{uuid.uuid4().hex}", status="ready", in_library=True) for _ in range(n - len(have))
@@ -513,8 +543,18 @@ def seed_library(n: int, *, seed: int = 0) -> list[int]:
         for video in videos:
             vec = centres[rng.integers(len(centres))] + 0.5 * rng.standard_normal(model.dim).astype(np.float32)
             vec /= np.linalg.norm(vec)
+            frame_vectors, frame_times = frames_of(vec, frame_dim)
             session.add(
-                Embedding(video_id=video.id, model_version_id=model.id, vector=vec.tobytes(), dim=model.dim, frames=1)
+                Embedding(
+                    video_id=video.id,
+                    model_version_id=model.id,
+                    vector=vec.tobytes(),
+                    dim=model.dim,
+                    frames=LIBRARY_FRAMES,
+                    frame_dim=frame_dim,
+                    frame_vectors=frame_vectors,
+                    frame_times=frame_times,
+                )
             )
         session.flush()
         rebuild_index(session=session, model=model, settings=get_settings())

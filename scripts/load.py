@@ -471,8 +471,16 @@ def per_event_work(events: int, *, library: list[int], receiver: Any) -> dict[st
     receiver.wait_for({f"work-count-{tag}-{i}" for i in range(events)}, timeout_s=30)
     stats = pstats.Stats(profile)
     by_phase: dict[str, float] = {}
-    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
-        by_phase[_phase_of(filename)] = by_phase.get(_phase_of(filename), 0.0) + tottime
+    for (filename, _, _), (_, _, tottime, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if filename != "~" or not callers:
+            by_phase[_phase_of(filename)] = by_phase.get(_phase_of(filename), 0.0) + tottime
+            continue
+        # A built-in (a numpy ufunc, a socket call, json's encoder) is the phase of the
+        # code that called it, split by the time spent under each caller.
+        under = sum(caller[2] for caller in callers.values()) or 1.0
+        for (caller_file, _, _), caller in callers.items():
+            phase = _phase_of(caller_file)
+            by_phase[phase] = by_phase.get(phase, 0.0) + tottime * caller[2] / under
     total = sum(by_phase.values()) or 1.0
     # The profiler slows what it profiles; its shares split the unprofiled CPU.
     return {

@@ -34,10 +34,10 @@ class Origin(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, video: bytes) -> None:
+    def __init__(self, video: bytes, *, keep_alive: bool = False) -> None:
         self.video = video
         self.requests: list[str] = []
-        super().__init__(("127.0.0.1", 0), _OriginHandler)
+        super().__init__(("127.0.0.1", 0), _KeptAliveHandler if keep_alive else _OriginHandler)
         self.port = int(self.server_address[1])
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
@@ -71,6 +71,10 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.requests.append(f"POST {self.path}")
         self._answer(204)
+
+
+class _KeptAliveHandler(_OriginHandler):
+    protocol_version = "HTTP/1.1"  # (every answer has a Content-Length)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +180,28 @@ def test_the_canary_notices_a_connection(
     fetch(path, f"http://videos.example.com:{canary.port}/v.mp4", settings=_policy(settings, allow_private=True),
           tmp_path=tmp_path)  # fmt: skip
     assert canary.connections
+
+
+def test_callbacks_on_a_kept_connection_look_the_host_up_once(
+    video: bytes, fake_dns: Callable[[DnsTable], list[str]], settings: Settings
+) -> None:
+    """A callback host is resolved and vetted when a connection to it is opened, not on
+    every attempt: a stream of callbacks on a kept connection costs one DNS lookup, so a
+    slow resolver does not hold each of them."""
+    lookups = fake_dns({"hooks.example.com": ["127.0.0.1"]})
+    server = Origin(video, keep_alive=True)
+    attempt.close_clients()
+    try:
+        for _ in range(3):
+            result = attempt.deliver(url=f"http://hooks.example.com:{server.port}/hook", msg_id="msg_kept", body=b"{}",
+                                     secrets=settings.webhook_secrets, allow_private=True, timeout_s=2.0)  # fmt: skip
+            assert result.ok, result
+    finally:
+        attempt.close_clients()
+        server.shutdown()
+        server.server_close()
+    assert server.requests == ["POST /hook"] * 3
+    assert lookups == ["hooks.example.com"]
 
 
 # --------------------------------------------------------------------------- proxies

@@ -5,10 +5,11 @@ schedules the next one with :func:`next_delay_s`; :func:`deliver` makes exactly 
 and never raises for network or HTTP problems.
 
 The request follows the outbound policy (:mod:`app.media.addresses`, :mod:`app.media.http`):
-the target host is resolved and vetted once, and the request is sent to the vetted IP
-itself (with the real name in ``Host`` and in TLS SNI), so a DNS answer that changes
-between the check and the connection (rebinding) cannot redirect it, whichever client
-sends it. Redirects are never followed, the response body is read at most
+the callback host's transport resolves and vets the host when it opens a connection and
+connects to the vetted IP itself (with the real name in ``Host`` and in TLS SNI), so a
+DNS answer that changes between the check and the connection (rebinding) cannot redirect
+it, and a kept connection needs no lookup. A caller's own client (tests) is sent the
+request at addresses vetted up front instead. Redirects are never followed, the response body is read at most
 :data:`MAX_RESPONSE_BYTES`, and no cookies, proxies or ``.netrc`` from the environment are
 used.
 """
@@ -29,7 +30,7 @@ import httpx
 
 from app.deliver.signing import sign
 from app.logs import one_line
-from app.media.addresses import Blocked, UnresolvableHost, vet_url
+from app.media.addresses import Blocked, UnresolvableHost, check_url, parse_url, vet_url
 from app.media.http import MAX_ADDRESSES_TRIED, VettingTransport, describe_transport_error, drain, parse_retry_after
 
 __all__ = ["MAX_RESPONSE_BYTES", "DeliveryResult", "deliver", "next_delay_s"]
@@ -132,14 +133,25 @@ def deliver(
 
     signature_headers = sign(secrets=secrets, msg_id=msg_id, timestamp=int(time.time()), body=body)
     try:
-        target = vet_url(url, allow_private=allow_private)
+        parsed, host = parse_url(url)
+        if client is None:
+            # The host's transport resolves and vets the name when it opens a connection,
+            # trying its first addresses in turn: a kept connection costs no DNS lookup
+            # (a slow resolver would hold every callback), and a rebinding answer is caught
+            # there. An address written in the URL is vetted here.
+            check_url(url, allow_private=allow_private, resolve=False)
+            targets = [parsed]
+        else:
+            # A caller's client may not vet when connecting: send to vetted addresses only.
+            addresses = vet_url(url, allow_private=allow_private).addresses[:MAX_ADDRESSES_TRIED]
+            targets = [_at_address(parsed, str(ip)) for ip in addresses]
     except Blocked as exc:
         return result(error=f"blocked: {one_line(exc)}")
     except UnresolvableHost as exc:
         return result(error=one_line(exc))
 
     headers = {
-        "Host": target.url.netloc.decode("ascii"),  # the real name (and port), not the IP
+        "Host": parsed.netloc.decode("ascii"),  # the real name (and port), not the IP
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         "Accept-Encoding": "identity",
@@ -150,19 +162,13 @@ def deliver(
         # opened for another host name (and its TLS session).
         headers["Connection"] = "close"
     extensions: dict[str, Any] = {"timeout": httpx.Timeout(timeout_s).as_dict()}
-    if target.url.scheme == "https":
-        extensions["sni_hostname"] = target.host
-    transport = _transport_for(allow_private, target.url) if client is None else None
+    if parsed.scheme == "https":
+        extensions["sni_hostname"] = host
+    transport = _transport_for(allow_private, parsed) if client is None else None
 
     error = "no address to connect to"
-    for ip in target.addresses[:MAX_ADDRESSES_TRIED]:
-        request = httpx.Request(
-            "POST",
-            _at_address(target.url, str(ip)),  # connect to the vetted address only
-            content=body,
-            headers=headers,
-            extensions=extensions,
-        )
+    for target in targets:
+        request = httpx.Request("POST", target, content=body, headers=headers, extensions=extensions)
         try:
             if transport is not None:
                 response = transport.handle_request(request)  # a transport follows no redirects
@@ -170,8 +176,10 @@ def deliver(
             else:
                 assert client is not None
                 response = client.send(request, stream=True, follow_redirects=False)
-        except Blocked as exc:  # vetted again on connecting: the same verdict, unless policy changed
+        except Blocked as exc:  # vetted when connecting
             return result(error=f"blocked: {one_line(exc)}")
+        except UnresolvableHost as exc:
+            return result(error=one_line(exc))
         except httpx.ConnectError as exc:
             error = describe_transport_error(exc, timeout_s=timeout_s)
             if time.monotonic() < deadline:

@@ -377,11 +377,11 @@ def real_near_duplicates(ground_truth: Path) -> dict[str, Any]:
     are comparable across queries. The background is the library itself (it is small),
     without the clip being scored: a large library's sample rarely holds the candidate."""
     from app.evaluate.ground_truth import GroundTruth
-    from app.learn.encoder import EncoderConfig, initial_encoder
+    from app.learn.encoder import INITIAL_CONFIG, initial_encoder
     from app.media import video as video_io
 
     gt = GroundTruth.load(ground_truth)
-    model = initial_encoder(EncoderConfig())
+    model = initial_encoder(INITIAL_CONFIG)
 
     def embed(paths: list[Path]) -> np.ndarray:
         clips = [video_io.sample_frames(p, fps=1.0, size=model.config.frame_size, max_frames=64).frames for p in paths]

@@ -23,7 +23,7 @@ import torch
 
 from app.evaluate.footage import real_footage
 from app.learn.device import cpu_has_bf16, torch_threads
-from app.learn.encoder import EncoderConfig, VideoEncoder, initial_encoder
+from app.learn.encoder import INITIAL_CONFIG, VideoEncoder, initial_encoder
 from app.media.video import sample_frames, stream_frames
 from scripts.bench_latency import make_cold_videos
 
@@ -78,7 +78,7 @@ def _variants(encoder: VideoEncoder, all_threads: int) -> dict[str, Callable[[Pa
 
 
 def main(*, videos: int = 3, repeats: int = 2) -> dict[str, list[float]]:
-    encoder = initial_encoder(EncoderConfig())
+    encoder = initial_encoder(INITIAL_CONFIG)
     all_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="vidsim-bench-stream-") as tmp:
         sources = [f.path for f in real_footage(Path(tmp) / "sources")]

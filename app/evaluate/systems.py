@@ -208,7 +208,7 @@ def build_systems(
     ``stage`` (default: serving's)."""
     stage = stage or SecondStage()
     kw: dict[str, Any] = {"params": params, "stage": stage, "ablation": ablation}
-    from app.learn.encoder import EncoderConfig, initial_encoder, load_checkpoint
+    from app.learn.encoder import INITIAL_CONFIG, initial_encoder, load_checkpoint
 
     systems: list[System] = []
     config = None
@@ -222,7 +222,7 @@ def build_systems(
     if "untrained" in baselines:
         # The same architecture and library normalisation as the (first) trained encoder,
         # before any training.
-        model = initial_encoder(config or EncoderConfig())
+        model = initial_encoder(config or INITIAL_CONFIG)
         systems.append(encoder_system("untrained", model, baseline=True, batch_size=batch_size, **kw))
     if "tiny_frames" in baselines:
         systems.append(tiny_frames_system(**kw))

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.learn.device import cpu_has_bf16, serving_device, torch_threads
-from app.learn.encoder import EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
+from app.learn.encoder import INITIAL_CONFIG, EncoderConfig, VideoEncoder, initial_encoder, load_checkpoint
 from app.models import ModelVersion
 
 if TYPE_CHECKING:
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INITIAL_MODEL_NAME = "init-resnet18-seed0"
+# 64 px since the frame size was measured (app.learn.encoder.INITIAL_CONFIG); an install
+# that already serves the 224-px "init-resnet18-seed0" keeps serving it.
+INITIAL_MODEL_NAME = "init-resnet18-64px-seed0"
 
 
 def active_model(*, session: Session) -> ModelVersion:
@@ -40,7 +42,7 @@ def active_model(*, session: Session) -> ModelVersion:
         with session.begin_nested():  # several workers may start on a fresh install at once
             initial = session.scalar(select(ModelVersion).where(ModelVersion.name == INITIAL_MODEL_NAME))
             if initial is None:
-                config = EncoderConfig()
+                config = INITIAL_CONFIG
                 initial = ModelVersion(
                     name=INITIAL_MODEL_NAME,
                     config=config.to_dict(),

@@ -1,6 +1,6 @@
 """Slow and hostile video sources, and long compute, never hold up serving.
 
-A ``video_uri`` is fetched, hashed and probed on the ``fetch`` queue, which the worker
+A ``video_uri`` is fetched and hashed on the ``fetch`` queue (the decoding child probes it), which the worker
 serves from a thread pool of its own, with no transaction open; the event is parked
 meanwhile. A download has an overall deadline (``VIDSIM_DOWNLOAD_DEADLINE_S``, short in
 this test run: tests/conftest.py). Decoding and embedding run with no transaction open.

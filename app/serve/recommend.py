@@ -235,16 +235,18 @@ def _query_video(ev: Event, event: VideoSelected, *, session: Session, settings:
 
 def fetch_query_video(event_id: str, *, sessions: Sessions, settings: Settings) -> Outcome:
     """Fetches the video a parked event names by URI (downloads it, or reads a file in
-    the media roots), hashes and probes it, records it (query-only), then serves the
-    event. A download takes up to ``download_deadline_s``, so it runs with no transaction
-    open; a source that cannot be fetched answers the event with the reason."""
+    the media roots), hashes it, records it (query-only), then serves the event, which
+    has it embedded: the decoding child probes it then, and what it refuses answers the
+    event with the reason. A download takes up to ``download_deadline_s``, so it runs
+    with no transaction open; a source that cannot be fetched answers the event with the
+    reason."""
     with sessions() as session:
         outcome = serve_event(event_id, session=session, settings=settings)  # still to fetch?
     if outcome.fetch_uri is None:
         return outcome
     uri = outcome.fetch_uri
     try:
-        fetched, error = library.fetch(uri, settings=settings, restrict=True), None
+        fetched, error = library.fetch(uri, settings=settings, restrict=True, probe=False), None
     except library.SourceError as exc:
         fetched, error = None, str(exc)
     with sessions() as session:

@@ -56,7 +56,9 @@ def make_cold_videos(directory: Path, count: int, sources: list[Path]) -> list[P
     videos = []
     for i in range(count):
         dst = directory / f"cold-{time.time_ns()}-{i}.mp4"
-        hue = 37 * i + random.randint(0, 36)
+        # A hue of its own: a file identical to one made by an earlier run would be the
+        # video already registered (the library deduplicates by content), not a cold one.
+        hue = f"{37 * i + random.uniform(0, 37):.4f}"
         run_ffmpeg([
             "-stream_loop", "-1", "-t", "60", "-i", str(sources[i % len(sources)]), "-vf", f"scale=640:360,hue=h={hue}",
             "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "26", "-pix_fmt", "yuv420p", str(dst),

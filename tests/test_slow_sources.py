@@ -1,8 +1,8 @@
 """Slow and hostile video sources, and long compute, never hold up serving.
 
-A ``video_uri`` is fetched and hashed on the ``fetch`` queue (the decoding child probes it), which the worker
-serves from a thread pool of its own, with no transaction open; the event is parked
-meanwhile. A download has an overall deadline (``VIDSIM_DOWNLOAD_DEADLINE_S``, short in
+A ``video_uri`` is fetched and hashed on the ``fetch`` queue, which the worker serves
+from a thread pool of its own, with no transaction open (the decoding child probes it);
+the event is parked meanwhile. A download has an overall deadline (``VIDSIM_DOWNLOAD_DEADLINE_S``, short in
 this test run: tests/conftest.py). Decoding and embedding run with no transaction open.
 Through the live worker of tests/conftest.py (its main pool is one solo process) and a
 real local HTTP server that drips its answers a byte at a time.

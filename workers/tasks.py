@@ -198,9 +198,10 @@ def serve_event(self: Task, event_id: str) -> None:
 
 @celery_app.task(name="vidsim.fetch_video", base=EventTask, bind=True, time_limit=TIME_LIMITS["fetch"], **RETRY_POLICY)
 def fetch_video(self: Task, event_id: str) -> None:
-    """Fetches, hashes and probes the video a parked event names by URI, on the `fetch`
-    queue (a pool of threads: a slow server holds one thread, never a process that
-    serves events), then serves the event or has its video embedded."""
+    """Fetches and hashes the video a parked event names by URI, on the `fetch` queue (a
+    pool of threads: a slow server holds one thread, never a process that serves
+    events), then serves the event or has its video embedded (the decoding child probes
+    it)."""
     if _process_died_too_often(self):
         _fail_event(event_id, "the worker process kept dying while fetching this event's video")
         return

@@ -208,14 +208,13 @@ def fetch(uri: str, *, settings: Settings, restrict: bool, probe: bool = True) -
         path = download(uri, settings=settings)
     else:
         path = resolve_local(uri, settings=settings, restrict=restrict)  # still there, still inside
-    content_hash = file_sha256(path)
-    if not probe:
-        return Fetched(path, content_hash, path.stat().st_size, None, None)
-    try:
-        info = video_io.probe(path, limits=video_io.decode_limits(settings))
-    except video_io.VideoError as exc:
-        return Fetched(path, content_hash, path.stat().st_size, None, exc.reason)
-    return Fetched(path, content_hash, path.stat().st_size, info, None)
+    info, error = None, None
+    if probe:
+        try:
+            info = video_io.probe(path, limits=video_io.decode_limits(settings))
+        except video_io.VideoError as exc:
+            error = exc.reason
+    return Fetched(path, file_sha256(path), path.stat().st_size, info, error)
 
 
 def record(

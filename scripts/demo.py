@@ -33,26 +33,40 @@ def _configure(data_dir: Path | None) -> Path:
 
 def _train_demo_model(library: list[Path], *, steps: int, settings, console: Console):
     """Pre-trains a small encoder (Barlow Twins, cpu-small preset) on the demo library and
-    makes it the serving model (nothing is indexed yet, so it takes over at once)."""
+    makes it the serving model (nothing is indexed yet, so it takes over at once) when it
+    passes the rollout gate (app.learn.gate); returns the model that serves."""
+    from sqlalchemy import select
+
     from app.db import session_scope
-    from app.learn import registry, rollout
+    from app.learn import gate, registry, rollout
     from app.learn.train.config import TrainConfig
     from app.models import ModelVersion
 
-    console.print(f"training an encoder without labels on the demo library (Barlow Twins, {steps} steps)...")
     # Named after the preset's whole config: a run interrupted earlier resumes, while a
     # data folder kept from a release with another preset starts a new run.
     config = TrainConfig.preset("cpu-small", steps=steps)
     digest = hashlib.sha256(repr(config).encode()).hexdigest()[:8]
-    model_id = rollout.train_model(
-        preset="cpu-small", videos=library, settings=settings, name=f"demo-cpu-small-{steps}-{digest}",
-        overrides={"steps": steps}, resume=True, progress=True,
-    )  # fmt: skip
+    name = f"demo-cpu-small-{steps}-{digest}"
+    with session_scope() as session:  # trained by an earlier demo, and not serving: the gate refused it
+        model_id = session.scalar(select(ModelVersion.id).where(ModelVersion.name == name))
+    if model_id is None:
+        console.print(f"training an encoder without labels on the demo library (Barlow Twins, {steps} steps)...")
+        model_id = rollout.train_model(preset="cpu-small", videos=library, settings=settings, name=name,
+                                       overrides={"steps": steps}, resume=True, progress=True)  # fmt: skip
     with session_scope() as session:
-        model = registry.activate(session=session, model_id=model_id)
-        run_dir = settings.checkpoint_dir.resolve() / model.name
-        console.print(f"model {model.id} {model.name} trained: loss curve {run_dir / 'loss.png'}")
-        return session.get_one(ModelVersion, model_id)
+        trained = session.get_one(ModelVersion, model_id)
+        console.print(f"model {trained.id} {trained.name} trained: loss curve "
+                      f"{settings.checkpoint_dir.resolve() / trained.name / 'loss.png'}")  # fmt: skip
+        with console.status("rollout gate: scoring it against the serving model on edited copies of the library..."):
+            verdict = gate.check(session=session, model_id=model_id, settings=settings)
+        if verdict is not None:
+            console.print(f"rollout gate: {verdict.summary()}")
+            if not verdict.passes:
+                serving = registry.active_model(session=session)
+                console.print(f"[yellow]the trained model finds the library's copies less well: "
+                              f"{serving.name} keeps serving[/yellow]")  # fmt: skip
+                return serving
+        return registry.activate(session=session, model_id=model_id)
 
 
 def run_demo(*, data_dir: Path | None, max_queries: int, console: Console, train_steps: int = 60) -> None:

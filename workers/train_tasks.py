@@ -7,14 +7,17 @@ starts its rollout. Beat re-enqueues chains whose message was lost (app.learn.ru
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from app.config import get_settings
 from app.db import session_scope
-from app.learn import rollout, runs
+from app.learn import gate, rollout, runs
 from workers.app import TIME_LIMITS, celery_app
 from workers.tasks import RetriedTask, activate_model
+
+logger = logging.getLogger(__name__)
 
 # A chunk's start (loading the model, the loader's first batches), its last step and its
 # end (the checkpoint, or the finishing work of the last chunk) come on top of its
@@ -62,9 +65,27 @@ def train_chunk(run_id: int, chunk: int) -> str:
     outcome = runs.run_chunk(run_id, chunk=chunk, settings=get_settings(), max_seconds=budget_s)
     if outcome.next_chunk is not None:
         train_chunk.delay(run_id, outcome.next_chunk)
-    if outcome.model_id is not None and outcome.activate:
+    if outcome.model_id is not None and outcome.activate and _passes_gate(outcome.model_id):
         activate_model.delay(outcome.model_id)
     return outcome.state
+
+
+def _passes_gate(model_id: int) -> bool:
+    """The rollout gate (app.learn.gate): a trained model no better than the active one
+    at finding the library's copies is registered, and not rolled out."""
+    try:
+        with session_scope() as session:
+            verdict = gate.check(session=session, model_id=model_id, settings=get_settings())
+    except Exception:  # a gate that cannot measure lets nothing through; the model stays registered
+        logger.exception("model %d not rolled out: the rollout gate could not score it "
+                         "(`vidsim model activate %d` tries again)", model_id, model_id)  # fmt: skip
+        return False
+    if verdict is not None and not verdict.passes:
+        logger.warning("model %d not rolled out: the rollout gate found it worse than %s: %s "
+                       "(`vidsim model activate %d --force` serves it anyway)",
+                       model_id, verdict.incumbent, verdict.summary(), model_id)  # fmt: skip
+        return False
+    return True
 
 
 @celery_app.task(name="vidsim.resume_stalled_training", time_limit=TIME_LIMITS["maintenance"])

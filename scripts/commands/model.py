@@ -141,9 +141,23 @@ def _stop(name: str) -> None:
         console.print(f"training run {name} already {run.state} (step {run.step}/{run.total_steps or '?'})")
 
 
-def _activate(model_id: int, *, inline: bool) -> None:
-    from app.learn import rollout
+def _activate(model_id: int, *, inline: bool, force: bool = False) -> None:
+    from app.learn import gate, rollout
 
+    if not force:
+        settings = get_settings()
+        scoring = "rollout gate: scoring both models on edited copies of the library..."
+        with console.status(scoring) as status, db_session() as session:
+            verdict = gate.check(session=session, model_id=model_id, settings=settings,
+                                 progress=lambda msg: status.update(f"rollout gate: {msg}..."))  # fmt: skip
+        if verdict is not None:
+            console.print(f"rollout gate: {verdict.summary()}")
+            if not verdict.passes:
+                raise Fail(
+                    f"model {model_id} finds the library's copies less well than {verdict.incumbent}, which "
+                    "keeps serving",
+                    f"vidsim model activate {model_id} --force serves it anyway",
+                )
     if not inline:
         from workers.tasks import activate_model
 
@@ -161,15 +175,17 @@ def _activate(model_id: int, *, inline: bool) -> None:
 def model_activate(
     model_id: int,
     inline: Annotated[bool, typer.Option(help="Embed and index here instead of through workers.")] = False,
+    force: Annotated[bool, typer.Option(help="Skip the rollout gate.")] = False,
 ) -> None:
     """Roll a model version out: the library is embedded with it and an index built; the
-    current model serves until then."""
+    current model serves until then. The rollout gate first scores it against the active
+    model on edited copies of the library, and refuses it when it is worse."""
     from app.models import ModelVersion
 
     with db_session() as session:
         if session.get(ModelVersion, model_id) is None:
             raise Fail(f"unknown model version {model_id}", "see `vidsim model list`")
-    _activate(model_id, inline=inline)
+    _activate(model_id, inline=inline, force=force)
 
 
 @model_app.command("list")

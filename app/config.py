@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     # Training workers train a run in chunks of this many seconds (app.learn.runs), each
     # resumed from the run's checkpoint; kept under the train queue's hard limit.
     train_chunk_s: float = 2400.0
+    # A trained model rolls out only where it finds copies of the library no worse than
+    # the active model (app/learn/gate.py); off, every requested rollout goes ahead.
+    rollout_gate: bool = True
     beat_lock_timeout_s: int = 60  # the single-beat lock (RedBeat) lapses this long after a beat dies
     # Retrieval benchmarks (ground_truth.json files, or folders holding them) whose queries
     # and test-part footage every training run refuses (app/learn/train/guards.py).

@@ -91,7 +91,7 @@ def test_a_video_added_while_a_model_warms_is_embedded_and_the_rollout_completes
     checkpoint = save_checkpoint(stack.data_dir / f"{collection}.pt", initial_encoder(config, seed=1))
     model_id = _model(stack, collection, checkpoint)
 
-    done = stack.cli("model", "activate", str(model_id))
+    done = stack.cli("model", "activate", str(model_id), "--force")  # a random model: no gate
     assert done.returncode == 0, done.stderr
     # The activation's backfill is taken and waits in the embed queue (nobody embeds yet).
     wait_until(lambda: stack.queue_depths()["embed"] >= len(first), timeout_s=60, what="the backfill")

@@ -63,3 +63,33 @@ def test_too_small_a_library_is_not_judged(library: list[Path], settings) -> Non
     verdict = gate.compare(_model(2, "a", None), _model(1, "b", None), library[:1], settings=settings)
     assert verdict.passes and not verdict.scores
     assert "too few library videos" in verdict.summary()
+
+
+def test_a_queued_run_whose_model_fails_the_gate_is_not_rolled_out(
+    library: list[Path], tmp_path: Path, settings, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """The end of a workers' run (workers/train_tasks.py) asks the gate, on the library's
+    files, before it starts the rollout; a refused model stays registered, not warming."""
+    import logging
+
+    from app.db import session_scope
+    from app.learn import registry
+    from app.media.register import register
+    from workers.train_tasks import _passes_gate
+
+    broken = initial_encoder(INITIAL_CONFIG)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.zero_()
+    with session_scope() as s:
+        for path in library[:3]:  # (the shared test library may hold no other video yet)
+            register(s, str(path), settings=settings, collection="gate")
+        registry.active_model(session=s)
+        model = registry.register_model(session=s, name=f"gate-broken-{tmp_path.name}", config=INITIAL_CONFIG,
+                                        checkpoint_path=save_checkpoint(tmp_path / "broken.pt", broken))  # fmt: skip
+        model_id = model.id
+    with caplog.at_level(logging.WARNING, logger="workers.train_tasks"):
+        assert not _passes_gate(model_id)
+    assert f"model {model_id} not rolled out: the rollout gate found it worse" in caplog.text
+    with session_scope() as s:
+        assert s.get_one(ModelVersion, model_id).status not in ("warming", "active")

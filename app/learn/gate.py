@@ -164,12 +164,13 @@ def _frames(path: Path, size: int, settings: Settings) -> np.ndarray:
 def check(*, session: Session, model_id: int, settings: Settings,
           progress: Callable[[str], None] | None = None) -> Verdict | None:  # fmt: skip
     """The gate for rolling model ``model_id`` out in place of the active model (None when
-    it is the active one), on the library's files; logs the verdict."""
+    it is the active one, or when ``VIDSIM_ROLLOUT_GATE`` is off), on the library's files;
+    logs the verdict."""
     from app.learn.rollout import library_files
 
     candidate = session.get_one(ModelVersion, model_id)
     incumbent = registry.active_model(session=session)
-    if incumbent.id == candidate.id:
+    if incumbent.id == candidate.id or not settings.rollout_gate:
         return None
     verdict = compare(candidate, incumbent, library_files(session=session), settings=settings, progress=progress)
     logger.info("rollout gate for model %d against model %d: %s (%s)", candidate.id, incumbent.id,

@@ -371,6 +371,18 @@ def test_results_page_in_headless_chromium(data_dir: Path, two_videos: list[Path
         assert s.scalar(select(Video).where(Video.id == ids[0])) is not None
 
 
+def test_the_results_page_shows_a_match_that_ends_with_its_video(tmp_path: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    """A span ends one sampling period after its last frame, so the middle of a one-frame
+    span at the end of a video lies past its end: the page shows the video's last second
+    instead of no frame."""
+    from app.ops.report import _frame_at
+
+    path = make_video(tmp_path / "five.mp4", seconds=5, pattern="testsrc2")
+    video = Video(id=1, uri=str(path), local_path=str(path), duration_s=5.0)
+    thumb = _frame_at(video, 5.5, settings=settings, out=tmp_path / "thumbs", stem="v1")
+    assert thumb == "thumbs/v1-at4.0.jpg" and (tmp_path / thumb).stat().st_size > 0
+
+
 def test_readme_documents_every_setting() -> None:
     """Every setting of app/config.py has a row in the README's Configuration tables,
     under its environment variable, and a literal default there is the real one."""

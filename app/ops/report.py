@@ -79,7 +79,11 @@ def _frames(video: Video, *, settings: Settings, count: int, out: Path, stem: st
 
 
 def _frame_at(video: Video, at_s: float, *, settings: Settings, out: Path, stem: str) -> str | None:
-    """One frame of a video at ``at_s`` seconds as a JPEG; its relative path."""
+    """One frame of a video at ``at_s`` seconds as a JPEG; its relative path. A time in
+    its last second or past its end (a span ends one sampling period after its last
+    frame, so the middle of a one-frame span at the end can be) shows its last second."""
+    if video.duration_s:
+        at_s = min(at_s, max(0.0, float(video.duration_s) - 1.0))
     name = f"{stem}-at{at_s:.1f}.jpg"
     if not (out / name).is_file():
         try:

@@ -57,15 +57,41 @@ REFUSED_AT_THE_DOOR = {
 
 # In the decoding child only (app/media/sandbox.py passes PYTHONPATH on, nothing else): a file
 # whose name contains "decoder-hang" makes the "decoder" sleep, as one stuck in C code
-# would. The child's wall-clock limit must kill it. Production code has no such hook.
+# would. The child's wall-clock limit must kill it. Production code has no such hook. A
+# spare child gets its request after start-up, on stdin: the hook wraps the request's run.
 DECODER_HANG_HOOK = """
-import time
+import importlib.abc, importlib.util, sys, time
 try:
     _cmdline = open("/proc/self/cmdline", "rb").read()
 except OSError:
     _cmdline = b""
-if b"app.media.child" in _cmdline and b"--child" in _cmdline and b"decoder-hang" in _cmdline:
-    time.sleep(3600)
+
+
+class _HangOnRequest(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "app.media.decode":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            run = module.run_request
+
+            def run_request(request, *args, **kwargs):
+                if "decoder-hang" in str(request.get("path")):
+                    time.sleep(3600)
+                return run(request, *args, **kwargs)
+
+            module.run_request = run_request
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if b"app.media.child" in _cmdline:
+    sys.meta_path.insert(0, _HangOnRequest())
 """
 
 

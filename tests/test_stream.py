@@ -61,7 +61,12 @@ class _SpyPopen(subprocess.Popen):
 
 @pytest.fixture
 def children(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The pids of the decoding children started during the test."""
+    """The pids of the decoding children started during the test, each started for its
+    request (no spare child: test_spare_* test those)."""
+    monkeypatch.setattr(sandbox, "SPARE_CHILD", False)
+    spare = sandbox._take_spare()
+    if spare is not None:
+        spare.discard()
     _SpyPopen.started = []
     monkeypatch.setattr(sandbox.subprocess, "Popen", _SpyPopen)
     return _SpyPopen.started
@@ -174,6 +179,53 @@ def test_leaving_the_stream_early_kills_the_child(twenty_s: Path, children: list
     (pid,) = children
     assert _gone(pid)
     assert list(private_tmp.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# The spare child: started ahead, one request each
+# ---------------------------------------------------------------------------------------
+
+
+def _spare_pid() -> int:
+    """The pid of this process's spare child (it exists and waits)."""
+    spare = sandbox._spare
+    assert spare is not None and spare.owner == os.getpid() and spare.proc.poll() is None
+    return spare.proc.pid
+
+
+def test_spare_child_takes_the_next_request_and_is_replaced(twenty_s: Path) -> None:
+    fresh = sample_frames(twenty_s, fps=1.0, size=32)  # (its end starts a spare)
+    spare = _spare_pid()
+    again = sample_frames(twenty_s, fps=1.0, size=32)
+    np.testing.assert_array_equal(again.frames, fresh.frames)
+    assert _gone(spare)  # used for that request only, and reaped
+    assert _spare_pid() != spare
+    with stream_frames(twenty_s, fps=1.0, size=32, chunk_frames=4) as stream:
+        streamed = stream.sample()
+    np.testing.assert_array_equal(streamed.frames, fresh.frames)
+
+
+def test_spare_child_that_died_waiting_is_not_used(twenty_s: Path) -> None:
+    sample_frames(twenty_s, size=16, max_frames=2)
+    os.killpg(_spare_pid(), signal.SIGKILL)
+    spare = sandbox._spare
+    assert spare is not None
+    spare.proc.wait(timeout=10)
+    assert len(sample_frames(twenty_s, size=16, max_frames=2).frames) == 2  # a child started for it
+
+
+def test_spare_child_that_fails_mid_stream_is_killed(twenty_s: Path, private_tmp: Path, tmp_path: Path) -> None:
+    sample_frames(twenty_s, size=16, max_frames=2)
+    spare = _spare_pid()
+    with pytest.raises(VideoError, match=r"^decoder was killed"), stream_frames(twenty_s, fps=1.0, **BIG) as stream:
+        for _ in stream:
+            os.killpg(spare, signal.SIGKILL)
+    assert _gone(spare)
+    assert list(private_tmp.iterdir()) == []
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 100)
+    with pytest.raises(VideoError, match=r"^not a video: "):  # the next spare's reason is its request's own
+        sample_frames(text)
 
 
 def test_refusal_before_any_frame_comes_from_the_iteration(tmp_path: Path) -> None:

@@ -304,6 +304,7 @@ class _SpyPopen(subprocess.Popen):
 
 
 def test_timeout_kills_the_child(clip: Path, monkeypatch: pytest.MonkeyPatch, private_tmp: Path) -> None:
+    monkeypatch.setattr(sandbox, "SPARE_CHILD", False)  # a child started for this request
     _SpyPopen.started = []
     monkeypatch.setattr(sandbox.subprocess, "Popen", _SpyPopen)
     started = time.monotonic()

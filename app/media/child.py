@@ -1,4 +1,7 @@
-"""The decoding child's entry point: ``python -m app.media.child --child REQUEST_JSON OUT_DIR``.
+"""The decoding child's entry point: ``python -m app.media.child --child REQUEST_JSON OUT_DIR``,
+or, started ahead as a spare (:mod:`app.media.sandbox`), ``python -P -m app.media.child
+--wait PARENT_PID STREAM_FD``, which reads its request (with ``out``, the folder) as one
+JSON line on stdin, moves into that folder and writes its log there.
 
 Started by :mod:`app.media.sandbox`, never imported by the parent. Before it touches the
 file it makes itself disposable: it dies with its parent and sets resource limits on
@@ -22,19 +25,38 @@ from pathlib import Path
 from app.files import write_atomic
 from app.logs import one_line
 from app.media.decode import Refused, clean_message, looks_like_oom, run_request
-from app.media.sandbox import EXIT_OOM, RESULT_FILE, send_chunk
+from app.media.sandbox import EXIT_OOM, LOG_FILE, RESULT_FILE, send_chunk
 from app.media.video import DecodeLimits, VideoError
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "--child":
-        print("usage: python -m app.media.child --child REQUEST_JSON OUT_DIR", file=sys.stderr)
-        return 2
-    request = json.loads(argv[1])
-    out = Path(argv[2])
+    if len(argv) == 3 and argv[0] == "--child":
+        request = json.loads(argv[1])
+        _die_with_parent(request["parent_pid"])
+        return serve(request, Path(argv[2]), time.perf_counter())
+    if len(argv) == 3 and argv[0] == "--wait":
+        _die_with_parent(int(argv[1]))
+        line = sys.stdin.buffer.readline()
+        if not line:  # discarded unused
+            return 0
+        t = time.perf_counter()
+        request = json.loads(line)
+        out = Path(request.pop("out"))
+        os.chdir(out)
+        log = os.open(out / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        return serve({**request, "stream_fd": int(argv[2])}, out, t)
+    usage = "usage: python -m app.media.child --child REQUEST_JSON OUT_DIR | --wait PARENT_PID STREAM_FD"
+    print(usage, file=sys.stderr)
+    return 2
+
+
+def serve(request: dict, out: Path, t: float) -> int:
+    """Runs ``request`` (its frames on its ``stream_fd``), leaving its result in ``out``;
+    ``t`` is when it started (its phases' timings count from it)."""
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    _die_with_parent(request["parent_pid"])
     limits = DecodeLimits(**request["limits"])
     _set_rlimits(limits, request["fsize_limit"])
     import faulthandler

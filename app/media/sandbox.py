@@ -11,10 +11,21 @@ every way it can fail into one line an operator can read (:class:`ChildFailed`).
 
 It knows nothing of what the request asks; :mod:`app.media.video` builds the requests and
 reads the frames.
+
+A child's start-up (the interpreter, numpy and PyAV: about 0.4 s on a 2-core machine) is
+most of a short decode, and on a cold event it came before the first frame. So each
+process keeps one **spare** child, started when a child ends, that has imported all it
+needs and waits on its stdin for a request (``python -P -m app.media.child --wait``); the
+next request goes to it, and the spare is replaced once that child ends. It is a child
+like any other (its own session, the same pruned environment, the same limits and
+deadline, which start when the request is sent), used for one request only; a spare
+started under another environment, by another process (before a fork), or that died
+waiting is not used. ``SPARE_CHILD = False`` starts every child afresh.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -23,9 +34,10 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -59,6 +71,76 @@ _CHILD_ENV_KEEP = (
     "VIRTUAL_ENV",
     "LD_LIBRARY_PATH",
 )
+
+
+# Whether a process keeps a spare child ready for its next request (see the module docstring).
+SPARE_CHILD = True
+
+
+@dataclass
+class _Spare:
+    """A child started ahead, waiting on its stdin for one request."""
+
+    proc: subprocess.Popen[bytes]
+    pipe: int  # the read end of its frame stream
+    owner: int  # the pid of the process that started it
+    env: dict[str, str]  # the environment it was started with
+
+    def discard(self) -> None:
+        _kill_group(self.proc)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        os.close(self.pipe)
+
+
+_spare: _Spare | None = None
+_spare_lock = threading.Lock()
+
+
+def _start_spare() -> None:
+    """Starts this process's spare child unless it has one (a failure only logs)."""
+    global _spare
+    with _spare_lock:
+        if _spare is not None and _spare.owner == os.getpid():
+            return
+        read_fd, write_fd = os.pipe()
+        env = _child_env()
+        try:
+            # -P: nothing of the working directory on the child's path (it has no folder
+            # of its own until its request names one). Its output is the request's log.
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "app.media.child", "--wait", str(os.getpid()), str(write_fd)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                cwd="/", env=env, start_new_session=True, pass_fds=(write_fd,),
+            )  # fmt: skip
+        except OSError as exc:
+            os.close(read_fd)
+            logger.warning("no spare decoding child: %s", exc)
+            return
+        finally:
+            os.close(write_fd)
+        _spare = _Spare(proc, read_fd, os.getpid(), env)
+
+
+@atexit.register
+def _discard_spare() -> None:
+    """At exit: this process's spare goes with it (it would also die with its parent)."""
+    spare = _take_spare()
+    if spare is not None:
+        spare.discard()
+
+
+def _take_spare() -> _Spare | None:
+    """This process's spare child, if it has a usable one (it is no longer the spare)."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is None or spare.owner != os.getpid():
+        return None  # (another process's, before a fork: not ours to use or to kill)
+    if spare.proc.poll() is not None or spare.env != _child_env():
+        spare.discard()
+        return None
+    return spare
 
 
 class ChildFailed(Exception):
@@ -114,6 +196,9 @@ class ChildStream:
         self._started = 0.0
 
     def __enter__(self) -> ChildStream:
+        spare = _take_spare() if SPARE_CHILD else None
+        if spare is not None and self._hand_to(spare):
+            return self
         read_fd, write_fd = os.pipe()
         self._request["stream_fd"] = write_fd
         self._started = time.perf_counter()
@@ -141,6 +226,20 @@ class ChildStream:
         self._pipe = read_fd
         return self
 
+    def _hand_to(self, spare: _Spare) -> bool:
+        """Sends the request to the spare child (it writes its log in ``out``); False,
+        the spare discarded, when it can no longer take it."""
+        assert spare.proc.stdin is not None
+        self._started = time.perf_counter()
+        try:
+            spare.proc.stdin.write(json.dumps({**self._request, "out": str(self._out)}).encode() + b"\n")
+            spare.proc.stdin.close()
+        except OSError:  # it died since it was checked
+            spare.discard()
+            return False
+        self._proc, self._pipe = spare.proc, spare.pipe
+        return True
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -153,6 +252,8 @@ class ChildStream:
         if self._pipe >= 0:
             os.close(self._pipe)
             self._pipe = -1
+            if SPARE_CHILD:
+                _start_spare()  # for the next request, while this one's caller goes on
 
     def chunks(self) -> Iterator[bytearray]:
         """The chunks the child sends, until it closes the pipe (it is done, or died).

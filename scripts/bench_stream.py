@@ -1,6 +1,7 @@
 """Decode and embed one 60-s 640x360 video, serially or streamed, in this process: what
 overlapping the forward passes with the decoding child gains, with and without leaving
-the child a core (one torch thread fewer), and with other chunk sizes. The variants are
+the child a core (one torch thread fewer), and with other chunk sizes; and what a spare
+decoding child, started ahead, saves against one started for the request. The variants are
 alternated video by video, so the machine's load falls on all alike.
 
     python -m scripts.bench_stream --videos 3 --repeats 2
@@ -24,6 +25,7 @@ import torch
 from app.evaluate.footage import real_footage
 from app.learn.device import cpu_has_bf16, torch_threads
 from app.learn.encoder import INITIAL_CONFIG, VideoEncoder, initial_encoder
+from app.media import sandbox
 from app.media.video import sample_frames, stream_frames
 from scripts.bench_latency import make_cold_videos
 
@@ -51,6 +53,27 @@ def _variants(encoder: VideoEncoder, all_threads: int) -> dict[str, Callable[[Pa
 
         return run
 
+    def decode_with_spare(ready: bool) -> Callable[[Path], object]:
+        """Decode only, the request sent to a spare child that has imported what it needs
+        (``ready``), or to a child started for it (no spare)."""
+
+        def run(path: Path) -> float:
+            spare = sandbox._take_spare()
+            if spare is not None:
+                spare.discard()
+            if ready:
+                sandbox._start_spare()
+                time.sleep(1.0)  # its start-up, done before the request comes
+            sandbox.SPARE_CHILD = ready
+            try:
+                t = time.perf_counter()
+                decode_only(path)
+                return time.perf_counter() - t
+            finally:
+                sandbox.SPARE_CHILD = True
+
+        return run
+
     frames_of: dict[Path, object] = {}
 
     def embed_only(threads: int) -> Callable[[Path], object]:
@@ -66,6 +89,8 @@ def _variants(encoder: VideoEncoder, all_threads: int) -> dict[str, Callable[[Pa
     return {
         "decode only (streaming child, frames discarded)": decode_only,
         "decode only, 1 decoder thread": lambda path: decode_only(path, 1),
+        "decode only, a spare child ready (app.media.sandbox)": decode_with_spare(True),
+        "decode only, a child started for the request (no spare)": decode_with_spare(False),
         f"embed only, {all_threads} torch threads": embed_only(all_threads),
         f"embed only, {fewer} torch thread(s)": embed_only(fewer),
         f"serial: decode, then embed ({all_threads} threads)": serial,

@@ -552,3 +552,25 @@ def test_summary_over_seeds_reports_means_and_per_seed_margins(tmp_path: Path) -
     markdown = (tmp_path / "summary.md").read_text()
     assert "## test part" in markdown and "| finetuned | 1 | -0.100 |" in markdown
     assert (tmp_path / "summary-test.png").stat().st_size > 0 and (tmp_path / "summary-dev.png").stat().st_size > 0
+
+
+def test_event_path_callbacks_become_score_rows() -> None:
+    """scripts/bench_events.py: a callback's results are its query's row, every clip not
+    returned tied below them; a lost or errored event returns nothing."""
+    from scripts.bench_events import callback_rows
+
+    answers = {
+        "a": {"error": None, "results": [{"video_id": 7, "calibrated": 0.9}, {"video_id": 5, "calibrated": 0.2}]},
+        "b": {"error": "video 9: not a video", "results": []},
+        "c": None,
+        "d": {"error": None, "results": [{"video_id": 6, "calibrated": -0.5}, {"video_id": 99, "calibrated": 0.4}]},
+    }
+    positives = [2, 0, None, 0]  # "c" is a negative; "d"'s copy (video 5) was not returned
+    matrix, counts = callback_rows(answers, ["a", "b", "c", "d"], [5, 6, 7], positives)
+    assert counts == {"lost": 1, "errored": 1}
+    floor, last = -1.5, -2.5  # below the lowest score returned (a video outside the library is ignored)
+    expected = [[0.2, floor, 0.9], [last, floor, floor], [floor] * 3, [last, -0.5, floor]]
+    np.testing.assert_array_equal(matrix, expected)
+    metrics = evaluate(matrix, positives)
+    assert metrics["recall@1"] == pytest.approx(1 / 3)  # a copy not returned is a miss, not a share of a tie
+    assert metrics["mAP"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)

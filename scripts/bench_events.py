@@ -251,8 +251,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xticks(x, families, rotation=60, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("recall@1")
-    ax.set_title(f"{results['model']}, {results['part']} part, through the event path")
-    ax.legend()
+    ax.set_title(f"{results['model']}, {results['part']} part", loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)  # above the bars
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

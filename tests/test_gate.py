@@ -30,7 +30,7 @@ def _model(id_: int, name: str, checkpoint: Path | None) -> ModelVersion:
 
 def test_copies_are_edited_stretches_of_each_video(library: list[Path], tmp_path: Path) -> None:
     copies = gate.make_copies(library[:3], tmp_path)
-    assert [c.source for c in copies] == [0, 0, 1, 1, 2, 2]
+    assert [c.source for c in copies] == [library[0], library[0], library[1], library[1], library[2], library[2]]
     assert len({c.edit for c in copies}) == 6  # the edits taken in turn
     assert all(c.path.stat().st_size > 0 for c in copies)
 

@@ -27,6 +27,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.evaluate.corpus import QueryClip
 from app.evaluate.edits import EDITS
 from app.evaluate.metrics import score
 from app.evaluate.served import SecondStage
@@ -46,13 +47,6 @@ EDITS_PER_VIDEO = 2
 RESAMPLES = 200
 # Each copy is this stretch of its video: from a fifth in, three fifths long (>= 1 s).
 COPY_START, COPY_LENGTH = 0.2, 0.6
-
-
-@dataclass(frozen=True)
-class Copy:
-    path: Path
-    source: int  # index of the library video it copies
-    edit: str
 
 
 @dataclass(frozen=True)
@@ -81,11 +75,11 @@ class Verdict:
         return f"{head}: {line(self.candidate)}; {line(self.incumbent)}"
 
 
-def make_copies(videos: list[Path], out_dir: Path) -> list[Copy]:
+def make_copies(videos: list[Path], out_dir: Path) -> list[QueryClip]:
     """Two edited stretches of each video (:data:`COPY_START`, :data:`COPY_LENGTH`), the
     edits of :data:`EDITS` taken in turn; a video ffmpeg cannot cut is skipped."""
     edits = list(EDITS.values())
-    copies: list[Copy] = []
+    copies: list[QueryClip] = []
     for i, path in enumerate(videos):
         try:
             total = duration_of(path)
@@ -102,7 +96,7 @@ def make_copies(videos: list[Path], out_dir: Path) -> list[Copy]:
             except (OSError, RuntimeError) as exc:
                 logger.warning("gate: no %s copy of %s: %s", edit.name, path, exc)
                 continue
-            copies.append(Copy(dst, i, edit.name))
+            copies.append(QueryClip(dst, path, edit.name))
     return copies
 
 
@@ -131,7 +125,8 @@ def compare(
         copies = make_copies(videos, Path(tmp)) if len(videos) >= 2 else []
         if len({c.source for c in copies}) < 2:
             return Verdict(*names, copies=len(copies), library=len(videos), scores={}, intervals={}, passes=True)
-        positives: list[int | None] = [c.source for c in copies]
+        column = {path: j for j, path in enumerate(videos)}
+        positives: list[int | None] = [column[c.source] for c in copies]
         scores: dict[str, dict[str, float]] = {}
         intervals: dict[str, dict[str, tuple[float, float]]] = {}
         decoded: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}

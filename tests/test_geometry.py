@@ -100,6 +100,27 @@ def test_blurred_side_bars_are_cut_off(media_dir: Path, source: Path) -> None:
     assert _diff(_frames(bars, crop_borders=False), want) > OTHER_PICTURE
 
 
+def test_padding_around_a_still_shot_is_cut_off_but_a_still_dark_edge_is_not(media_dir: Path, source: Path) -> None:
+    """Nothing moves next to the padding of a static shot (a slide, a surveillance camera):
+    centred padding, the same flat level at both ends, is cut all the same; a still dark
+    region at one edge alone is picture, and kept."""
+    freeze = "trim=end_frame=1,loop=loop=150:size=1:start=0,setpts=N/25/TB"
+    still = make_video(media_dir / "still.mp4", source=source, seconds=6, extra_vf=freeze)
+    boxed = make_video(media_dir / "still-windowbox.mp4", source=still, seconds=6, extra_vf="pad=336:252:48:36:black")
+    sample = sample_frames(boxed, size=SIZE)
+    assert sample.crop is not None
+    for found, true in zip((sample.crop.x, sample.crop.y, sample.crop.width, sample.crop.height), (48, 36, 240, 180),
+                           strict=True):  # fmt: skip
+        assert abs(found - true) <= 4, sample.crop
+    want = _frames(still)
+    n = min(len(want), len(sample.frames))  # (one frozen frame: any of them)
+    assert _diff(sample.frames[:n], want[:n]) < SAME_PICTURE
+
+    dark_edge = make_video(media_dir / "still-dark-edge.mp4", source=still, seconds=6,
+                           extra_vf="drawbox=x=0:y=0:w=40:h=180:color=black:t=fill")  # fmt: skip
+    assert sample_frames(dark_edge, size=SIZE).crop == Box(0, 0, 240, 180)
+
+
 @pytest.mark.parametrize("scene", ["bright", "dark", "still-bars"])
 def test_full_frame_video_keeps_its_whole_frame(media_dir: Path, source: Path, scene: str) -> None:
     # A dark scene is near-black at its edges, but moves: time tells it from a border.

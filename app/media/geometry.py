@@ -134,7 +134,18 @@ def _borders(maps: np.ndarray) -> tuple[int, int]:
         smooth, soft = line_energy < BLUR_RATIO * centre, line_energy < BLUR_EDGE_RATIO * centre
     else:
         smooth = soft = np.zeros(cols, bool)
-    return _pair(flat, smooth, soft, moves >= MOVING_TIME_STD)
+    start, end = _pair(flat, smooth, soft, moves >= MOVING_TIME_STD)
+    if not (start and end):
+        # Padding is centred (letterbox, pillarbox, a windowbox): flat lines of one level
+        # at both ends, as wide within BLUR_SYMMETRY, are padding even where the picture
+        # next to them is still (a static shot), where one end alone is not told from a
+        # still region of the picture.
+        still_start, still_end = _border(flat, None), _border(flat[::-1], None)
+        levels = np.median(level[:, :still_start]), np.median(level[:, cols - still_end :])
+        if (still_start and still_end and abs(still_start - still_end) <= BLUR_SYMMETRY * cols + 1
+                and abs(float(levels[0]) - float(levels[1])) < FLAT_SPACE_RANGE):  # fmt: skip
+            return still_start, still_end
+    return start, end
 
 
 def crop_box(geometry: Geometry, width: int, height: int) -> Box:
@@ -164,10 +175,10 @@ def _edge(width: int, soft: np.ndarray) -> int:
     return width + extra
 
 
-def _border(line_is_border: np.ndarray, moving: np.ndarray) -> int:
+def _border(line_is_border: np.ndarray, moving: np.ndarray | None) -> int:
     """Lines of border from index 0: up to the first two picture lines, plus the line
     where the two blend; 0 if under MIN_BORDER or over MAX_BORDER of the axis, or if the
-    picture after it does not move."""
+    picture after it does not move (``moving``; None: not asked)."""
     n = len(line_is_border)
     picture = ~line_is_border
     both = picture[:-1] & picture[1:]  # (n-1,) two picture lines in a row start here
@@ -175,7 +186,7 @@ def _border(line_is_border: np.ndarray, moving: np.ndarray) -> int:
     width = first + 1 if first else 0
     if width < MIN_BORDER * n or width > MAX_BORDER * n:
         return 0
-    if np.mean(moving[width : width + MOVING_LINES]) < 0.5:
+    if moving is not None and np.mean(moving[width : width + MOVING_LINES]) < 0.5:
         return 0
     return width
 

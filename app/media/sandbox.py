@@ -12,8 +12,9 @@ every way it can fail into one line an operator can read (:class:`ChildFailed`).
 It knows nothing of what the request asks; :mod:`app.media.video` builds the requests and
 reads the frames.
 
-A child's start-up (the interpreter, numpy and PyAV: about 0.4 s on a 2-core machine) is
-most of a short decode, and on a cold event it came before the first frame. So each
+A child's start-up (the interpreter, numpy and PyAV: 0.1-0.4 s on a 2-core machine) is a
+tenth to a third of a 60-s video's decode, and on a cold event it came before the first
+frame. So each
 process keeps one **spare** child, started when a child ends, that has imported all it
 needs and waits on its stdin for a request (``python -P -m app.media.child --wait``); the
 next request goes to it, and the spare is replaced once that child ends. It is a child

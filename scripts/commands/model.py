@@ -143,13 +143,18 @@ def _stop(name: str) -> None:
 
 def _activate(model_id: int, *, inline: bool, force: bool = False) -> None:
     from app.learn import gate, rollout
+    from app.media.video import VideoError
 
     if not force:
         settings = get_settings()
         scoring = "rollout gate: scoring both models on edited copies of the library..."
-        with console.status(scoring) as status, db_session() as session:
-            verdict = gate.check(session=session, model_id=model_id, settings=settings,
-                                 progress=lambda msg: status.update(f"rollout gate: {msg}..."))  # fmt: skip
+        try:
+            with console.status(scoring) as status, db_session() as session:
+                verdict = gate.check(session=session, model_id=model_id, settings=settings,
+                                     progress=lambda msg: status.update(f"rollout gate: {msg}..."))  # fmt: skip
+        except VideoError as exc:
+            fix = f"fix or disable that library video, or `vidsim model activate {model_id} --force`"
+            raise Fail(f"the rollout gate could not score model {model_id}: {exc.reason}", fix) from None
         if verdict is not None:
             console.print(f"rollout gate: {verdict.summary()}")
             if not verdict.passes:

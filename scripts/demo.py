@@ -61,11 +61,10 @@ def _train_demo_model(library: list[Path], *, steps: int, settings, console: Con
             verdict = gate.check(session=session, model_id=model_id, settings=settings)
         if verdict is not None:
             console.print(f"rollout gate: {verdict.summary()}")
-            if not verdict.passes:
-                serving = registry.active_model(session=session)
-                console.print(f"[yellow]the trained model finds the library's copies less well: "
-                              f"{serving.name} keeps serving[/yellow]")  # fmt: skip
-                return serving
+            refusal = verdict.refusal()
+            if refusal:
+                console.print(f"[yellow]{refusal}[/yellow]")
+                return registry.active_model(session=session)
         return registry.activate(session=session, model_id=model_id)
 
 

@@ -80,10 +80,11 @@ def _passes_gate(model_id: int) -> bool:
         logger.exception("model %d not rolled out: the rollout gate could not score it "
                          "(`vidsim model activate %d` tries again)", model_id, model_id)  # fmt: skip
         return False
-    if verdict is not None and not verdict.passes:
-        logger.warning("model %d not rolled out: the rollout gate found it worse than %s: %s "
+    refusal = verdict.refusal() if verdict is not None else None
+    if verdict is not None and refusal:
+        logger.warning("model %d not rolled out: the rollout gate found it worse: %s: %s "
                        "(`vidsim model activate %d --force` serves it anyway)",
-                       model_id, verdict.incumbent, verdict.summary(), model_id)  # fmt: skip
+                       model_id, refusal, verdict.summary(), model_id)  # fmt: skip
         return False
     return True
 

@@ -74,6 +74,12 @@ class Verdict:
         head = f"{self.copies} edited copies of {self.library} library videos"
         return f"{head}: {line(self.candidate)}; {line(self.incumbent)}"
 
+    def refusal(self) -> str | None:
+        """Why the candidate may not serve; None when it passes."""
+        if self.passes:
+            return None
+        return f"{self.candidate} finds the library's copies less well than {self.incumbent}, which keeps serving"
+
 
 def make_copies(videos: list[Path], out_dir: Path) -> list[QueryClip]:
     """Two edited stretches of each video (:data:`COPY_START`, :data:`COPY_LENGTH`), the

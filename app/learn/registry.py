@@ -128,18 +128,18 @@ def encoder_for(model: ModelVersion) -> VideoEncoder:
 
 @functools.lru_cache(maxsize=2)
 def _load(model_id: int, checkpoint_path: str | None, config_json: str) -> VideoEncoder:
-    encoder = _read(model_id, checkpoint_path, config_json).to(serving_device())
+    encoder = _read(model_id, checkpoint_path, json.loads(config_json)).to(serving_device())
     logger.info("loaded encoder for model %d (%s)", model_id, checkpoint_path or "untrained")
     return encoder
 
 
 def load_encoder(model: ModelVersion) -> VideoEncoder:
     """A fresh copy of a model version's encoder, on the CPU (not the one serving uses)."""
-    return _read(model.id, model.checkpoint_path, json.dumps(model.config, sort_keys=True))
+    return _read(model.id, model.checkpoint_path, model.config)
 
 
-def _read(model_id: int, checkpoint_path: str | None, config_json: str) -> VideoEncoder:
-    config = EncoderConfig.from_dict(json.loads(config_json))
+def _read(model_id: int, checkpoint_path: str | None, config_dict: dict) -> VideoEncoder:
+    config = EncoderConfig.from_dict(config_dict)
     if checkpoint_path is None:
         encoder = initial_encoder(config)
     else:

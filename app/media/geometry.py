@@ -141,10 +141,10 @@ def _borders(maps: np.ndarray) -> tuple[int, int]:
         # next to them is still (a static shot), where one end alone is not told from a
         # still region of the picture.
         still_start, still_end = _border(flat, None), _border(flat[::-1], None)
-        levels = np.median(level[:, :still_start]), np.median(level[:, cols - still_end :])
-        if (still_start and still_end and abs(still_start - still_end) <= BLUR_SYMMETRY * cols + 1
-                and abs(float(levels[0]) - float(levels[1])) < FLAT_SPACE_RANGE):  # fmt: skip
-            return still_start, still_end
+        if still_start and still_end and abs(still_start - still_end) <= BLUR_SYMMETRY * cols + 1:
+            levels = np.median(level[:, :still_start]), np.median(level[:, cols - still_end :])
+            if abs(float(levels[0]) - float(levels[1])) < FLAT_SPACE_RANGE:
+                return still_start, still_end
     return start, end
 
 

@@ -157,12 +157,9 @@ def _activate(model_id: int, *, inline: bool, force: bool = False) -> None:
             raise Fail(f"the rollout gate could not score model {model_id}: {exc.reason}", fix) from None
         if verdict is not None:
             console.print(f"rollout gate: {verdict.summary()}")
-            if not verdict.passes:
-                raise Fail(
-                    f"model {model_id} finds the library's copies less well than {verdict.incumbent}, which "
-                    "keeps serving",
-                    f"vidsim model activate {model_id} --force serves it anyway",
-                )
+            refusal = verdict.refusal()
+            if refusal:
+                raise Fail(f"model {model_id}: {refusal}", f"vidsim model activate {model_id} --force serves it anyway")
     if not inline:
         from workers.tasks import activate_model
 

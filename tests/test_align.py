@@ -145,3 +145,16 @@ def test_frames_round_trip_through_storage() -> None:
     assert len(blob) == 5 * DIM * 2  # float16
     np.testing.assert_allclose(back.vectors, v, atol=1e-3)
     np.testing.assert_allclose(back.times, t)
+
+
+def test_a_pair_going_back_in_time_does_not_stretch_the_spans() -> None:
+    """Candidate seconds 4-7 copied at query seconds 7-10; the candidate's second 3 (next
+    to the copy) is the mutual best partner of the query's second 11 (unrelated footage
+    after it): near the copy in the query's time, but going back in the candidate's. It
+    is no part of the match."""
+    sim = np.full((16, 10), 0.1, dtype=np.float32)
+    for c, q in zip(range(4, 8), range(7, 11), strict=True):
+        sim[q, c] = 0.9
+    sim[11, 3] = 0.6
+    found = align(sim)
+    assert found.query_span == (7.0, 11.0) and found.candidate_span == (4.0, 8.0), found

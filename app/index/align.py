@@ -18,12 +18,13 @@ own quality counts once it spans MIN_RUN_FRAMES frames.
 
 Localisation: the frame pairs that are each other's best partner, above the background
 and near the best match, kept to the largest run of partners that are close in time in
-the longer video (outliers elsewhere are dropped), give which part of the query matches
-which part of the candidate, in seconds.
+the longer video and go forward in time in both (outliers elsewhere are dropped), give
+which part of the query matches which part of the candidate, in seconds.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -198,6 +199,7 @@ def _spans(
     run = _matched_run(best, mutual, partner_times, gap)
     if run is None:
         return None
+    run = _in_time_order(run, short_times)
     short_span = (float(short_times[run].min()), float(short_times[run].max() + short_step))
     long_span = (float(partner_times[run].min()), float(partner_times[run].max() + long_step))
     return short_span, long_span
@@ -213,6 +215,31 @@ def _gap(times: np.ndarray) -> float:
     different runs: a few frame steps, or a quarter of the video (a sped-up copy with
     dropped frames leaves wide gaps between its partners)."""
     return max(RUN_GAP_S, 3 * _step(times), 0.25 * float(times[-1] - times[0]))
+
+
+def _in_time_order(run: np.ndarray, short_times: np.ndarray) -> np.ndarray:
+    """The run's longest part (indices, in the run's order: by partner time) whose frames
+    in the shorter video also go forward in time. Every edit keeps a copy's order, so a
+    pair going back (a frame beside the copied stretch paired with unrelated footage near
+    its end) is not part of the match and must not stretch its spans. Longest
+    non-decreasing subsequence, patience sorting: O(n log n)."""
+    times = short_times[run]
+    tails: list[float] = []  # the smallest last time of a subsequence of each length
+    ends: list[int] = []  # its last element
+    previous = np.full(len(run), -1)
+    for i, t in enumerate(times):
+        length = bisect.bisect_right(tails, t)
+        if length == len(tails):
+            tails.append(t)
+            ends.append(i)
+        else:
+            tails[length], ends[length] = t, i
+        previous[i] = ends[length - 1] if length else -1
+    keep, i = [], ends[-1]
+    while i >= 0:
+        keep.append(i)
+        i = previous[i]
+    return run[np.array(keep[::-1])]
 
 
 def _matched_run(best: np.ndarray, mutual: np.ndarray, partner_times: np.ndarray, gap: float) -> np.ndarray | None:

@@ -77,11 +77,15 @@ class Background:
         """Frames as they are compared: centred on the library's mean frame, unit length."""
         return unit_rows(vectors, self.centre)
 
-    def similarity(self, prepared: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        """(Tq, N) cosines of ``prepared`` frames (:meth:`prepare`) with ``vectors`` as
-        :meth:`prepare` would make them, without making them: q.(y - c) / |y - c| from
-        q.y, q.c and |y|^2, y.c (a search's thousands of candidate frames are read once)."""
+    def similarity(self, vectors: np.ndarray, prepared: np.ndarray) -> np.ndarray:
+        """(N, Tq) cosines of ``vectors`` as :meth:`prepare` would make them with the
+        ``prepared`` frames (:meth:`prepare`), without making them: (y - c).q / |y - c|
+        from y.q, c.q and |y|^2, y.c (a search's thousands of candidate frames are read
+        once)."""
         y = np.asarray(vectors, dtype=np.float32)
         c = self.centre
         norms = np.sqrt(np.maximum(np.einsum("nd,nd->n", y, y) - 2 * (y @ c) + float(c @ c), 1e-12))
-        return (prepared @ y.T - (prepared @ c)[:, None]) / norms[None, :]
+        sims = y @ prepared.T
+        sims -= (prepared @ c)[None, :]
+        sims /= norms[:, None]
+        return sims

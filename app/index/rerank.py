@@ -64,15 +64,15 @@ def rerank(
     )
     keys = list(candidates)
     lengths = [len(candidates[key]) for key in keys]
-    # The candidates' frames padded to the longest, so that their similarities to the
-    # query are a (Tq, C, Tmax) view of one product, not a gather.
+    # The candidates' frames padded to the longest and stacked, so that their similarities
+    # to the query are one product, laid out as FramePairs wants them: (C, Tmax, Tq).
     t_max = max(lengths)
     padded = np.zeros((len(keys), t_max, q.shape[1]), dtype=np.float32)
     for i, key in enumerate(keys):
         padded[i, : lengths[i]] = candidates[key].vectors
     stacked = padded.reshape(-1, q.shape[1])
-    sims = background.similarity(q, stacked) if background is not None else q @ unit_rows(stacked).T
-    pairs = FramePairs(sims.reshape(len(q), len(keys), t_max), lengths, query.times,
+    sims = background.similarity(stacked, q) if background is not None else unit_rows(stacked) @ q.T
+    pairs = FramePairs(sims.reshape(len(keys), t_max, len(q)), lengths, query.times,
                        [candidates[key].times for key in keys], references, beta=beta)  # fmt: skip
     first = first or {}
     final = [fused(float(m), first.get(key, 0.0)) for key, m in zip(keys, pairs.scores, strict=True)]

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # out first; 0: read from Postgres for every search). 256 MB holds the frames of about
     # 8,000 videos of 64 s.
     rerank_frame_cache_mb: int = 256
+    # Index versions keep a memory-mapped copy of the library's frame descriptors (16 KB
+    # a 64-s video on disk), read for the second stage instead of Postgres; fresh videos,
+    # not yet in a version, are read from Postgres (and the cache above) either way.
+    index_frames_file: bool = True
 
     # Decoding limits (applied in a throwaway child process).
     frame_fps: float = 1.0

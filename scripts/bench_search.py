@@ -3,26 +3,31 @@ background normalisation and fusion), through ``search_library`` on the configur
 Postgres, measured in the same run.
 
 A scratch model version gets ``--n`` library videos (clustered 512-d vectors, and
-``--frames`` float16 frame descriptors each (the encoder's frame_dim), as the encoder stores them) and an
-index version built from them; ``--queries`` searches run with the second stage off and
-on, and the second stage's phases are timed apart (reading the candidates' frames, the
-alignment; the background is read once, as a worker reads it once per index version). The
-rows are deleted afterwards. The second stage's cost depends on the candidates and their
-frames, not on the library's size: the first stage's at a million videos is `bench index`'s.
+``--frames`` float16 frame descriptors each, of the encoder's frame_dim, as the encoder
+stores them) and an index version built from them, with its copy of the frames.
+``--queries`` searches run with the second stage off, then on with the candidates' frames
+taken from each place they can come from (the version's copy, the worker's cache, Postgres);
+the second stage's phases are timed apart (each way of reading the frames, the alignment;
+the background is read once, as a worker reads it once per index version). The rows and
+the version's files are deleted afterwards. The second stage's cost depends on the
+candidates and their frames, not on the library's size: the first stage's at a million
+videos is `bench index`'s.
 
-    python -m scripts.bench_search --n 10000 --queries 300
+    python -m scripts.bench_search --n 100000 --queries 300
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from threadpoolctl import threadpool_limits
 
 from app.config import Settings, get_settings
@@ -31,6 +36,7 @@ from app.index import queries as index_queries
 from app.index import rebuild, search
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames, pack, unpack
 from app.index.rerank import rerank
+from app.index.version import IndexVersionFiles
 from app.learn.encoder import EncoderConfig
 from app.models import Embedding, IndexVersion, ModelVersion, Video
 
@@ -121,19 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         ]
         timings: dict[str, list[float]] = {
             "first stage": [],
-            "both stages": [],
+            "both stages, frames from the index version's copy (default)": [],
+            "both stages, frames in the worker's cache": [],
             "both stages, frames read from Postgres": [],
-            "frames read": [],
+            "frames read from the copy": [],
+            "frames read from Postgres": [],
             "alignment": [],
         }
-        # A worker keeps candidates' frames (VIDSIM_RERANK_FRAME_CACHE_MB): after the warm
-        # pass every candidate's are in memory; with the cache off each search reads them.
-        uncached = settings.model_copy(update={"rerank_frame_cache_mb": 0})
+        # Where the second stage finds the candidates' frames: the index version's
+        # memory-mapped copy (VIDSIM_INDEX_FRAMES_FILE, default), else the worker's cache
+        # of what it read (VIDSIM_RERANK_FRAME_CACHE_MB: after the warm pass, every
+        # candidate's), else Postgres on every search.
+        cached = settings.model_copy(update={"index_frames_file": False})
+        uncached = settings.model_copy(update={"index_frames_file": False, "rerank_frame_cache_mb": 0})
         with session_scope() as s:
             model = s.get_one(ModelVersion, model_id)
             background = Background.of(
                 index_queries.background_frames(session=s, model_id=model_id, limit=BACKGROUND_VIDEOS)
             )  # as search_library keeps it: read once per index version
+            version = s.scalars(select(IndexVersion).where(IndexVersion.model_version_id == model_id)).one()
+            files = IndexVersionFiles.view(Path(version.path), sha256=version.sha256, dim=dim)
 
             def search_once(i: int, k: int, frames: Frames | None, config: Settings = settings) -> list[search.Match]:
                 return search.search_library(
@@ -150,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.queries):
                     measures = (
                         ("first stage", None, settings),
-                        ("both stages", query_frames[i], settings),
+                        ("both stages, frames from the index version's copy (default)", query_frames[i], settings),
+                        ("both stages, frames in the worker's cache", query_frames[i], cached),
                         ("both stages, frames read from Postgres", query_frames[i], uncached),
                     )
                     for name, query_side, config in measures:
@@ -165,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                     t = time.perf_counter()
                     stored = index_queries.stored_frames(session=s, model_id=model_id, video_ids=ids)
                     t1 = time.perf_counter()
-                    rerank(query_frames[i], stored, background, locate=args.k)
+                    copied = files.frames_of(ids)
                     t2 = time.perf_counter()
-                    timings["frames read"].append((t1 - t) * 1000)
-                    timings["alignment"].append((t2 - t1) * 1000)
+                    rerank(query_frames[i], stored, background, locate=args.k)
+                    t3 = time.perf_counter()
+                    assert copied.keys() == stored.keys(), "the version's copy holds every candidate's frames"
+                    timings["frames read from Postgres"].append((t1 - t) * 1000)
+                    timings["frames read from the copy"].append((t2 - t1) * 1000)
+                    timings["alignment"].append((t3 - t2) * 1000)
         table = Table(
             title=f"warm search, {args.n} videos, {args.frames} frames each, "
             f"{settings.rerank_candidates} candidates re-ranked, k={args.k}"
@@ -179,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             p50, p99, mean = _percentiles(ms)
             table.add_row(name, f"{p50:.2f}", f"{p99:.2f}", f"{mean:.2f}")
         console.print(table)
-        first, both = _percentiles(timings["first stage"]), _percentiles(timings["both stages"])
+        first = _percentiles(timings["first stage"])
+        both = _percentiles(timings["both stages, frames from the index version's copy (default)"])
         console.print(f"both stages / first stage: p50 x{both[0] / first[0]:.2f}, p99 x{both[1] / first[1]:.2f}")
     finally:
         with session_scope() as s:
+            for path in s.scalars(select(IndexVersion.path).where(IndexVersion.model_version_id == model_id)):
+                shutil.rmtree(Path(path).parent, ignore_errors=True)
             s.execute(delete(IndexVersion).where(IndexVersion.model_version_id == model_id))
             s.execute(delete(Embedding).where(Embedding.model_version_id == model_id))
             s.execute(delete(Video).where(Video.uri.like(f"bench://search/{model_id}/%")))

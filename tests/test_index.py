@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from app.config import Settings
 from app.index import queries, rebuild, search
 from app.index.build import build_version, shard_of
 from app.index.calibrate import calibrate, calibration_reference
@@ -95,6 +96,48 @@ def test_version_files_checked_before_they_are_read(tmp_path: Path) -> None:
         IndexVersionFiles.view(built.path, sha256=built.sha256, dim=64)
     with pytest.raises(FileExistsError):  # a version directory is never written over
         build_version(keys=keys, vectors=vectors, directory=tmp_path / "v1", params=params)
+
+
+def test_a_version_keeps_the_frames_it_was_given_and_refuses_a_damaged_copy(tmp_path: Path) -> None:
+    """The second stage's copy of the library's frames: what ``frames_of`` returned for
+    each video (any length, float16 as stored, its times), nothing for a video without
+    frames or outside the version; read in more than one batch; checksummed."""
+    from app.index import build
+    from app.index.frames import Frames
+
+    rng = np.random.default_rng(5)
+    keys = np.arange(900, 900 + 2 * build._FRAME_READ + 3)[::-1]  # not in order: stored ascending
+    stored = {}
+    for k in keys[keys % 5 > 0].tolist():  # every fifth video has no frames
+        length = int(rng.integers(1, 9))
+        vectors = rng.standard_normal((length, 16)).astype(np.float16).astype(np.float32)
+        stored[k] = Frames(vectors, np.sort(rng.uniform(0, 60, length)).astype(np.float32).astype(np.float64))
+    batches = []
+
+    def frames_of(ids: np.ndarray) -> dict[int, Frames]:
+        batches.append(len(ids))
+        return {int(i): stored[int(i)] for i in ids if int(i) in stored}
+
+    built = build_version(keys=keys, vectors=_unit(len(keys), 8), directory=tmp_path / "v", frames_of=frames_of)
+    assert len(batches) == 3 and sum(batches) == len(keys)
+    opened = IndexVersionFiles.view(built.path, sha256=built.sha256, dim=8)
+    assert opened.has_frames
+    asked = [int(k) for k in keys[:40]] + [5]  # 5: not in the version
+    read = opened.frames_of(asked)
+    assert set(read) == {k for k in asked if k in stored}
+    for k, frames in read.items():
+        np.testing.assert_array_equal(frames.vectors, stored[k].vectors)
+        np.testing.assert_array_equal(frames.times, stored[k].times)
+    plain = build_version(keys=keys, vectors=_unit(len(keys), 8), directory=tmp_path / "plain")
+    without = IndexVersionFiles.view(plain.path, sha256=plain.sha256, dim=8)
+    assert not without.has_frames and without.frames_of(asked) == {}
+
+    target = built.path.parent / "frames.f16"
+    damaged = bytearray(target.read_bytes())
+    damaged[len(damaged) // 3] ^= 0xFF
+    target.write_bytes(bytes(damaged))
+    with pytest.raises(IndexFileError, match=r"frames\.f16 is corrupt"):
+        IndexVersionFiles.view(built.path, sha256=built.sha256, dim=8)
 
 
 def test_hash_mode_top1_equals_exact_on_clear_duplicates(tmp_path: Path) -> None:
@@ -606,6 +649,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.db import downgrade, get_engine, migrate
+from app.config import Settings
 from app.index import queries, rebuild, search
 from app.media.register import register
 from app.models import Embedding, ModelVersion, Video
@@ -710,9 +754,8 @@ def test_second_stage_serves_what_the_benchmark_scores(session, settings) -> Non
     first = served_scores(queries_v, library, params=IndexParams(dtype="f32"))
     expected = second_stage(first, queries_f, frames, stage=SecondStage(settings.rerank_candidates))
     column = {v.id: j for j, v in enumerate(videos)}
-    # Read from Postgres, then (the same searches again) from the process's frame cache.
-    uncached = settings.model_copy(update={"rerank_frame_cache_mb": 0})
-    for config in (uncached, settings, settings):
+
+    def searched_as_on_the_benchmark(config: Settings) -> None:
         for i, query_video in enumerate(query_videos):
             emb = serve_queries.find_embedding(query_video.id, model.id, session=session)
             assert emb is not None and emb.frame_vectors is not None
@@ -724,7 +767,24 @@ def test_second_stage_serves_what_the_benchmark_scores(session, settings) -> Non
             assert served == list(np.argsort(-expected[i], kind="stable")[:10]), i
             np.testing.assert_allclose([m.calibrated for m in matches], expected[i][served], atol=1e-4)
             assert all(m.match is not None and m.span is not None for m in matches[:1])
+
+    # Read from Postgres, then (the same searches again) from the process's frame cache.
+    uncached = settings.model_copy(update={"rerank_frame_cache_mb": 0})
+    for config in (uncached, settings, settings):
+        searched_as_on_the_benchmark(config)
     assert {(model.id, v.id) for v in videos} <= set(search._frame_cache)
+
+    # Through an index version of the library: the candidates' frames come from its copy,
+    # the same as Postgres held when it was built (then gone from Postgres, the worker's
+    # cache off; the background frames are read once per version, by the first search).
+    rebuild.rebuild_index(session=session, model=model, settings=settings, dtype="f32")
+    session.commit()
+    searched_as_on_the_benchmark(uncached)
+    library_ids = [v.id for v in videos]
+    gone = update(Embedding).where(Embedding.model_version_id == model.id, Embedding.video_id.in_(library_ids))
+    session.execute(gone.values(frame_vectors=None))
+    session.commit()
+    searched_as_on_the_benchmark(uncached)
 
 
 def test_frame_cache_keeps_the_most_recent_within_its_bound(session) -> None:  # type: ignore[no-untyped-def]
@@ -748,14 +808,14 @@ def test_frame_cache_keeps_the_most_recent_within_its_bound(session) -> None:  #
                                     frame_vectors=f, frame_times=np.arange(64, dtype=np.float32))  # fmt: skip
     session.commit()
     ids = [v.id for v in videos]
-    read = search._candidate_frames(session=session, model_id=model.id, video_ids=ids, limit_mb=1)
+    read = search._candidate_frames(session=session, model_id=model.id, video_ids=ids, version=None, limit_mb=1)
     assert set(read) == set(ids)
     for video_id, frames in read.items():
         np.testing.assert_array_equal(frames.vectors, stored[video_id])
     kept = [v for v in ids if (model.id, v) in search._frame_cache]
     assert 0 < len(kept) < len(ids) and kept == ids[-len(kept) :]  # the oldest went first
     assert search._frame_cache_bytes <= 1024**2
-    again = search._candidate_frames(session=session, model_id=model.id, video_ids=ids[:3], limit_mb=1)
+    again = search._candidate_frames(session=session, model_id=model.id, video_ids=ids[:3], version=None, limit_mb=1)
     for video_id, frames in again.items():
         np.testing.assert_array_equal(frames.vectors, stored[video_id])
     assert all((model.id, v) in search._frame_cache for v in ids[:3])

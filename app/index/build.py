@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 from usearch.index import Index
 
+from app.index.frames import Frames
 from app.index.params import IndexParams
 from app.index.transform import coarse_representation, fit_transform, normalise
-from app.index.version import FORMAT, MANIFEST, sha256_of
+from app.index.version import FORMAT, FRAMES, MANIFEST, FramesOf, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,13 @@ def build_version(
     vectors: np.ndarray,
     directory: Path,
     params: IndexParams | None = None,
+    frames_of: FramesOf | None = None,
 ) -> BuiltIndex:
     """Builds a version of ``vectors`` (N, D) keyed by ``keys`` (N,) into ``directory``
     (which must not exist yet): written under a temporary name, synced, then renamed, so
-    a reader sees all of it or nothing. Returns the manifest's path and sha256."""
+    a reader sees all of it or nothing. With ``frames_of`` (video ids -> their frame
+    descriptors), the version also keeps a copy of the videos' frames for the second
+    stage. Returns the manifest's path and sha256."""
     params = params or IndexParams()
     started = time.perf_counter()
     keys = np.ascontiguousarray(keys, dtype=np.uint64)
@@ -151,6 +155,12 @@ def build_version(
         background = vectors[np.sort(rng.choice(n, min(n, params.background), replace=False))] if n else vectors
         _save_npy(tmp / "background.npy", background)
 
+        frame_copy = None
+        if frames_of is not None:
+            t = time.perf_counter()
+            frame_copy = _write_frames(tmp, np.sort(keys), frames_of)
+            timings["frames_s"] = time.perf_counter() - t
+
         files = {}
         for path in sorted(tmp.iterdir()):
             _fsync(path)
@@ -163,6 +173,7 @@ def build_version(
             "params": params.to_dict(),
             "shards": shards,
             "transform": sorted(transform.arrays()),
+            "frames": frame_copy,
             "files": files,
             "timings": timings,
         }
@@ -193,6 +204,39 @@ def build_version(
 
 
 _NP_FLOAT = {"f32": "float32", "f16": "float16"}
+_FRAME_READ = 2048  # videos whose frames are read (and held) at a time
+
+
+def _write_frames(tmp: Path, keys: np.ndarray, frames_of: FramesOf) -> dict[str, int] | None:
+    """The videos' frame descriptors, read ``_FRAME_READ`` videos at a time and written
+    one after another (float16, as stored) to ``FRAMES``, beside each video's first row
+    (``frame-offsets.npy``, one more than videos), the frames' times and the ids of the
+    videos that have frames (ascending ``keys``; rows from before frame descriptors have
+    none). Returns the manifest's entry (None when no video has frames)."""
+    with_frames: list[int] = []
+    offsets, times = [0], []
+    dim = 0
+    with open(tmp / FRAMES, "wb") as out:
+        for start in range(0, len(keys), _FRAME_READ):
+            read: dict[int, Frames] = frames_of(keys[start : start + _FRAME_READ])
+            for key in keys[start : start + _FRAME_READ].tolist():
+                frames = read.get(key)
+                if frames is None or not len(frames):
+                    continue
+                if dim and frames.vectors.shape[1] != dim:
+                    raise ValueError(f"video {key} has {frames.vectors.shape[1]}-d frames, others {dim}-d")
+                dim = frames.vectors.shape[1]
+                out.write(np.asarray(frames.vectors, dtype=np.float16).tobytes())
+                times.append(np.asarray(frames.times, dtype=np.float32))
+                with_frames.append(key)
+                offsets.append(offsets[-1] + len(frames))
+    if not with_frames:
+        (tmp / FRAMES).unlink()
+        return None
+    _save_npy(tmp / "frame-keys.npy", np.asarray(with_frames, dtype=np.uint64))
+    _save_npy(tmp / "frame-offsets.npy", np.asarray(offsets, dtype=np.int64))
+    _save_npy(tmp / "frame-times.npy", np.concatenate(times))
+    return {"videos": len(with_frames), "frames": offsets[-1], "dim": dim}
 
 
 def _self_recall(index: Index, coarse: np.ndarray | None, params: IndexParams, sample: int = 1000) -> float | None:

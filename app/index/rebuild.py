@@ -7,21 +7,24 @@ commits), and searches keep using the previous version until the new row is comm
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.index import queries
 from app.index.build import build_version
+from app.index.frames import Frames
 from app.index.params import IndexParams, index_params
 from app.index.search import invalidate_cache
-from app.index.version import MANIFEST
+from app.index.version import MANIFEST, FramesOf
 from app.models import IndexVersion, ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -55,8 +58,18 @@ def rebuild_index(
     keys, vectors, fresh = queries.library_embeddings(session=session, model_id=model.id, dim=model.dim,
                                                       horizon=horizon)  # fmt: skip
     loaded = time.perf_counter() - started
+    if session.get_bind().dialect.name == "postgresql":
+        # A rebuild follows the library's bulk changes: every search's statements are then
+        # planned with the statistics of the library it indexes, whether or not autovacuum
+        # runs (at 100k videos loaded and not analysed, the fresh-embeddings read was
+        # planned as a scan of every video: 189 ms a search, against 0.04 after).
+        session.execute(text("ANALYZE videos, embeddings"))
     directory = settings.index_dir / f"model{model.id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    built = build_version(keys=keys, vectors=vectors, directory=directory, params=params)
+    # The second stage's frames copied into the version (settings.index_frames_file).
+    frames_of: FramesOf | None = None
+    if settings.index_frames_file:
+        frames_of = functools.partial(_stored_frames, session=session, model_id=model.id)
+    built = build_version(keys=keys, vectors=vectors, directory=directory, params=params, frames_of=frames_of)
     queries.deactivate_versions(session=session)
     version = IndexVersion(
         model_version_id=model.id,
@@ -78,6 +91,10 @@ def rebuild_index(
     _remove_old_versions(session=session, settings=settings)
     logger.info("index version %d: %d vectors, %s, %.1fs", version.id, len(keys), built.dtype, version.build_seconds)
     return version
+
+
+def _stored_frames(video_ids: np.ndarray, *, session: Session, model_id: int) -> dict[int, Frames]:
+    return queries.stored_frames(session=session, model_id=model_id, video_ids=video_ids.tolist())
 
 
 def refresh_index(*, session: Session, model: ModelVersion, settings: Settings) -> IndexVersion | None:

@@ -307,6 +307,7 @@ def search_library(
                                     exclude=exclude, collection=collection, exclude_near_duplicates=False,
                                     settings=settings, widths=_RERANK_WIDTHS)  # fmt: skip
     stored = _candidate_frames(session=session, model_id=model.id, video_ids=[m.video_id for m in candidates],
+                               version=used if settings.index_frames_file else None,
                                limit_mb=settings.rerank_frame_cache_mb)  # fmt: skip
     # Rows from before frame descriptors (migration 0007) are not re-ranked: with none
     # re-rankable the first stage answers alone; otherwise they follow the re-ranked
@@ -341,12 +342,19 @@ _frame_cache: OrderedDict[tuple[int, int], Frames] = OrderedDict()
 _frame_cache_bytes = 0
 
 
-def _candidate_frames(*, session: Session, model_id: int, video_ids: list[int], limit_mb: int) -> dict[int, Frames]:
-    """:func:`queries.stored_frames` of ``video_ids``, those read before from the cache."""
+def _candidate_frames(
+    *, session: Session, model_id: int, video_ids: list[int], version: int | None, limit_mb: int
+) -> dict[int, Frames]:
+    """The frame descriptors of ``video_ids``: from the copy kept by index ``version``
+    (when it is the one open and has one), the rest (videos added since its build) from
+    the cache or :func:`queries.stored_frames`."""
     global _frame_cache_bytes
+    with _lock:
+        files = _serving[1] if _serving is not None and _serving[0].id == version else None
+    found = files.frames_of(video_ids) if files is not None else {}
+    video_ids = [v for v in video_ids if v not in found]
     if limit_mb <= 0:
-        return queries.stored_frames(session=session, model_id=model_id, video_ids=video_ids)
-    found: dict[int, Frames] = {}
+        return found | queries.stored_frames(session=session, model_id=model_id, video_ids=video_ids)
     with _lock:
         for video_id in video_ids:
             frames = _frame_cache.get((model_id, video_id))

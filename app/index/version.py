@@ -14,7 +14,12 @@ version (``app.index.build``). A version is a directory holding:
   embeddings from the system of record instead, and the version holds no copy);
 - ``transform-*.npy``: what was learned at build time and applied to queries too (mean,
   PCA directions, whitening scales, ITQ rotation; ``app.index.transform``);
-- ``background.npy``: a fixed random sample of library vectors for calibrated scores.
+- ``background.npy``: a fixed random sample of library vectors for calibrated scores;
+- ``frames.f16`` (with ``frame-keys.npy``, ``frame-offsets.npy``, ``frame-times.npy``):
+  a copy of the library videos' frame descriptors for the second stage of a search
+  (``app.index.frames``), memory-mapped, so that a candidate's frames are a slice of a
+  file in the page cache rather than a Postgres row (16 KB of TOAST chunks for a
+  64-frame video); only where the build was given them (``settings.index_frames_file``).
 
 Every file is checksummed before USearch or numpy reads it: a corrupt or foreign
 version is refused (``IndexFileError``) and the caller keeps serving the previous one.
@@ -42,6 +47,7 @@ from typing import Any
 import numpy as np
 from usearch.index import BatchMatches, Index
 
+from app.index.frames import Frames
 from app.index.hits import Hit, merge
 from app.index.params import IndexParams
 from app.index.transform import Transform, coarse_representation, normalise
@@ -53,6 +59,9 @@ MANIFEST = "manifest.json"
 # Reads the stored embeddings of these video ids: float32 (len(ids), D) in the order
 # asked, a row of NaN for an id it does not hold (deleted since the build).
 VectorsOf = Callable[[np.ndarray], np.ndarray]
+# Reads the frame descriptors of these video ids; an id without frames is absent.
+FramesOf = Callable[[np.ndarray], dict[int, Frames]]
+FRAMES = "frames.f16"
 
 
 class IndexFileError(Exception):
@@ -81,12 +90,54 @@ class _Shard:
     vectors: np.ndarray | None  # (n, D) memory-mapped float copy, or None
 
 
+@dataclass
+class _FrameCopy:
+    """The version's copy of its videos' frame descriptors: ``keys`` (V,) ascending,
+    video v's frames in rows ``offsets[v]:offsets[v + 1]`` of ``vectors`` (F, D) float16
+    (memory-mapped) and ``times`` (F,)."""
+
+    keys: np.ndarray
+    offsets: np.ndarray
+    vectors: np.ndarray
+    times: np.ndarray
+
+    @classmethod
+    def open(cls, directory: Path, info: dict[str, int]) -> _FrameCopy:
+        keys = np.load(directory / "frame-keys.npy", allow_pickle=False).astype(np.int64)
+        offsets = np.load(directory / "frame-offsets.npy", allow_pickle=False)
+        times = np.load(directory / "frame-times.npy", allow_pickle=False)
+        total, dim = int(info["frames"]), int(info["dim"])
+        if (
+            (directory / FRAMES).stat().st_size != total * dim * 2
+            or len(keys) != info["videos"]
+            or offsets.shape != (len(keys) + 1,)
+            or int(offsets[-1]) != total
+            or times.shape != (total,)
+        ):
+            raise IndexFileError(f"index frame copy {directory}/{FRAMES} does not match its manifest")  # fmt: skip
+        # A plain array over the mapping: slicing an np.memmap builds a memmap object per
+        # slice (20 us a candidate, against 2 us).
+        vectors = np.asarray(np.memmap(directory / FRAMES, dtype=np.float16, mode="r", shape=(total, dim)))
+        return cls(keys, offsets, vectors, times)
+
+    def of(self, video_ids: list[int]) -> dict[int, Frames]:
+        """The frames of those of ``video_ids`` the copy holds (float32 copies)."""
+        at = np.searchsorted(self.keys, video_ids).clip(0, max(len(self.keys) - 1, 0))
+        held = (self.keys[at] == video_ids).tolist() if len(self.keys) else [False] * len(video_ids)
+        starts, ends = self.offsets[at].tolist(), self.offsets[at + 1].tolist()
+        return {
+            video_id: Frames(self.vectors[a:b].astype(np.float32), self.times[a:b].astype(np.float64))
+            for video_id, a, b, kept in zip(video_ids, starts, ends, held, strict=True)
+            if kept
+        }
+
+
 class IndexVersionFiles:
     """An opened version: every file checked against the manifest, USearch graphs
     memory-mapped (``view``), float copies memory-mapped read-only."""
 
     def __init__(self, *, manifest: dict[str, Any], shards: list[_Shard], transform: Transform,
-                 background: np.ndarray, path: Path) -> None:  # fmt: skip
+                 background: np.ndarray, path: Path, frames: _FrameCopy | None = None) -> None:  # fmt: skip
         self.manifest = manifest
         self.params = IndexParams.from_dict(manifest["params"])
         self.dim = int(manifest["dim"])
@@ -94,6 +145,7 @@ class IndexVersionFiles:
         self._shards = shards
         self._transform = transform
         self.background = background  # (B, D) float32, L2-normalised
+        self._frames = frames
 
     @classmethod
     def view(cls, manifest_path: Path, *, sha256: str, dim: int) -> IndexVersionFiles:
@@ -138,7 +190,9 @@ class IndexVersionFiles:
             **{n: np.load(directory / f"transform-{n}.npy", allow_pickle=False) for n in manifest["transform"]}
         )
         background = np.load(directory / "background.npy", allow_pickle=False)
-        return cls(manifest=manifest, shards=shards, transform=transform, background=background, path=directory)
+        frames = _FrameCopy.open(directory, manifest["frames"]) if manifest.get("frames") else None
+        return cls(manifest=manifest, shards=shards, transform=transform, background=background, path=directory,
+                   frames=frames)  # fmt: skip
 
     def configure(self, *, expansion_search: int | None = None, rerank: int | None = None) -> IndexVersionFiles:
         """Changes the search-time knobs (the graph's ef, how many candidates are
@@ -161,10 +215,21 @@ class IndexVersionFiles:
         return int(self.manifest["count"])
 
     @property
+    def has_frames(self) -> bool:
+        return self._frames is not None
+
+    def frames_of(self, video_ids: list[int]) -> dict[int, Frames]:
+        """The frame descriptors of those of ``video_ids`` this version keeps a copy of
+        (none without a copy)."""
+        return self._frames.of(video_ids) if self._frames is not None and video_ids else {}
+
+    @property
     def hot_bytes(self) -> int:
         """Bytes that must stay in memory for fast searches: graphs, codes, keys and the
-        transform; the float copy is only read for the candidates being re-ranked."""
-        return sum((self.path / n).stat().st_size for n in self.manifest["files"] if not n.startswith("vectors-"))
+        transform; the float copy and the frames are only read for the candidates being
+        re-ranked."""
+        cold = ("vectors-", FRAMES, "frame-times")
+        return sum((self.path / n).stat().st_size for n in self.manifest["files"] if not n.startswith(cold))
 
     @property
     def nbytes(self) -> int:

@@ -667,7 +667,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
             label=f"floor {floor['cpu_ms_per_event']:.2f} ms",
         )
     right.set(ylabel="CPU ms per event", title=f"CPU per event at {results.get('breakdown_rate', '?')}/s")
-    right.legend(fontsize=8)
+    if breakdown or (floor and floor["cpu_ms_per_event"]):
+        right.legend(fontsize=8)
+    else:  # --work-events 0 and --no-floor: nothing measured to break down
+        right.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=right.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

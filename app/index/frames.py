@@ -13,6 +13,7 @@ cone, where every pair looks alike), and each query frame's similarity to it say
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,9 +42,22 @@ def pack(vectors: np.ndarray, times: np.ndarray) -> tuple[bytes, bytes]:
     return np.asarray(vectors, dtype=np.float16).tobytes(), np.asarray(times, dtype=np.float32).tobytes()
 
 
+def as_float32(vectors: np.ndarray) -> np.ndarray:
+    """Stored (float16) descriptors as float32. Through torch's vectorised conversion in a
+    process that has loaded torch (every worker that embeds), about three times numpy's
+    (64 candidates' 64 frames of 384-d: 0.6 ms against 2.0)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and vectors.dtype == np.float16:
+        # (torch takes only writable arrays: bytes read back are not, and copying float16
+        # costs a fraction of converting it)
+        writable = vectors if vectors.flags.writeable and vectors.flags.c_contiguous else vectors.copy()
+        return torch.from_numpy(writable).float().numpy()
+    return np.asarray(vectors, dtype=np.float32)
+
+
 def unpack(vectors: bytes, times: bytes | None, dim: int) -> Frames:
     """The :class:`Frames` stored as :func:`pack` wrote them (times: one a second when absent)."""
-    v = np.frombuffer(vectors, dtype=np.float16).reshape(-1, dim).astype(np.float32)
+    v = as_float32(np.frombuffer(vectors, dtype=np.float16).reshape(-1, dim))
     t = np.frombuffer(times, dtype=np.float32).astype(np.float64) if times else np.arange(len(v), dtype=np.float64)
     return Frames(v, t[: len(v)])
 

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from usearch.index import BatchMatches, Index
 
-from app.index.frames import Frames
+from app.index.frames import Frames, as_float32
 from app.index.hits import Hit, merge
 from app.index.params import IndexParams
 from app.index.transform import Transform, coarse_representation, normalise
@@ -123,12 +123,18 @@ class _FrameCopy:
     def of(self, video_ids: list[int]) -> dict[int, Frames]:
         """The frames of those of ``video_ids`` the copy holds (float32 copies)."""
         at = np.searchsorted(self.keys, video_ids).clip(0, max(len(self.keys) - 1, 0))
-        held = (self.keys[at] == video_ids).tolist() if len(self.keys) else [False] * len(video_ids)
-        starts, ends = self.offsets[at].tolist(), self.offsets[at + 1].tolist()
+        held = (self.keys[at] == video_ids) if len(self.keys) else np.zeros(len(video_ids), dtype=bool)
+        found = [v for v, kept in zip(video_ids, held.tolist(), strict=True) if kept]
+        if not found:
+            return {}
+        starts, ends = self.offsets[at[held]].tolist(), self.offsets[at[held] + 1].tolist()
+        # One gather of the float16 rows and one conversion, split into each video's.
+        vectors = as_float32(np.concatenate([self.vectors[a:b] for a, b in zip(starts, ends, strict=True)]))
+        times = np.concatenate([self.times[a:b] for a, b in zip(starts, ends, strict=True)]).astype(np.float64)
+        bounds = np.cumsum([b - a for a, b in zip(starts, ends, strict=True)])[:-1]
         return {
-            video_id: Frames(self.vectors[a:b].astype(np.float32), self.times[a:b].astype(np.float64))
-            for video_id, a, b, kept in zip(video_ids, starts, ends, held, strict=True)
-            if kept
+            video_id: Frames(v, t)
+            for video_id, v, t in zip(found, np.split(vectors, bounds), np.split(times, bounds), strict=True)
         }
 
 

@@ -3,8 +3,8 @@ background normalisation and fusion), through ``search_library`` on the configur
 Postgres, measured in the same run.
 
 A scratch model version gets ``--n`` library videos (clustered 512-d vectors, and
-``--frames`` float16 frame descriptors each, of the encoder's frame_dim, as the encoder
-stores them) and an index version built from them, with its copy of the frames.
+``--frames`` float16 frame descriptors each, of a fresh install's encoder's
+descriptor_dim, as the encoder stores them) and an index version built from them, with its copy of the frames.
 ``--queries`` searches run with the second stage off, then on with the candidates' frames
 taken from each place they can come from (the version's copy, the worker's cache, Postgres);
 the second stage's phases are timed apart (each way of reading the frames, the alignment;
@@ -37,7 +37,7 @@ from app.index import rebuild, search
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames, pack, unpack
 from app.index.rerank import rerank
 from app.index.version import IndexVersionFiles
-from app.learn.encoder import EncoderConfig
+from app.learn.encoder import INITIAL_CONFIG
 from app.models import Embedding, IndexVersion, ModelVersion, Video
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         threadpool_limits(limits=settings.blas_threads, user_api="blas")
     migrate()
     rng = np.random.default_rng(0)
-    dim, frame_dim = 512, EncoderConfig().frame_dim
+    dim, frame_dim = 512, INITIAL_CONFIG.descriptor_dim  # as a fresh install's encoder stores them
     vectors = _clustered(args.n, dim, rng)
     with session_scope() as s:
         model = ModelVersion(

@@ -525,7 +525,7 @@ def seed_library(n: int, *, seed: int = 0) -> list[int]:
 
     with session_scope() as session:
         model = active_model(session=session)
-        frame_dim = int((model.config or {}).get("frame_dim", EncoderConfig().frame_dim))
+        frame_dim = EncoderConfig.from_dict(model.config or {}).descriptor_dim  # as the encoder stores them
         have = list(session.scalars(select(Video.id).where(Video.uri.like("load://%"), Video.in_library)))[:n]
         without = list(
             session.scalars(

@@ -247,8 +247,9 @@ def test_refusal_before_any_frame_comes_from_the_iteration(tmp_path: Path) -> No
         EncoderConfig(frame_size=64),
         EncoderConfig(frame_size=64, serve="projection", embed_dim=256, projector_hidden=256, temporal="mean"),
         EncoderConfig(frame_size=64, library_norm="centre+whiten"),
+        EncoderConfig(frame_size=64, frame_thumbnail=16),
     ],
-    ids=["conv-representation", "mean-projection", "centre+whiten"],
+    ids=["conv-representation", "mean-projection", "centre+whiten", "thumbnails"],
 )
 def test_streamed_description_equals_the_whole_clip(twenty_s: Path, config: EncoderConfig) -> None:
     encoder = initial_encoder(config)
@@ -262,7 +263,7 @@ def test_streamed_description_equals_the_whole_clip(twenty_s: Path, config: Enco
         vector, frames = encoder.describe_stream(stream)
         clip = stream.sample().frames
     vectors, per_clip = encoder.describe([clip])
-    assert vector.shape == (config.output_dim,) and frames.shape == (20, config.frame_dim)
+    assert vector.shape == (config.output_dim,) and frames.shape == (20, config.descriptor_dim)
     np.testing.assert_allclose(vector, vectors[0], atol=1e-5)
     np.testing.assert_allclose(frames, per_clip[0], atol=1e-5)
     assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5

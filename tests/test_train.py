@@ -333,6 +333,31 @@ def test_frame_descriptors_come_from_the_backbone_pass_of_the_video_vector() -> 
         torch.testing.assert_close(f1, desc)
 
 
+def test_frame_descriptors_carry_each_frames_thumbnail() -> None:
+    """With ``frame_thumbnail``, a frame descriptor is the head's unit part, then the
+    frame's grey thumbnail (the tiny-frames baseline's descriptor of it), weighted so
+    that the whole is unit length; the video vector does not change; a flat frame's
+    descriptor is the head's alone."""
+    from app.evaluate.systems import tiny_frames
+
+    small = {"frame_size": 32, "embed_dim": 16, "projector_hidden": 16, "frame_dim": 8}
+    plain = initial_encoder(EncoderConfig(**small))
+    with_thumbnails = initial_encoder(EncoderConfig(**small, frame_thumbnail=8, frame_thumbnail_weight=0.3))
+    assert with_thumbnails.config.descriptor_dim == 8 + 64
+    rng = np.random.default_rng(4)
+    clip = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    clip[2] = 90  # a flat grey frame
+    (v_plain,), (f_plain,) = plain.describe([clip])
+    (v_thumb,), (f_thumb,) = with_thumbnails.describe([clip])
+    np.testing.assert_allclose(v_thumb, v_plain, atol=1e-6)
+    assert f_thumb.shape == (5, 72)
+    np.testing.assert_allclose(np.linalg.norm(f_thumb, axis=1), 1.0, atol=1e-5)
+    moving = [0, 1, 3, 4]
+    np.testing.assert_allclose(f_thumb[moving, :8], np.sqrt(0.7) * f_plain[moving], atol=1e-5)
+    np.testing.assert_allclose(f_thumb[moving, 8:], np.sqrt(0.3) * tiny_frames(clip[moving], size=8), atol=1e-5)
+    np.testing.assert_allclose(f_thumb[2], np.concatenate([f_plain[2], np.zeros(64)]), atol=1e-5)
+
+
 def test_default_families_keep_the_benchmarks_held_out_edits_out_of_training() -> None:
     from app.evaluate.edits import DEFAULT_EDITS, HELD_OUT_EDITS
     from app.learn.augment import FAMILIES

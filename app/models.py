@@ -145,7 +145,7 @@ class EmbeddingJob(Base):
     __tablename__ = "embedding_jobs"
 
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
-    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id", ondelete="CASCADE"), primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id", ondelete="CASCADE"), primary_key=True, index=True)
     requested_at: Mapped[datetime | None] = mapped_column()
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -194,7 +194,8 @@ class Event(Base):
 
     event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     payload: Mapped[dict[str, Any]] = mapped_column()
-    video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"))
+    # (every column that references a video is indexed: deleting a video checks them, 0008)
+    video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"), index=True)
     k: Mapped[int] = mapped_column(Integer)
     callback_url: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="received")  # received|fetching|embedding|served|failed
@@ -211,7 +212,7 @@ class Recommendation(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     event_id: Mapped[str] = mapped_column(ForeignKey("events.event_id"), unique=True)
-    query_video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"))
+    query_video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"), index=True)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     index_version_id: Mapped[int | None] = mapped_column(ForeignKey("index_versions.id"))
     results: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"items": [...]}

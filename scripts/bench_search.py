@@ -3,8 +3,9 @@ background normalisation and fusion), through ``search_library`` on the configur
 Postgres, measured in the same run.
 
 A scratch model version gets ``--n`` library videos (clustered 512-d vectors, and
-``--frames`` float16 frame descriptors each, of a fresh install's encoder's
-descriptor_dim, as the encoder stores them) and an index version built from them, with its copy of the frames.
+``--frames`` float16 frame descriptors each, ``--frame-dim`` of them, by default as a
+fresh install's encoder stores them) and an index version built from them, with its copy
+of the frames.
 ``--queries`` searches run with the second stage off, then on with the candidates' frames
 taken from each place they can come from (the version's copy, the worker's cache, Postgres);
 the second stage's phases are timed apart (each way of reading the frames, the alignment;
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench_search", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000, help="library videos")
     p.add_argument("--frames", type=int, default=64, help="frame descriptors per video")
+    p.add_argument("--frame-dim", type=int, default=INITIAL_CONFIG.descriptor_dim,
+                   help="frame descriptor size (default: a fresh install's encoder's)")  # fmt: skip
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args(argv)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         threadpool_limits(limits=settings.blas_threads, user_api="blas")
     migrate()
     rng = np.random.default_rng(0)
-    dim, frame_dim = 512, INITIAL_CONFIG.descriptor_dim  # as a fresh install's encoder stores them
+    dim, frame_dim = 512, args.frame_dim
     vectors = _clustered(args.n, dim, rng)
     with session_scope() as s:
         model = ModelVersion(
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     timings["frames read from the copy"].append((t2 - t1) * 1000)
                     timings["alignment"].append((t3 - t2) * 1000)
         table = Table(
-            title=f"warm search, {args.n} videos, {args.frames} frames each, "
+            title=f"warm search, {args.n} videos, {args.frames} frames of {frame_dim}-d each, "
             f"{settings.rerank_candidates} candidates re-ranked, k={args.k}"
         )
         for col in ("", "p50 ms", "p99 ms", "mean ms"):

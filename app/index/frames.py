@@ -1,9 +1,10 @@
 """Frame descriptors as they are stored and read back for the second stage of a search.
 
 Stored in the embedding's row (migration 0007): float16 (T, D) bytes, one L2-normalised
-descriptor per sampled frame, and float32 (T,) frame times in seconds. 128-d float16 is
-256 bytes a frame: a 64-frame video is 16 KB, read for each of the first stage's
-candidates in one statement.
+descriptor per sampled frame, and float32 (T,) frame times in seconds. The initial
+encoder's 384-d (app.learn.encoder.EncoderConfig.descriptor_dim) float16 is 768 bytes a
+frame: a 64-frame video is 48 KB, read for each of the first stage's candidates in one
+statement (or from an index version's copy, ``app.index.version``).
 
 The background is a fixed sample of the library's frames: their mean is subtracted from
 every frame before frames are compared (a network's raw descriptors crowd into a narrow

@@ -18,8 +18,8 @@ version (``app.index.build``). A version is a directory holding:
 - ``frames.f16`` (with ``frame-keys.npy``, ``frame-offsets.npy``, ``frame-times.npy``):
   a copy of the library videos' frame descriptors for the second stage of a search
   (``app.index.frames``), memory-mapped, so that a candidate's frames are a slice of a
-  file in the page cache rather than a Postgres row (16 KB of TOAST chunks for a
-  64-frame video); only where the build was given them (``settings.index_frames_file``).
+  file in the page cache rather than a Postgres row (48 KB of TOAST chunks for a
+  64-frame video of the initial encoder); only where the build was given them (``settings.index_frames_file``).
 
 Every file is checksummed before USearch or numpy reads it: a corrupt or foreign
 version is refused (``IndexFileError``) and the caller keeps serving the previous one.

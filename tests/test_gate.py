@@ -3,6 +3,7 @@ the library's own videos, through the served pipeline, before it may serve."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from support.media import make_video
 
 from app.learn import gate
-from app.learn.encoder import INITIAL_CONFIG, initial_encoder, save_checkpoint
+from app.learn.encoder import INITIAL_CONFIG, EncoderConfig, VideoEncoder, initial_encoder, save_checkpoint
 from app.learn.registry import INITIAL_MODEL_NAME
 from app.models import ModelVersion
 
@@ -22,10 +23,22 @@ def library(media_dir: Path) -> list[Path]:
     return [make_video(media_dir / f"gate-{i}.mp4", seconds=4, pattern=p) for i, p in enumerate(PATTERNS)]
 
 
-def _model(id_: int, name: str, checkpoint: Path | None) -> ModelVersion:
+# A model that gives every video and frame the same (zero) description: no ranking at all.
+# (Frame thumbnails are not weights, so zeroing cannot blank them: it has none.)
+BROKEN = dataclasses.replace(INITIAL_CONFIG, frame_thumbnail=0)
+
+
+def _broken() -> VideoEncoder:
+    model = initial_encoder(BROKEN)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def _model(id_: int, name: str, checkpoint: Path | None, config: EncoderConfig = INITIAL_CONFIG) -> ModelVersion:
     path = str(checkpoint) if checkpoint else None
-    config = INITIAL_CONFIG.to_dict()
-    return ModelVersion(id=id_, name=name, checkpoint_path=path, config=config, dim=INITIAL_CONFIG.output_dim)
+    return ModelVersion(id=id_, name=name, checkpoint_path=path, config=config.to_dict(), dim=config.output_dim)
 
 
 def test_copies_are_edited_stretches_of_each_video(library: list[Path], tmp_path: Path) -> None:
@@ -39,11 +52,7 @@ def test_a_model_worse_than_the_serving_one_is_refused_and_an_equal_one_passes(
     library: list[Path], tmp_path: Path, settings
 ) -> None:  # type: ignore[no-untyped-def]
     serving = _model(1, INITIAL_MODEL_NAME, None)  # the untrained encoder, as a fresh install serves it
-    broken = initial_encoder(INITIAL_CONFIG)
-    with torch.no_grad():
-        for p in broken.parameters():
-            p.zero_()  # every video and frame gets the same (zero) description: no ranking at all
-    worse = _model(2, "broken", save_checkpoint(tmp_path / "broken.pt", broken))
+    worse = _model(2, "broken", save_checkpoint(tmp_path / "broken.pt", _broken()), BROKEN)
     same = _model(3, "same-weights", save_checkpoint(tmp_path / "same.pt", initial_encoder(INITIAL_CONFIG)))
 
     refused = gate.compare(worse, serving, library, settings=settings)
@@ -77,16 +86,12 @@ def test_a_queued_run_whose_model_fails_the_gate_is_not_rolled_out(
     from app.media.register import register
     from workers.train_tasks import _passes_gate
 
-    broken = initial_encoder(INITIAL_CONFIG)
-    with torch.no_grad():
-        for p in broken.parameters():
-            p.zero_()
     with session_scope() as s:
         for path in library[:3]:  # (the shared test library may hold no other video yet)
             register(s, str(path), settings=settings, collection="gate")
         registry.active_model(session=s)
-        model = registry.register_model(session=s, name=f"gate-broken-{tmp_path.name}", config=INITIAL_CONFIG,
-                                        checkpoint_path=save_checkpoint(tmp_path / "broken.pt", broken))  # fmt: skip
+        model = registry.register_model(session=s, name=f"gate-broken-{tmp_path.name}", config=BROKEN,
+                                        checkpoint_path=save_checkpoint(tmp_path / "broken.pt", _broken()))  # fmt: skip
         model_id = model.id
     with caplog.at_level(logging.WARNING, logger="workers.train_tasks"):
         assert not _passes_gate(model_id)

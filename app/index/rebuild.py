@@ -59,11 +59,7 @@ def rebuild_index(
                                                       horizon=horizon)  # fmt: skip
     loaded = time.perf_counter() - started
     if session.get_bind().dialect.name == "postgresql":
-        # A rebuild follows the library's bulk changes: every search's statements are then
-        # planned with the statistics of the library it indexes, whether or not autovacuum
-        # runs (at 100k videos loaded and not analysed, the fresh-embeddings read was
-        # planned as a scan of every video: 189 ms a search, against 0.04 after).
-        session.execute(text("ANALYZE videos, embeddings"))
+        _analyse(session)
     directory = settings.index_dir / f"model{model.id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     # The second stage's frames copied into the version (settings.index_frames_file).
     frames_of: FramesOf | None = None
@@ -91,6 +87,17 @@ def rebuild_index(
     _remove_old_versions(session=session, settings=settings)
     logger.info("index version %d: %d vectors, %s, %.1fs", version.id, len(keys), built.dtype, version.build_seconds)
     return version
+
+
+def _analyse(session: Session) -> None:
+    """A rebuild follows the library's bulk changes: every search's statements are then
+    planned with the statistics of the library it indexes, whether or not autovacuum runs
+    (at 100k videos loaded and not analysed, the fresh-embeddings read was planned as a
+    scan of every video: 189 ms a search, against 0.04 after). On a connection of its own,
+    committed at once: in the rebuild's transaction its lock would keep autovacuum off
+    both tables until the build is done."""
+    with session.get_bind().engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("ANALYZE videos, embeddings"))
 
 
 def _stored_frames(video_ids: np.ndarray, *, session: Session, model_id: int) -> dict[int, Frames]:

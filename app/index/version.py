@@ -114,14 +114,14 @@ class _FrameCopy:
             or int(offsets[-1]) != total
             or times.shape != (total,)
         ):
-            raise IndexFileError(f"index frame copy {directory}/{FRAMES} does not match its manifest")  # fmt: skip
+            raise IndexFileError(f"index frame copy {directory}/{FRAMES} does not match its manifest")
         # A plain array over the mapping: slicing an np.memmap builds a memmap object per
         # slice (20 us a candidate, against 2 us).
         vectors = np.asarray(np.memmap(directory / FRAMES, dtype=np.float16, mode="r", shape=(total, dim)))
         return cls(keys, offsets, vectors, times)
 
     def of(self, video_ids: list[int]) -> dict[int, Frames]:
-        """The frames of those of ``video_ids`` the copy holds (float32 copies)."""
+        """The frames of those of ``video_ids`` the copy holds, as float32."""
         at = np.searchsorted(self.keys, video_ids).clip(0, max(len(self.keys) - 1, 0))
         held = (self.keys[at] == video_ids) if len(self.keys) else np.zeros(len(video_ids), dtype=bool)
         found = [v for v, kept in zip(video_ids, held.tolist(), strict=True) if kept]

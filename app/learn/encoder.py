@@ -272,8 +272,9 @@ class VideoEncoder(nn.Module):
         if not n:
             return None
         b, t = frames.shape[:2]
-        grey = torch.einsum("btchw,c->bthw", frames.float(), self.luma)
-        small = F.adaptive_avg_pool2d(grey.reshape(b * t, 1, *grey.shape[-2:]), n).reshape(b, t, n * n)
+        with torch.autocast(frames.device.type, enabled=False):  # float32 however the network runs
+            grey = torch.einsum("btchw,c->bthw", frames.float(), self.luma)
+            small = F.adaptive_avg_pool2d(grey.reshape(b * t, 1, *grey.shape[-2:]), n).reshape(b, t, n * n)
         centred = small - small.mean(-1, keepdim=True)
         norm = centred.norm(dim=-1, keepdim=True)
         # Flat within a grey level (1/255 of the range): no layout to compare, and its

@@ -62,9 +62,9 @@ def rebuild_index(
         _analyse(session)
     directory = settings.index_dir / f"model{model.id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     # The second stage's frames copied into the version (settings.index_frames_file).
-    frames_of: FramesOf | None = None
-    if settings.index_frames_file:
-        frames_of = functools.partial(_stored_frames, session=session, model_id=model.id)
+    frames_of: FramesOf | None = (
+        functools.partial(_stored_frames, session=session, model_id=model.id) if settings.index_frames_file else None
+    )
     built = build_version(keys=keys, vectors=vectors, directory=directory, params=params, frames_of=frames_of)
     queries.deactivate_versions(session=session)
     version = IndexVersion(

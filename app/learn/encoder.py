@@ -234,12 +234,13 @@ class VideoEncoder(nn.Module):
                 if len(chunk):
                     pixels = self._clip_tensor(chunk).unsqueeze(0)  # (1, n, 3, S, S)
                     parts.append(self.frame_features(pixels))  # (1, n, D)
-                    thumbnails.append(self._thumbnails(pixels))
+                    if self.config.frame_thumbnail:
+                        thumbnails.append(self._thumbnails(pixels))
         if not parts:
             raise ValueError("describe_stream needs at least one frame")
         feats = torch.cat(parts, dim=1)  # (1, T, D)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        joined = torch.cat(thumbnails, dim=1) if self.config.frame_thumbnail else None  # type: ignore[arg-type]
+        joined = torch.cat(thumbnails, dim=1) if thumbnails else None
         vectors, frames = self._heads(feats, mask, bf16=bf16, with_frames=True, thumbnails=joined)
         assert frames is not None
         return self._library_normalise(vectors)[0].cpu().numpy(), frames[0].cpu().numpy()
@@ -261,16 +262,14 @@ class VideoEncoder(nn.Module):
             mask[i, : len(clip)] = True
         with self._autocast(bf16):
             feats = self.frame_features(frames)
-        thumbnails = self._thumbnails(frames) if with_frames else None
+        thumbnails = self._thumbnails(frames) if with_frames and self.config.frame_thumbnail else None
         return self._heads(feats, mask, bf16=bf16, with_frames=with_frames, thumbnails=thumbnails)
 
-    def _thumbnails(self, frames: torch.Tensor) -> torch.Tensor | None:
-        """(B, T, 3, S, S) floats in [0, 1] -> (B, T, N*N): each frame's grey levels
-        averaged over N x N blocks, mean-centred, unit length (zeros for a flat frame);
-        None without thumbnails (config.frame_thumbnail 0)."""
+    def _thumbnails(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, S, S) floats in [0, 1] -> (B, T, N*N), N = config.frame_thumbnail:
+        each frame's grey levels averaged over N x N blocks, mean-centred, unit length
+        (zeros for a flat frame)."""
         n = self.config.frame_thumbnail
-        if not n:
-            return None
         b, t = frames.shape[:2]
         with torch.autocast(frames.device.type, enabled=False):  # float32 however the network runs
             grey = torch.einsum("btchw,c->bthw", frames.float(), self.luma)

@@ -56,11 +56,26 @@ class EncoderConfig:
     # an untrained network's features (README, "Thumbnails in the frame descriptors").
     frame_thumbnail: int = 0
     frame_thumbnail_weight: float = 0.3
+    # The thumbnail summed with its left-right, up-down and half-turn mirror images and
+    # kept as one quadrant ((N/2)^2 values): the same for a frame and its mirror image,
+    # where the network's features barely tell a mirrored frame from another one
+    # (README, "Mirror-invariant thumbnails"). N must be even.
+    frame_thumbnail_fold: bool = False
+
+    def __post_init__(self) -> None:
+        if self.frame_thumbnail_fold and self.frame_thumbnail % 2:
+            raise ValueError(f"a folded thumbnail needs an even size, got {self.frame_thumbnail}")
+
+    @property
+    def thumbnail_dim(self) -> int:
+        """The values a frame's thumbnail adds to its descriptor."""
+        side = self.frame_thumbnail // 2 if self.frame_thumbnail_fold else self.frame_thumbnail
+        return side * side
 
     @property
     def descriptor_dim(self) -> int:
         """The dimension of a stored frame descriptor (frame_dim, then the thumbnail)."""
-        return self.frame_dim + self.frame_thumbnail**2
+        return self.frame_dim + self.thumbnail_dim
 
     @property
     def representation_dim(self) -> int:
@@ -266,14 +281,19 @@ class VideoEncoder(nn.Module):
         return self._heads(feats, mask, bf16=bf16, with_frames=with_frames, thumbnails=thumbnails)
 
     def _thumbnails(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, S, S) floats in [0, 1] -> (B, T, N*N), N = config.frame_thumbnail:
-        each frame's grey levels averaged over N x N blocks, mean-centred, unit length
-        (zeros for a flat frame)."""
+        """(B, T, 3, S, S) floats in [0, 1] -> (B, T, config.thumbnail_dim): each frame's
+        grey levels averaged over N x N blocks (N = config.frame_thumbnail), folded onto
+        one quadrant with ``frame_thumbnail_fold``, mean-centred, unit length (zeros for a
+        flat frame)."""
         n = self.config.frame_thumbnail
         b, t = frames.shape[:2]
         with torch.autocast(frames.device.type, enabled=False):  # float32 however the network runs
             grey = torch.einsum("btchw,c->bthw", frames.float(), self.luma)
-            small = F.adaptive_avg_pool2d(grey.reshape(b * t, 1, *grey.shape[-2:]), n).reshape(b, t, n * n)
+            small = F.adaptive_avg_pool2d(grey.reshape(b * t, 1, *grey.shape[-2:]), n)  # (B*T, 1, N, N)
+            if self.config.frame_thumbnail_fold:
+                small = small + small.flip(-1)
+                small = (small + small.flip(-2))[..., : n // 2, : n // 2]
+            small = small.reshape(b, t, -1)
         centred = small - small.mean(-1, keepdim=True)
         norm = centred.norm(dim=-1, keepdim=True)
         # Flat within a grey level (1/255 of the range): no layout to compare, and its
@@ -302,7 +322,7 @@ class VideoEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """(B, T, D) frame features, mask (B, T) -> the (B, base_dim) unit served vectors
         and, with ``with_frames``, the (B, T, descriptor_dim) unit frame descriptors (the
-        frames' ``thumbnails`` (B, T, N*N), :meth:`_thumbnails`, after the head's part)."""
+        frames' ``thumbnails`` (B, T, thumbnail_dim), :meth:`_thumbnails`, after the head's part)."""
         with self._autocast(bf16):
             rep = self.pool(feats, mask)
             out = rep if self.config.serve == "representation" else self.projector(rep)
@@ -361,7 +381,7 @@ class VideoEncoder(nn.Module):
 # (frame_thumbnail), chosen on the same dev parts: recall@1 0.770 against 0.711 without,
 # mAP 0.837 against 0.804, µAP 0.638 against 0.612 (README, "Thumbnails in the frame
 # descriptors").
-INITIAL_CONFIG = EncoderConfig(frame_size=64, frame_thumbnail=16)
+INITIAL_CONFIG = EncoderConfig(frame_size=64, frame_thumbnail=16, frame_thumbnail_fold=True)
 
 
 def initial_encoder(config: EncoderConfig, seed: int = 0) -> VideoEncoder:

@@ -160,10 +160,15 @@ def _pair(flat: np.ndarray, smooth: np.ndarray, soft: np.ndarray, moving: np.nda
     smooth (blurred) ones only where both ends have one of about the same width."""
     n = len(flat)
     start, end = _border(flat, moving), _border(flat[::-1], moving[::-1])
-    blur_start, blur_end = _border(flat | smooth, moving), _border((flat | smooth)[::-1], moving[::-1])
+    blurred = flat | smooth
+    blur_start, blur_end = _border(blurred, None), _border(blurred[::-1], None)
     wider = blur_start > start or blur_end > end
     if wider and blur_start and blur_end and abs(blur_start - blur_end) <= BLUR_SYMMETRY * n:
-        start, end = _edge(blur_start, soft), _edge(blur_end, soft[::-1])
+        blur_start, blur_end = _edge(blur_start, soft), _edge(blur_end, soft[::-1])
+        # The picture must move past the bar's soft edge lines, not at them: a blurred bar
+        # is a copy of the picture and moves too, just under MOVING_TIME_STD at its edge.
+        if _moves(moving, blur_start) and _moves(moving[::-1], blur_end):
+            start, end = blur_start, blur_end
     return start, end
 
 
@@ -186,9 +191,14 @@ def _border(line_is_border: np.ndarray, moving: np.ndarray | None) -> int:
     width = first + 1 if first else 0
     if width < MIN_BORDER * n or width > MAX_BORDER * n:
         return 0
-    if moving is not None and np.mean(moving[width : width + MOVING_LINES]) < 0.5:
+    if moving is not None and not _moves(moving, width):
         return 0
     return width
+
+
+def _moves(moving: np.ndarray, width: int) -> bool:
+    """Whether most of the MOVING_LINES lines after a border of ``width`` lines move."""
+    return bool(np.mean(moving[width : width + MOVING_LINES]) >= 0.5)
 
 
 def _detect_times(duration_s: float, count: int) -> list[float]:

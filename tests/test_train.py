@@ -362,24 +362,25 @@ def test_folded_thumbnails_are_the_same_for_a_frame_and_its_mirror_images() -> N
     """With ``frame_thumbnail_fold``, a frame's thumbnail is its N x N thumbnail summed
     with its mirror images and kept as one quadrant: (N/2)^2 values, the same for the
     frame mirrored left-right, up-down or both, and still telling different frames apart."""
+    from app.evaluate.systems import tiny_frames
+
     small = {"frame_size": 32, "embed_dim": 16, "projector_hidden": 16, "frame_dim": 8}
     folded = initial_encoder(EncoderConfig(**small, frame_thumbnail=8, frame_thumbnail_fold=True))
     assert folded.config.descriptor_dim == 8 + 16
     rng = np.random.default_rng(5)
     clip = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     mirrors = [clip[:, :, ::-1], clip[:, ::-1], clip[:, ::-1, ::-1]]
-    (_, *_), (f_clip, *f_mirrors) = folded.describe([clip, *mirrors])
+    _, (f_clip, *f_mirrors) = folded.describe([clip, *mirrors])
     assert f_clip.shape == (4, 24)
     w = folded.config.frame_thumbnail_weight
     thumbs = f_clip[:, 8:] / np.sqrt(w)
     np.testing.assert_allclose(np.linalg.norm(thumbs, axis=1), 1.0, atol=1e-5)
     for mirrored in f_mirrors:
         np.testing.assert_allclose(mirrored[:, 8:], f_clip[:, 8:], atol=1e-5)
-    # by hand: the 8 x 8 grey block means, each summed with its three mirror positions
-    grey = clip.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255
-    blocks = grey.reshape(4, 8, 4, 8, 4).mean(axis=(2, 4))
+    # by hand: the tiny-frames baseline's 8 x 8 thumbnail, each value summed with its three
+    # mirror positions (centring commutes with the fold: a quadrant's mean is 4 x the frame's)
+    blocks = tiny_frames(clip, size=8).reshape(4, 8, 8)
     quadrant = (blocks + blocks[:, ::-1] + blocks[:, :, ::-1] + blocks[:, ::-1, ::-1])[:, :4, :4].reshape(4, 16)
-    quadrant -= quadrant.mean(axis=1, keepdims=True)
     np.testing.assert_allclose(thumbs, quadrant / np.linalg.norm(quadrant, axis=1, keepdims=True), atol=1e-4)
     assert np.abs(thumbs @ thumbs.T - np.eye(4)).max() < 0.9  # distinct frames stay distinct
     with pytest.raises(ValueError, match="even size"):

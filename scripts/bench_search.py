@@ -4,12 +4,13 @@ Postgres, measured in the same run.
 
 A scratch model version gets ``--n`` library videos (clustered 512-d vectors, and
 ``--frames`` float16 frame descriptors each, ``--frame-dim`` of them, by default as a
-fresh install's encoder stores them) and an index version built from them, with its copy
-of the frames.
+fresh install's encoder stores them, compared under mirror images as that encoder's are) and an index
+version built from them, with its copy of the frames.
 ``--queries`` searches run with the second stage off, then on with the candidates' frames
 taken from each place they can come from (the version's copy, the worker's cache, Postgres);
 the second stage's phases are timed apart (each way of reading the frames, the alignment;
-the background is read once, as a worker reads it once per index version). The rows and
+the background is read once, as a worker reads it once per index version), the alignment
+also with plain products, to show what matching under mirror images costs. The rows and
 the version's files are deleted afterwards. The second stage's cost depends on the
 candidates and their frames, not on the library's size: the first stage's at a million
 videos is `bench index`'s.
@@ -36,6 +37,7 @@ from app.db import migrate, session_scope
 from app.index import queries as index_queries
 from app.index import rebuild, search
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames, pack, unpack
+from app.index.mirrors import Mirrors
 from app.index.rerank import rerank
 from app.index.version import IndexVersionFiles
 from app.learn.encoder import INITIAL_CONFIG
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     with session_scope() as s:
         model = ModelVersion(
             name=f"bench-search-{uuid.uuid4().hex[:8]}",
-            config={},
+            # A fresh install's encoder's layout (mirror components) where the size is its.
+            config=INITIAL_CONFIG.to_dict() if frame_dim == INITIAL_CONFIG.descriptor_dim else {},
             checkpoint_path=None,
             dim=dim,
             trained=False,
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "frames read from the copy": [],
             "frames read from Postgres": [],
             "alignment": [],
+            "alignment, plain products (no mirror images)": [],
         }
         # Where the second stage finds the candidates' frames: the index version's
         # memory-mapped copy (VIDSIM_INDEX_FRAMES_FILE, default), else the worker's cache
@@ -145,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         uncached = settings.model_copy(update={"index_frames_file": False, "rerank_frame_cache_mb": 0})
         with session_scope() as s:
             model = s.get_one(ModelVersion, model_id)
-            background = Background.of(
-                index_queries.background_frames(session=s, model_id=model_id, limit=BACKGROUND_VIDEOS)
-            )  # as search_library keeps it: read once per index version
+            sample = index_queries.background_frames(session=s, model_id=model_id, limit=BACKGROUND_VIDEOS)
+            # as search_library keeps it: read once per index version
+            background = Background.of(sample, mirrors=Mirrors.of(model.config))
+            plain = Background.of(sample)
             version = s.scalars(select(IndexVersion).where(IndexVersion.model_version_id == model_id)).one()
             files = IndexVersionFiles.view(Path(version.path), sha256=version.sha256, dim=dim)
 
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     t2 = time.perf_counter()
                     rerank(query_frames[i], stored, background, locate=args.k)
                     t3 = time.perf_counter()
+                    rerank(query_frames[i], stored, plain, locate=args.k)
+                    timings["alignment, plain products (no mirror images)"].append((time.perf_counter() - t3) * 1000)
                     assert copied.keys() == stored.keys(), "the version's copy holds every candidate's frames"
                     timings["frames read from Postgres"].append((t1 - t) * 1000)
                     timings["frames read from the copy"].append((t2 - t1) * 1000)

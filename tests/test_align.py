@@ -8,6 +8,7 @@ import pytest
 
 from app.index.align import BACKGROUND_RANK, align, frame_references, unit_rows
 from app.index.frames import Background, Frames, pack, unpack
+from app.index.mirrors import Mirrors, mirror_basis
 from app.index.rerank import rerank
 
 DIM = 64
@@ -135,6 +136,46 @@ def test_normalisation_demotes_frames_that_look_like_everything() -> None:
     bg = Background.of(others)
     aligned = rerank(Frames(query, _times(4)), {1: Frames(generic, _times(4)), 2: Frames(real, _times(4))}, bg)
     assert aligned[2].alignment.score > aligned[1].alignment.score
+
+
+def test_mirror_matching_is_the_best_of_the_four_mirror_images() -> None:
+    """Frames whose descriptors end in mirror components are compared, centred and
+    background levels alike, as the best of the query frame as it is and its three mirror
+    images (flipped grids, then compared with plain cosines), and the mean frame they are
+    centred on is mirror-symmetric; a mirrored copy is re-ranked as its source would be."""
+    rng = np.random.default_rng(8)
+    n, head = 8, 6
+    basis = mirror_basis(n)
+    layout = Mirrors(head, (n // 2) ** 2)
+
+    def described(grids: np.ndarray, heads: np.ndarray) -> np.ndarray:  # (T, n, n) grids -> descriptors
+        return np.concatenate([heads, grids.reshape(len(grids), -1) @ basis.T], axis=1).astype(np.float32)
+
+    def video(t: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.normal(size=(t, n, n)), rng.normal(size=(t, head))
+
+    videos = [video(6) for _ in range(10)]
+    bg = Background.of([described(*v) for v in videos], mirrors=layout)
+    plain = Background.of([described(*v) for v in videos])
+    assert bg is not None and plain is not None
+    np.testing.assert_allclose(layout.symmetric(bg.centre)[head:], bg.centre[head:])
+    grids, heads = video(5)
+    query = described(grids, heads)
+    candidates = described(*video(7))
+    flips = [grids, grids[:, :, ::-1], grids[:, ::-1], grids[:, ::-1, ::-1]]
+    by_hand = np.max([unit_rows(candidates, bg.centre) @ unit_rows(described(g, heads), bg.centre).T for g in flips],
+                     axis=0)  # fmt: skip
+    np.testing.assert_allclose(bg.similarity(candidates, bg.prepare(query)), by_hand, atol=1e-5)
+    levels = frame_references(bg.prepare(query), bg.frames, bg.valid, products=layout.products)
+    np.testing.assert_allclose(bg.levels(bg.prepare(query)), levels)
+    assert (levels >= frame_references(bg.prepare(query), bg.frames, bg.valid) - 1e-6).all()
+    # A source's mirrored copy (head unchanged: only the thumbnail is mirrored) against the
+    # source and an unrelated video: found under mirror matching, missed without.
+    source_grids, source_heads = videos[3]
+    copy = Frames(described(source_grids[:, :, ::-1], source_heads), _times(6))
+    library = {1: Frames(described(*videos[3]), _times(6)), 2: Frames(described(*videos[7]), _times(6))}
+    assert rerank(copy, library, bg)[1].alignment.score > 0.5
+    assert rerank(copy, library, plain)[1].alignment.score < rerank(copy, library, bg)[1].alignment.score - 0.2
 
 
 def test_frames_round_trip_through_storage() -> None:

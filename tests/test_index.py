@@ -719,18 +719,26 @@ def test_bench_exact_reference_spreads_its_batch_over_threads() -> None:
     assert np.array_equal(one[0][:, 0], [exact_search(np.arange(500), library, q, 1)[0].key for q in queries_])
 
 
-def test_second_stage_serves_what_the_benchmark_scores(session, settings) -> None:  # type: ignore[no-untyped-def]
+# Frame descriptors as an encoder without thumbnails stores them, and with a 4 x 4
+# thumbnail in mirror components after a 12-d head (matched under mirror images).
+@pytest.mark.parametrize(
+    "encoder_config", [{}, {"frame_dim": 12, "frame_thumbnail": 2, "frame_thumbnail_mirrors": True}],
+    ids=["plain", "mirror-components"],
+)  # fmt: skip
+def test_second_stage_serves_what_the_benchmark_scores(session, settings, encoder_config) -> None:  # type: ignore[no-untyped-def]
     """The benchmark scores the served path: for the same library, search_library (first
     stage, frame re-rank from the stored descriptors, fusion) ranks and scores as
-    app.evaluate.served.second_stage does on the benchmark's matrices."""
+    app.evaluate.served.second_stage does on the benchmark's matrices, frames matched
+    under mirror images where the model's descriptors have mirror components."""
     from app.evaluate.served import SecondStage, second_stage, served_scores
+    from app.index.mirrors import Mirrors
     from app.serve import queries as serve_queries
 
     rng = np.random.default_rng(41)
     dim, frame_dim, n = 32, 16, 40
     # A model of its own: its embeddings are only this test's, searched exactly.
-    model = ModelVersion(name=f"second-stage-{uuid.uuid4().hex[:8]}", config={}, checkpoint_path=None, dim=dim,
-                         trained=False, data_summary={})  # fmt: skip
+    model = ModelVersion(name=f"second-stage-{uuid.uuid4().hex[:8]}", config=encoder_config, checkpoint_path=None,
+                         dim=dim, trained=False, data_summary={})  # fmt: skip
     session.add(model)
     session.flush()
     library = _unit(n, dim, seed=42)
@@ -752,7 +760,9 @@ def test_second_stage_serves_what_the_benchmark_scores(session, settings) -> Non
     session.commit()
 
     first = served_scores(queries_v, library, params=IndexParams(dtype="f32"))
-    expected = second_stage(first, queries_f, frames, stage=SecondStage(settings.rerank_candidates))
+    mirrors = Mirrors.of(encoder_config)
+    assert (mirrors is None) == (not encoder_config)
+    expected = second_stage(first, queries_f, frames, stage=SecondStage(settings.rerank_candidates), mirrors=mirrors)
     column = {v.id: j for j, v in enumerate(videos)}
 
     def searched_as_on_the_benchmark(config: Settings) -> None:

@@ -387,6 +387,42 @@ def test_folded_thumbnails_are_the_same_for_a_frame_and_its_mirror_images() -> N
         EncoderConfig(**small, frame_thumbnail=7, frame_thumbnail_fold=True)
 
 
+def test_mirror_matched_thumbnails_match_a_frame_and_its_mirror_images() -> None:
+    """With ``frame_thumbnail_mirrors``, a frame's thumbnail is its whole N x N thumbnail
+    (the tiny-frames baseline's) in its mirror components: the same cosines as the
+    thumbnails', and a mirrored frame's components are the frame's with signs changed,
+    so the second stage finds the mirror image at similarity 1 where the plain product
+    does not."""
+    from app.evaluate.systems import tiny_frames
+    from app.index.mirrors import Mirrors, mirror_basis
+
+    small = {"frame_size": 32, "embed_dim": 16, "projector_hidden": 16, "frame_dim": 8}
+    config = EncoderConfig(**small, frame_thumbnail=8, frame_thumbnail_mirrors=True)
+    encoder = initial_encoder(config)
+    assert config.descriptor_dim == 8 + 64
+    layout = Mirrors.of(config.to_dict())
+    assert layout == Mirrors(8, 16) and Mirrors.of(EncoderConfig(**small, frame_thumbnail=8).to_dict()) is None
+    rng = np.random.default_rng(6)
+    clip = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mirrored = [clip[:, :, ::-1], clip[:, ::-1], clip[:, ::-1, ::-1]]
+    _, (f_clip, *f_mirrors) = encoder.describe([clip, *mirrored])
+    w = config.frame_thumbnail_weight
+    thumbs = f_clip[:, 8:] / np.sqrt(w)
+    np.testing.assert_allclose(thumbs, tiny_frames(clip, size=8) @ mirror_basis(8).T, atol=1e-5)
+    signs = {"left-right": (1, -1, 1, -1), "up-down": (1, 1, -1, -1), "half turn": (1, -1, -1, 1)}
+    for (name, sign), f_mirror in zip(signs.items(), f_mirrors, strict=True):
+        flipped = (thumbs.reshape(4, 4, 16) * np.array(sign)[None, :, None]).reshape(4, 64)
+        np.testing.assert_allclose(f_mirror[:, 8:] / np.sqrt(w), flipped, atol=1e-5, err_msg=name)
+        thumb_only = np.concatenate([np.zeros((4, 8)), f_mirror[:, 8:]], axis=1)
+        best = layout.products(f_clip, thumb_only)
+        np.testing.assert_allclose(np.diag(best), w, atol=1e-5)  # the mirror image, found
+        assert np.diag(f_clip @ thumb_only.T).max() < 0.9 * w  # the plain product misses it
+    with pytest.raises(ValueError, match="even size"):
+        EncoderConfig(**small, frame_thumbnail=7, frame_thumbnail_mirrors=True)
+    with pytest.raises(ValueError, match="not both"):
+        EncoderConfig(**small, frame_thumbnail=8, frame_thumbnail_mirrors=True, frame_thumbnail_fold=True)
+
+
 def test_default_families_keep_the_benchmarks_held_out_edits_out_of_training() -> None:
     from app.evaluate.edits import DEFAULT_EDITS, HELD_OUT_EDITS
     from app.learn.augment import FAMILIES

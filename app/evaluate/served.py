@@ -15,7 +15,8 @@ The second stage (:func:`second_stage`) then re-ranks each query's first
 ``SecondStage.candidates`` by frame alignment with :func:`app.index.rerank.rerank`, the
 function serving calls, against a background sample of the library's frames: every
 system with frames (the encoders' frame descriptors, tiny frames' and pHash's per-frame
-codes) gets it.
+codes) gets it, and every system whose frames are thumbnails (the encoders' that carry
+them in mirror components, and tiny frames) is matched under mirror images alike.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from app.index.align import BETA
 from app.index.build import build_version
 from app.index.calibrate import CALIBRATION_PERCENTILE, calibrate, calibration_reference
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
+from app.index.mirrors import Mirrors
 from app.index.params import IndexParams
 from app.index.rerank import rerank
 from app.index.version import IndexVersionFiles
@@ -97,18 +99,20 @@ def second_stage(
     stage: SecondStage,
     seed: int = 0,
     fps: float = 1.0,
+    mirrors: Mirrors | None = None,
 ) -> np.ndarray:
     """(Q, L) scores: each query's top ``stage.candidates`` columns of the first stage's
     ``first`` (calibrated scores) re-ranked by their frame-alignment score with the query,
     fused with ``first`` as serving fuses them, the others below every re-ranked one.
-    Frames are (T_i, D) per clip, sampled ``fps`` a second."""
+    Frames are (T_i, D) per clip, sampled ``fps`` a second, compared under their mirror
+    images where ``mirrors`` says where their mirror components are."""
     first = np.asarray(first, dtype=np.float64)
     n_q, n_l = first.shape
     if stage.candidates <= 0 or n_q == 0 or n_l == 0:
         return first
     rng = np.random.default_rng(seed + 2)
     sample = np.sort(rng.choice(n_l, min(n_l, BACKGROUND_VIDEOS), replace=False))
-    background = Background.of([library_frames[j] for j in sample])
+    background = Background.of([library_frames[j] for j in sample], mirrors=mirrors)
 
     def frames_of(x: np.ndarray) -> Frames:
         return Frames(np.asarray(x, dtype=np.float32), np.arange(len(x), dtype=np.float64) / fps)

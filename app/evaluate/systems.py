@@ -7,7 +7,9 @@ version of the library and calibrate what it returns, exactly as serving does
 (:mod:`.served`); the perceptual hash, no vector, is calibrated the same way from its
 matrix. Then every system's first-stage candidates are re-ranked by aligning their per-
 frame descriptors with the query's (:func:`.served.second_stage`): the encoders' frame
-descriptors, tiny frames' and pHash's per-frame codes. With ``ablation``, each system
+descriptors, tiny frames' and pHash's per-frame codes; thumbnails (tiny frames, and the
+encoders' frame descriptors that end in one) are matched under mirror images alike
+(:mod:`app.index.mirrors`). With ``ablation``, each system
 also reports its first stage alone and its second stage without normalisation. Every
 encoder, trained or not, has its library normalisation (centring and whitening,
 ``EncoderConfig.library_norm``) fitted on the library it is scored against, so
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from app.evaluate.served import SecondStage, calibrated_rows, second_stage, served_scores
+from app.index.mirrors import Mirrors, mirror_basis
 from app.index.params import IndexParams
 
 Clip = np.ndarray  # (T, S, S, 3) uint8 RGB frames, sampled at a fixed rate
@@ -61,13 +64,14 @@ class System:
 
 def _with_second_stage(
     first: np.ndarray, q_frames: list[np.ndarray], l_frames: list[np.ndarray], *,
-    stage: SecondStage, params: IndexParams, ablation: bool,
+    stage: SecondStage, params: IndexParams, ablation: bool, mirrors: Mirrors | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    out = {"": second_stage(first, q_frames, l_frames, stage=stage, seed=params.seed)}
+    out = {"": second_stage(first, q_frames, l_frames, stage=stage, seed=params.seed, mirrors=mirrors)}
     if ablation:
         out[FIRST_STAGE_ONLY] = first
         unnormalised = dataclasses.replace(stage, beta=0.0)
-        out[UNNORMALISED] = second_stage(first, q_frames, l_frames, stage=unnormalised, seed=params.seed)
+        out[UNNORMALISED] = second_stage(first, q_frames, l_frames, stage=unnormalised, seed=params.seed,
+                                         mirrors=mirrors)  # fmt: skip
     return out
 
 
@@ -81,18 +85,21 @@ def vector_system(
     baseline: bool = True,
     ablation: bool = False,
     fit: Callable[[list[Clip]], None] | None = None,
+    mirrors: Mirrors | None = None,
 ) -> System:
     """A system from a descriptor (clips -> video vectors and frame descriptors), scored
-    on the served path (:func:`app.evaluate.served.served_scores`, then the second stage).
-    ``fit`` is given the library clips first (the statistics a descriptor learns from the
-    library it serves)."""
+    on the served path (:func:`app.evaluate.served.served_scores`, then the second stage,
+    frames matched under mirror images where ``mirrors`` says where their mirror
+    components are). ``fit`` is given the library clips first (the statistics a
+    descriptor learns from the library it serves)."""
 
     def score(queries: list[Clip], library: list[Clip]) -> dict[str, np.ndarray]:
         if fit is not None:
             fit(library)
         (q_vectors, q_frames), (l_vectors, l_frames) = describe(queries), describe(library)
         first = served_scores(q_vectors, l_vectors, params=params)
-        return _with_second_stage(first, q_frames, l_frames, stage=stage, params=params, ablation=ablation)
+        return _with_second_stage(first, q_frames, l_frames, stage=stage, params=params, ablation=ablation,
+                                  mirrors=mirrors)  # fmt: skip
 
     return System(name, frame_size, score, baseline)
 
@@ -116,7 +123,8 @@ def encoder_system(
         model.fit_library_norm(library, batch_size=batch_size)
 
     return vector_system(name, int(model.config.frame_size), describe, params=params, stage=stage,
-                         baseline=baseline, ablation=ablation, fit=fit)  # fmt: skip
+                         baseline=baseline, ablation=ablation, fit=fit,
+                         mirrors=Mirrors.of(model.config.to_dict()))  # fmt: skip
 
 
 def _gray(frames: np.ndarray) -> np.ndarray:
@@ -137,17 +145,26 @@ def tiny_frames(clip: Clip, *, size: int = 16) -> np.ndarray:
 
 def tiny_frames_descriptor(clips: list[Clip], *, size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
     """Each clip's :func:`tiny_frames` averaged over time, (N, size*size) L2-normalised,
-    and the frames themselves."""
+    and the frames themselves in their mirror components (:mod:`app.index.mirrors`)."""
     frames = [tiny_frames(clip, size=size) for clip in clips]
     out = np.stack([x.mean(axis=0) for x in frames]) if frames else np.zeros((0, size * size), np.float32)
-    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6), frames
+    basis = mirror_basis(size).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6), [x @ basis.T for x in frames]
 
 
 def tiny_frames_system(*, params: IndexParams, stage: SecondStage, ablation: bool = False,
                        frame_size: int = SMALL_FRAME) -> System:  # fmt: skip
-    """The tiny-frames baseline: :func:`tiny_frames_descriptor` on the served path."""
-    return vector_system("tiny frames", frame_size, tiny_frames_descriptor, params=params, stage=stage,
-                         ablation=ablation)  # fmt: skip
+    """The tiny-frames baseline: :func:`tiny_frames_descriptor` on the served path, its
+    frames matched under mirror images as the encoders' thumbnails are."""
+    return vector_system(
+        "tiny frames",
+        frame_size,
+        tiny_frames_descriptor,
+        params=params,
+        stage=stage,
+        ablation=ablation,
+        mirrors=Mirrors(0, 8 * 8),
+    )  # fmt: skip (its 16 x 16 grid's)
 
 
 def _dct_matrix(n: int) -> np.ndarray:

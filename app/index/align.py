@@ -25,7 +25,7 @@ which part of the query matches which part of the candidate, in seconds.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,16 +64,21 @@ def unit_rows(x: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(min=1e-6)
 
 
-def frame_references(query: np.ndarray, background: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def frame_references(
+    query: np.ndarray, background: np.ndarray, valid: np.ndarray,
+    *, products: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:  # fmt: skip
     """Each query frame's background level (Tq,): its best similarity to each background
     video's frames, the :data:`BACKGROUND_RANK`-th highest over videos. ``background`` is
     (B, F_max, D) unit frames, ``valid`` (B, F_max) marks the real ones; fewer than
-    BACKGROUND_RANK background videos give zeros (no normalisation)."""
+    BACKGROUND_RANK background videos give zeros (no normalisation). Similarities are
+    ``products(query, frames)`` (default: dot products)."""
     n_videos = int(valid.any(axis=1).sum())
     if n_videos < BACKGROUND_RANK or len(query) == 0:
         return np.zeros(len(query), dtype=np.float32)
     b, f, d = background.shape
-    sims = (query @ background.reshape(b * f, d).T).reshape(len(query), b, f)  # (Tq, B, F)
+    flat = background.reshape(b * f, d)
+    sims = (products(query, flat) if products is not None else query @ flat.T).reshape(len(query), b, f)
     best = np.where(valid[None], sims, -np.inf).max(axis=2)  # (Tq, B)
     return -np.partition(-best, BACKGROUND_RANK - 1, axis=1)[:, BACKGROUND_RANK - 1].astype(np.float32)
 

@@ -9,7 +9,9 @@ statement (or from an index version's copy, ``app.index.version``).
 The background is a fixed sample of the library's frames: their mean is subtracted from
 every frame before frames are compared (a network's raw descriptors crowd into a narrow
 cone, where every pair looks alike), and each query frame's similarity to it says what
-"similar" means around that frame (``app.index.align.frame_references``).
+"similar" means around that frame (``app.index.align.frame_references``). Where the
+descriptors end in mirror components (:mod:`app.index.mirrors`), frames are compared under
+their mirror images too, the best of the four, and the mean is taken mirror-symmetric.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.index.align import unit_rows
+from app.index.align import frame_references, unit_rows
+from app.index.mirrors import Mirrors
 
 # Background: at most this many library videos, and this many frames of each.
 BACKGROUND_VIDEOS = 64
@@ -66,41 +69,60 @@ def unpack(vectors: bytes, times: bytes | None, dim: int) -> Frames:
 @dataclass(frozen=True)
 class Background:
     """The library's mean frame ``centre`` (D,), and ``frames`` (B, F, D): a few centred
-    unit frames of each of B library videos, ``valid`` (B, F) marking the real ones."""
+    unit frames of each of B library videos, ``valid`` (B, F) marking the real ones.
+    With ``mirrors``, frames are compared under their mirror images too."""
 
     centre: np.ndarray
     frames: np.ndarray
     valid: np.ndarray
+    mirrors: Mirrors | None = None
 
     @classmethod
-    def of(cls, videos: Sequence[np.ndarray], *, per_video: int = BACKGROUND_FRAMES_PER_VIDEO) -> Background | None:
-        """From the frame descriptors (T_i, D) of some library videos; None without any."""
+    def of(
+        cls, videos: Sequence[np.ndarray], *, per_video: int = BACKGROUND_FRAMES_PER_VIDEO,
+        mirrors: Mirrors | None = None,
+    ) -> Background | None:  # fmt: skip
+        """From the frame descriptors (T_i, D) of some library videos, whose mirror
+        components (if any) lie where ``mirrors`` says; None without any."""
         videos = [np.asarray(v, dtype=np.float32) for v in videos if len(v)]
         if not videos:
             return None
         dim = videos[0].shape[1]
         centre = np.concatenate(videos).mean(axis=0)
+        if mirrors is not None:
+            centre = mirrors.symmetric(centre)
         frames = np.zeros((len(videos), per_video, dim), dtype=np.float32)
         valid = np.zeros((len(videos), per_video), dtype=bool)
         for i, v in enumerate(videos):
             rows = np.unique(np.linspace(0, len(v) - 1, min(per_video, len(v))).round().astype(int))
             frames[i, : len(rows)] = unit_rows(v[rows], centre)
             valid[i, : len(rows)] = True
-        return cls(centre.astype(np.float32), frames, valid)
+        return cls(centre.astype(np.float32), frames, valid, mirrors)
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         """Frames as they are compared: centred on the library's mean frame, unit length."""
         return unit_rows(vectors, self.centre)
 
+    def products(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """(Nl, Nr) dot products of two sets of frames: the best over mirror images with
+        ``mirrors``."""
+        return self.mirrors.products(left, right) if self.mirrors is not None else left @ right.T
+
+    def levels(self, prepared: np.ndarray) -> np.ndarray:
+        """The background level (Tq,) of each of the ``prepared`` query frames
+        (:func:`app.index.align.frame_references`)."""
+        return frame_references(prepared, self.frames, self.valid, products=self.products)
+
     def similarity(self, vectors: np.ndarray, prepared: np.ndarray) -> np.ndarray:
         """(N, Tq) cosines of ``vectors`` as :meth:`prepare` would make them with the
         ``prepared`` frames (:meth:`prepare`), without making them: (y - c).q / |y - c|
         from y.q, c.q and |y|^2, y.c (a search's thousands of candidate frames are read
-        once)."""
+        once). With ``mirrors`` the best over the query frames' mirror images: centring
+        on a mirror-symmetric mean changes neither c.q nor |q - c| under a mirror."""
         y = np.asarray(vectors, dtype=np.float32)
         c = self.centre
         norms = np.sqrt(np.maximum(np.einsum("nd,nd->n", y, y) - 2 * (y @ c) + float(c @ c), 1e-12))
-        sims = y @ prepared.T
+        sims = self.products(y, prepared)
         sims -= (prepared @ c)[None, :]
         sims /= norms[:, None]
         return sims

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.index.align import BETA, Alignment, FramePairs, frame_references, unit_rows
+from app.index.align import BETA, Alignment, FramePairs, unit_rows
 from app.index.frames import Background, Frames
 
 FIRST_STAGE_WEIGHT = 0.25
@@ -57,11 +57,7 @@ def rerank(
         return {}
     prepare = background.prepare if background is not None else unit_rows
     q = prepare(query.vectors)
-    references = (
-        frame_references(q, background.frames, background.valid)
-        if background is not None
-        else np.zeros(len(q), dtype=np.float32)
-    )
+    references = background.levels(q) if background is not None else np.zeros(len(q), dtype=np.float32)
     keys = list(candidates)
     lengths = [len(candidates[key]) for key in keys]
     # The candidates' frames padded to the longest and stacked, so that their similarities

@@ -29,6 +29,7 @@ from app.index import queries
 from app.index.calibrate import background_sample, calibrate, calibration_reference
 from app.index.frames import BACKGROUND_VIDEOS, Background, Frames
 from app.index.hits import Hit, exact_search, merge
+from app.index.mirrors import Mirrors
 from app.index.rerank import rerank
 from app.index.transform import normalise
 from app.index.version import IndexFileError, IndexVersionFiles
@@ -389,7 +390,7 @@ def _background(*, session: Session, model: ModelVersion, version: int | None) -
     if cached is not None and cached[0] == key:
         return cached[1]
     videos = queries.background_frames(session=session, model_id=model.id, limit=BACKGROUND_VIDEOS)
-    background = Background.of(videos)
+    background = Background.of(videos, mirrors=Mirrors.of(model.config))
     with _lock:
         _backgrounds[model.id] = (key, background)
     return background

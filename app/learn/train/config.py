@@ -207,7 +207,7 @@ PRESETS: dict[str, TrainConfig] = {
             projector_hidden=1024,
             library_norm="centre+whiten",
             frame_thumbnail=16,
-            frame_thumbnail_fold=True,
+            frame_thumbnail_mirrors=True,
         ),
         frames=4,
         view_shift_s=1.0,  # windows of 4 s sharing >= 3 moments: the frame-level term's pairs

@@ -84,10 +84,12 @@ class Mirrors:
         z = left[:, s + 3 * b : s + 4 * b] @ right[:, s + 3 * b : s + 4 * b].T
         odd = right[:, s + b : s + 3 * b]
         flipped = np.concatenate([odd[:, :b], -odd[:, b:]], axis=1)
-        # E + O and E - O for every pair, one product: (Nl, 2 Nr)
+        # |E + O| and |E - O| for every pair, one product: (Nl, 2 Nr), worked on in place
+        # (a search's arrays are megabytes: each new one is fresh pages to fault in)
         e_o = left[:, s + b : s + 3 * b] @ np.concatenate([odd, flipped]).T
+        np.abs(e_o, out=e_o)
         n = len(right)
-        plus, minus = np.abs(e_o[:, :n]), np.abs(e_o[:, n:])
+        plus, minus = e_o[:, :n], e_o[:, n:]
         plus += z
         minus -= z
         best += np.maximum(plus, minus, out=plus)

@@ -156,15 +156,9 @@ def tiny_frames_system(*, params: IndexParams, stage: SecondStage, ablation: boo
                        frame_size: int = SMALL_FRAME) -> System:  # fmt: skip
     """The tiny-frames baseline: :func:`tiny_frames_descriptor` on the served path, its
     frames matched under mirror images as the encoders' thumbnails are."""
-    return vector_system(
-        "tiny frames",
-        frame_size,
-        tiny_frames_descriptor,
-        params=params,
-        stage=stage,
-        ablation=ablation,
-        mirrors=Mirrors(0, 8 * 8),
-    )  # fmt: skip (its 16 x 16 grid's)
+    mirrors = Mirrors(0, 8 * 8)  # tiny_frames_descriptor's 16 x 16 grid, nothing before it
+    return vector_system("tiny frames", frame_size, tiny_frames_descriptor, params=params, stage=stage,
+                         ablation=ablation, mirrors=mirrors)  # fmt: skip
 
 
 def _dct_matrix(n: int) -> np.ndarray:

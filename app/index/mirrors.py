@@ -84,8 +84,7 @@ class Mirrors:
         z = left[:, s + 3 * b : s + 4 * b] @ right[:, s + 3 * b : s + 4 * b].T
         odd = right[:, s + b : s + 3 * b]
         flipped = np.concatenate([odd[:, :b], -odd[:, b:]], axis=1)
-        # |E + O| and |E - O| for every pair, one product: (Nl, 2 Nr), worked on in place
-        # (a search's arrays are megabytes: each new one is fresh pages to fault in)
+        # |E + O| and |E - O| for every pair from one product, (Nl, 2 Nr), worked on in place
         e_o = left[:, s + b : s + 3 * b] @ np.concatenate([odd, flipped]).T
         np.abs(e_o, out=e_o)
         n = len(right)

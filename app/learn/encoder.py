@@ -393,7 +393,7 @@ class VideoEncoder(nn.Module):
 # mAP 0.837 against 0.804, µAP 0.638 against 0.612 (README, "Thumbnails in the frame
 # descriptors"), in their mirror components (frame_thumbnail_mirrors), matched under
 # mirror images, since six seeds' dev parts chose that over the folded thumbnails before
-# it: recall@1 0.878 against 0.807, mAP 0.918 against 0.874, µAP 0.705 alike (README,
+# it: recall@1 0.878 against 0.807, mAP 0.918 against 0.874, µAP 0.715 against 0.705 (README,
 # "Mirror-matched thumbnails").
 INITIAL_CONFIG = EncoderConfig(frame_size=64, frame_thumbnail=16, frame_thumbnail_mirrors=True)
 

@@ -84,9 +84,9 @@ class Settings(BaseSettings):
     rerank_near_duplicate_threshold: float = 0.5
     # Candidates' frame descriptors kept in each worker process (MB, least recently used
     # out first; 0: read from Postgres for every search). 256 MB holds the frames of about
-    # 5,400 videos of 64 s (192-d, float32 once read).
+    # 2,700 videos of 64 s (384-d, float32 once read).
     rerank_frame_cache_mb: int = 256
-    # Index versions keep a memory-mapped copy of the library's frame descriptors (24 KB
+    # Index versions keep a memory-mapped copy of the library's frame descriptors (48 KB
     # a 64-s video of the initial encoder on disk), read for the second stage instead of Postgres; fresh videos,
     # not yet in a version, are read from Postgres (and the cache above) either way.
     index_frames_file: bool = True

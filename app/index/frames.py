@@ -2,8 +2,8 @@
 
 Stored in the embedding's row (migration 0007): float16 (T, D) bytes, one L2-normalised
 descriptor per sampled frame, and float32 (T,) frame times in seconds. The initial
-encoder's 192-d (app.learn.encoder.EncoderConfig.descriptor_dim) float16 is 384 bytes a
-frame: a 64-frame video is 24 KB, read for each of the first stage's candidates in one
+encoder's 384-d (app.learn.encoder.EncoderConfig.descriptor_dim) float16 is 768 bytes a
+frame: a 64-frame video is 48 KB, read for each of the first stage's candidates in one
 statement (or from an index version's copy, ``app.index.version``).
 
 The background is a fixed sample of the library's frames: their mean is subtracted from

@@ -25,6 +25,7 @@ commutes with mirroring and the identity above holds for centred frames too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,11 @@ from typing import Any
 import numpy as np
 
 
+@functools.cache
 def mirror_basis(n: int) -> np.ndarray:
     """The (N^2, N^2) orthonormal matrix taking a row-major N x N thumbnail to its mirror
     components EE, EO, OE, OO, each (N/2)^2 values, row-major over the top-left quadrant.
-    N must be even."""
+    N must be even. Made once per size (every embedded chunk uses it), read-only."""
     if n < 2 or n % 2:
         raise ValueError(f"mirror components need an even thumbnail size, got {n}")
     h = n // 2
@@ -44,7 +46,9 @@ def mirror_basis(n: int) -> np.ndarray:
     for i in range(h):
         even[i, i] = even[i, n - 1 - i] = 1 / np.sqrt(2)
         odd[i, i], odd[i, n - 1 - i] = 1 / np.sqrt(2), -1 / np.sqrt(2)
-    return np.concatenate([np.kron(rows, cols) for rows in (even, odd) for cols in (even, odd)])
+    basis = np.concatenate([np.kron(rows, cols) for rows in (even, odd) for cols in (even, odd)])
+    basis.flags.writeable = False
+    return basis
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class Mirrors:
         if not encoder_config.get("frame_thumbnail_mirrors") or not encoder_config.get("frame_thumbnail"):
             return None
         side = int(encoder_config["frame_thumbnail"]) // 2
-        return cls(int(encoder_config.get("frame_dim", 128)), side * side)
+        return cls(int(encoder_config["frame_dim"]), side * side)
 
     @property
     def _odd(self) -> slice:

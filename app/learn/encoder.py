@@ -305,7 +305,7 @@ class VideoEncoder(nn.Module):
             small = small.reshape(b, t, -1)
             centred = small - small.mean(-1, keepdim=True)
             if self.config.frame_thumbnail_mirrors:  # orthonormal: the norm below is the same
-                centred = centred @ torch.from_numpy(mirror_basis(n)).to(centred).T
+                centred = centred @ torch.tensor(mirror_basis(n), dtype=centred.dtype, device=centred.device).T
         norm = centred.norm(dim=-1, keepdim=True)
         # Flat within a grey level (1/255 of the range): no layout to compare, and its
         # rounding noise must not be blown up to unit length.

@@ -151,6 +151,20 @@ def test_left_right_split_stays_centred(media_dir: Path) -> None:
     assert red[:, :30].all() and not red[:, 34:].any()
 
 
+def test_sizes_that_plan_a_width_decord_missizes_still_decode(media_dir: Path) -> None:
+    # A 4:3 picture at 36 or 54 px plans a 48- or 72-px-wide decode, where decord returns
+    # wider frames than asked ("from_size == to_size"), as a 9:8 one does at the served 64.
+    path = make_video(media_dir / "four-three.mp4", seconds=2, width=320, height=240,
+                      extra_vf="drawbox=x=0:y=0:w=iw/2:h=ih:color=red:t=fill")  # fmt: skip
+    wide = make_video(media_dir / "nine-eight.mp4", seconds=1, width=360, height=320)
+    for video, size in ((path, 36), (path, 54), (wide, 64)):
+        frames = sample_frames(video, size=size).frames
+        assert frames.shape[1:] == (size, size, 3)
+    left = sample_frames(path, size=36).frames[0].astype(int)
+    red = left[..., 0] > left[..., 2] + 40
+    assert red[:, :16].all() and not red[:, 20:].any()  # the centre square, unstretched
+
+
 def test_frames_match_their_timestamps_with_b_frames_and_vfr(media_dir: Path) -> None:
     """Frame n is a flat grey of level 16 + 2n; 2 s at 25 fps, then 5 fps; B-frames.
 

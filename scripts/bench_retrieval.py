@@ -18,6 +18,12 @@ weights, the same as the ``untrained`` baseline's), into ``OUT/finetune/`` (chec
 metrics.jsonl, loss.png; an interrupted run resumes). The result is scored as the system
 ``finetuned``.
 
+``--distractors DIR...`` adds whole videos that no query copies to both parts' libraries
+(dealt between them from the seed; ``--distractors-per-part N`` at most), as a real
+library holds many videos besides the copied ones; e.g. the offline corpus's non-camera
+clips (``vidsim corpus build``; rebuilt with ``--benchmark OUT/data/ground_truth.json``,
+the corpus then refuses the test part's distractors, as training must never see them).
+
 ``--seeds 0,1,2`` repeats all of it per seed (its own split, queries, negatives and
 fine-tune) under ``OUT/seed-N/`` and writes ``OUT/summary.{json,md}``: per part, each
 system's mean over the seeds, and each trained system's margin over the best baseline,
@@ -74,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--queries-per-video", type=int, default=15)
     p.add_argument("--negatives", type=int, default=30)
     p.add_argument("--edits", nargs="+", default=list(DEFAULT_EDITS), choices=DEFAULT_EDITS, metavar="EDIT")
+    p.add_argument("--distractors", nargs="+", type=Path, default=[], metavar="DIR_OR_FILE",
+                   help="videos no query copies, added to the libraries (see above)")  # fmt: skip
+    p.add_argument("--distractors-per-part", type=int, metavar="N", help="distractors in each part, at most")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES, metavar="NAME")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
     p.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
@@ -147,6 +156,8 @@ def _run_seed(args: argparse.Namespace, videos: list[Path], seed: int, out: Path
         negatives=args.negatives,
         edits=args.edits,
         max_segments_per_video=args.max_segments,
+        distractors=args.distractors,
+        distractors_per_part=args.distractors_per_part,
         console=console,
     )
     checkpoints = dict(args.checkpoint)

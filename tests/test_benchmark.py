@@ -380,6 +380,51 @@ def test_the_untrained_baseline_gets_the_trained_pipeline(tmp_path: Path) -> Non
 # ---------------------------------------------------------------------------------------
 
 
+def test_distractors_join_both_libraries_whole_and_move_no_query(sources: Path, bench: Path, tmp_path: Path) -> None:
+    # Whole videos no query copies, as a real library holds them beside the copied ones.
+    extra = tmp_path / "others"
+    extra.mkdir()
+    for i, pattern in enumerate(("rgbtestsrc", "smptebars", "life=seed=3:mold=5", "cellauto=rule=90", "testsrc")):
+        make_video(extra / f"other{i}.mp4", seconds=3, width=160, height=120, pattern=pattern)
+    args = {"segment_s": 2.0, "queries_per_video": 2, "negatives": 3, "edits": EDITS, "show_progress": False}
+    path = generate(sources, tmp_path / "bench", seed=3, distractors=extra, distractors_per_part=2, **args)
+    gt, plain = GroundTruth.load(path), GroundTruth.load(bench)
+    distractors = [c for c in gt.library if c.distractor]
+    assert len(distractors) == 4 and sorted(c.part for c in distractors) == ["dev", "dev", "test", "test"]
+    originals = {file_sha256(f): f for f in extra.glob("*.mp4")}
+    for c in distractors:
+        assert c.sha256 in originals and c.path.is_relative_to(path.parent)  # whole, and the benchmark's own
+        assert c.duration_s == pytest.approx(3.0, abs=0.1) and c.source == c.id
+    # The clips and queries are the ones the benchmark has without them; no query copies one.
+    assert [(q.id, q.edit, q.positive, q.part) for q in gt.queries] == [
+        (q.id, q.edit, q.positive, q.part) for q in plain.queries
+    ]
+    assert [c.id for c in gt.library if not c.distractor] == [c.id for c in plain.library]
+    for name in gt.parts:
+        sub, alone = gt.part(name), plain.part(name)
+        assert [sub.library[p].id if p is not None else None for p in sub.positives] == [
+            alone.library[p].id if p is not None else None for p in alone.positives
+        ]
+    # The test part's distractors are test footage: training must not see them either.
+    forbidden = gt.forbidden_in_training()
+    assert {c.sha256 for c in distractors if c.part == "test"} <= set(forbidden)
+    assert not {c.sha256 for c in distractors if c.part == "dev"} & set(forbidden)
+    assert "test-part distractor" in forbidden[next(c.sha256 for c in distractors if c.part == "test")]
+    # Reused while nothing changed; another cap is another benchmark.
+    mtime = path.stat().st_mtime_ns
+    assert generate(sources, tmp_path / "bench", seed=3, distractors=extra, distractors_per_part=2, **args) == path
+    assert path.stat().st_mtime_ns == mtime
+    generate(sources, tmp_path / "bench", seed=3, distractors=extra, **args)
+    assert sum(c.distractor for c in GroundTruth.load(path).library) == 5
+    # A run counts them apart from the copied sources.
+    report = run(path, out_dir=tmp_path / "report", baselines=("tiny_frames",), resamples=50, show_progress=False)
+    for name, part in report.parts.items():
+        sub = GroundTruth.load(path).part(name)
+        assert part.counts["distractors"] == sum(c.distractor for c in sub.library)
+        assert part.counts["library"] == len(sub.library) and part.sources == sorted(s.name for s in sub.sources)
+    assert "distractors)" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_run_reports_both_parts_with_intervals_and_families(bench: Path, tmp_path: Path) -> None:
     from app.learn.encoder import EncoderConfig, initial_encoder, save_checkpoint
 

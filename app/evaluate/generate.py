@@ -7,7 +7,11 @@ library clips and edit the queries with ffmpeg, and write ``ground_truth.json``.
   edits (:mod:`app.evaluate.edits`, and *insertion*: the copy placed between two pieces
   of a video that is not in the library);
 - **negative queries**: edited clips of material held *out* of the library (whole
-  sources, and segments of library sources that were not cut into it), with no match.
+  sources, and segments of library sources that were not cut into it), with no match;
+- **distractors** (optional): whole videos of other footage that no query copies, in the
+  library beside the clips, as a real library holds many videos besides the copied ones:
+  without them a part's library is a few dozen clips, where every candidate is re-ranked
+  and the first stage is never tested.
 
 The sources are split into a development and a test part first
 (:func:`app.evaluate.plan.split_sources`); each part gets its own library clips, queries
@@ -17,6 +21,8 @@ and negatives, and every file is recorded with its sha256 (:mod:`.ground_truth`)
 from __future__ import annotations
 
 import logging
+import random
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,7 +33,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.evaluate.edits import DEFAULT_EDITS, combine_edits
-from app.evaluate.ground_truth import FORMAT_VERSION, GROUND_TRUTH, TEST, GroundTruth, LibraryClip, Query, SourceRecord
+from app.evaluate.ground_truth import (
+    FORMAT_VERSION,
+    GROUND_TRUTH,
+    PARTS,
+    TEST,
+    GroundTruth,
+    LibraryClip,
+    Query,
+    SourceRecord,
+)
 from app.evaluate.plan import Filler, QueryPlan, Source, plan_benchmark
 from app.media import video as video_io
 from app.media.ffmpeg import cut, run_ffmpeg
@@ -96,6 +111,8 @@ def generate(
     holdout_sources: int | None = None,
     holdout_fraction: float = 0.2,
     two_edit_prob: float = 0.4,
+    distractors: Sequence[Path] | Path = (),
+    distractors_per_part: int | None = None,
     show_progress: bool = True,
     console: Console | None = None,
 ) -> Path:
@@ -111,7 +128,9 @@ def generate(
     segments) stay out of the library entirely. Each library source gets
     ``queries_per_video`` positive queries, and ``negatives`` negative queries (shared
     between the parts) are cut from the held-out material. Each query has one edit from
-    ``edits``, or two with probability ``two_edit_prob``.
+    ``edits``, or two with probability ``two_edit_prob``. ``distractors`` (files, or
+    folders searched for videos) join the libraries whole, dealt between the parts in an
+    order drawn from ``seed``, at most ``distractors_per_part`` in each (default: all).
 
     Deterministic given the sources and ``seed``. A benchmark already in ``out_dir`` with
     the same sources and parameters is reused.
@@ -137,6 +156,12 @@ def generate(
         "params": params,
         "sources": [_source_fingerprint(s) for s in sources],
     }
+    extras = _deal_distractors(
+        _find_videos(distractors) if distractors else [], seed=seed, per_part=distractors_per_part
+    )
+    if extras:  # (a benchmark without them keeps the spec it had)
+        params["distractors_per_part"] = distractors_per_part
+        spec["distractors"] = [{**_source_fingerprint(Source("", path, 0.0)), "part": part} for path, part in extras]
     if gt_path.exists():
         try:
             old = GroundTruth.load(gt_path)
@@ -168,7 +193,7 @@ def generate(
         console=console, disable=not show_progress,
     )  # fmt: skip
     with progress:
-        task = progress.add_task("cutting library", total=len(plan.library) + len(plan.queries))
+        task = progress.add_task("cutting library", total=len(plan.library) + len(plan.queries) + len(extras))
         for clip_id, span in plan.library:
             src = sources[span.source]
             dst = out_dir / "library" / f"{clip_id}.mp4"
@@ -189,15 +214,53 @@ def generate(
                           round(q.start_s, 3), round(q.duration_s, 3), part=q.part, **_content(dst))
                 )  # fmt: skip
                 progress.advance(task)
+        progress.update(task, description="adding distractors")
+        for path, part in extras:
+            clip = _add_distractor(path, part, out_dir / "distractors", taken={c.id for c in library})
+            if clip is not None:
+                library.append(clip)
+            progress.advance(task)
     records = [SourceRecord(s.name, part, **_content(s.path)) for s, part in zip(sources, plan.parts, strict=True)]
     GroundTruth(library, queries, spec, records).save(gt_path)
     n_neg = sum(q.positive is None for q in queries)
     logger.info(
-        "benchmark: %d library clips from %d sources (test part: %s), %d queries (%d negatives) in %.1f s",
-        len(library), len(sources), ", ".join(r.name for r in records if r.part == TEST) or "none",
+        "benchmark: %d library clips from %d sources (test part: %s) and %d distractors, %d queries (%d negatives)"
+        " in %.1f s",
+        len(library) - sum(c.distractor for c in library), len(sources),
+        ", ".join(r.name for r in records if r.part == TEST) or "none", sum(c.distractor for c in library),
         len(queries), n_neg, time.perf_counter() - started,
     )  # fmt: skip
     return gt_path
+
+
+def _deal_distractors(paths: list[Path], *, seed: int, per_part: int | None) -> list[tuple[Path, str]]:
+    """Each distractor with its part: the videos in an order drawn from ``seed``, dealt
+    to the parts in turn, at most ``per_part`` to each."""
+    order = sorted({p.resolve() for p in paths})
+    random.Random(f"distractors-{seed}").shuffle(order)
+    dealt = [(path, PARTS[i % len(PARTS)]) for i, path in enumerate(order)]
+    if per_part is not None:
+        dealt = dealt[: per_part * len(PARTS)]
+    return dealt
+
+
+def _add_distractor(path: Path, part: str, folder: Path, *, taken: set[str]) -> LibraryClip | None:
+    """The library clip of one distractor, copied whole into ``folder`` (so the benchmark
+    holds its own files); None, logged, for a video that does not probe."""
+    try:
+        info = video_io.probe(path)
+    except video_io.VideoError as exc:
+        logger.warning("skipping distractor %s: %s", path, exc.reason)
+        return None
+    base = "distractor-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem.lower())
+    clip_id, n = base, 2
+    while clip_id in taken:
+        clip_id, n = f"{base}_{n}", n + 1
+    dst = folder / f"{clip_id}{path.suffix.lower()}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dst)
+    return LibraryClip(clip_id, dst, clip_id, 0.0, round(info.duration_s, 3), part=part, distractor=True,
+                       **_content(dst))  # fmt: skip
 
 
 def _make_query(q: QueryPlan, origin: Path, dst: Path, tmp: Path, *, seed: int) -> None:

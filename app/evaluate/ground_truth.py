@@ -49,6 +49,9 @@ class LibraryClip:
     part: str = DEV  # its source's
     sha256: str = ""
     bytes: int = 0
+    # A library video no query copies (its own source, whole): what a real library holds
+    # besides the copied ones, so that the first stage has to find a copy's source among many.
+    distractor: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,14 @@ class GroundTruth:
     def forbidden_in_training(self) -> dict[str, str]:
         """sha256 -> what it is, for every file no training run may see: each query (its
         edits are what the benchmark measures invariance to), and every test-part source
-        and library clip (footage that must stay unseen for the test part to mean
-        anything)."""
+        and library clip, distractors included (footage that must stay unseen for the test
+        part to mean anything)."""
         out = {q.sha256: f"query {q.id}" for q in self.queries if q.sha256}
         out |= {s.sha256: f"test-part source {s.name}" for s in self.sources if s.part == TEST and s.sha256}
         out |= {
-            c.sha256: f"library clip {c.id} of test-part source {c.source}"
+            c.sha256: f"test-part distractor {c.id}"
+            if c.distractor
+            else f"library clip {c.id} of test-part source {c.source}"
             for c in self.library
             if c.part == TEST and c.sha256
         }
@@ -131,7 +136,15 @@ class GroundTruth:
             return {"part": item.get("part", DEV), "sha256": item.get("sha256", ""), "bytes": item.get("bytes", 0)}
 
         library = [
-            LibraryClip(c["id"], root / c["path"], c["source"], c["start_s"], c["duration_s"], **fields_of(c))
+            LibraryClip(
+                c["id"],
+                root / c["path"],
+                c["source"],
+                c["start_s"],
+                c["duration_s"],
+                **fields_of(c),
+                distractor=bool(c.get("distractor", False)),
+            )
             for c in data["library"]
         ]
         queries = [

@@ -30,7 +30,7 @@ _ROLE = {TEST: "scored only, never tuned on", DEV: "every recipe, preset, thresh
 class PartReport:
     """Every system on one part of the benchmark."""
 
-    counts: dict[str, int]  # library clips, sources, queries, negatives
+    counts: dict[str, int]  # library clips, sources, distractors, queries, negatives
     sources: list[str]
     systems: dict[str, Scored]  # system -> metrics and intervals
     families: dict[str, dict[str, Scored]]  # system -> edit family -> metrics and intervals
@@ -67,12 +67,14 @@ def _cell(s: Scored, k: str, *, sep: str = " ") -> str:
     return f"{s.metrics[k]:.3f}{sep}[{low:.2f}, {high:.2f}]"
 
 
+def _library(counts: dict[str, int]) -> str:
+    distractors = counts.get("distractors", 0)
+    return f"{counts['library']} library clips" + (f" ({distractors} distractors)" if distractors else "")
+
+
 def _title(part: str, p: PartReport) -> str:
     c = p.counts
-    return (
-        f"{part} part ({', '.join(p.sources)}): {c['library']} library clips, {c['queries']} queries "
-        f"({c['negatives']} negatives)"
-    )
+    return f"{part} part ({', '.join(p.sources)}): {_library(c)}, {c['queries']} queries ({c['negatives']} negatives)"
 
 
 def summary_tables(report: Report) -> list[Table]:
@@ -192,8 +194,7 @@ def _plot_parts(report: Report, path: Path) -> None:
         ax = fig.add_subplot(1, len(parts), i + 1)
         _bars(ax, report.parts[part].systems, fontsize=9)
         c = report.parts[part].counts
-        ax.set_title(f"{part} part: {c['library']} library clips, {c['queries']} queries ({c['negatives']} negatives)",
-                     fontsize=9)  # fmt: skip
+        ax.set_title(f"{part} part: {_library(c)}, {c['queries']} queries ({c['negatives']} negatives)", fontsize=9)
         ax.set_ylabel(f"score ({INTERVAL_LEVEL:.0%} bootstrap interval)")
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()

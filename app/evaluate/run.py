@@ -111,11 +111,12 @@ def run(
                     logger.info("%s on the %s part: %s", label, name, scored[label].metrics)
             counts = {
                 "library": len(sub.library),
-                "sources": len({c.source for c in sub.library}),
+                "sources": len({c.source for c in sub.library if not c.distractor}),
+                "distractors": sum(c.distractor for c in sub.library),
                 "queries": len(sub.queries),
                 "negatives": sum(q.positive is None for q in sub.queries),
             }
-            sources = sorted({s.name for s in sub.sources} or {c.source for c in sub.library})
+            sources = sorted({s.name for s in sub.sources} or {c.source for c in sub.library if not c.distractor})
             parts[name] = PartReport(counts, sources, scored, families)
     report = Report(
         parts, seconds, baseline_names, list(HELD_OUT_EDITS),

@@ -2,7 +2,7 @@
 background normalisation and fusion), through ``search_library`` on the configured
 Postgres, measured in the same run.
 
-A scratch model version gets ``--n`` library videos (clustered 512-d vectors, and
+A scratch model version gets ``--n`` library videos (clustered ``--dim`` vectors, and
 ``--frames`` float16 frame descriptors each, ``--frame-dim`` of them, by default as a
 fresh install's encoder stores them, compared under mirror images as that encoder's are) and an index
 version built from them, with its copy of the frames.
@@ -58,6 +58,8 @@ def _percentiles(ms: list[float]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench_search", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000, help="library videos")
+    p.add_argument("--dim", type=int, default=INITIAL_CONFIG.output_dim,
+                   help="video vector size (default: a fresh install's encoder's)")  # fmt: skip
     p.add_argument("--frames", type=int, default=64, help="frame descriptors per video")
     p.add_argument("--frame-dim", type=int, default=INITIAL_CONFIG.descriptor_dim,
                    help="frame descriptor size (default: a fresh install's encoder's)")  # fmt: skip
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         threadpool_limits(limits=settings.blas_threads, user_api="blas")
     migrate()
     rng = np.random.default_rng(0)
-    dim, frame_dim = 512, args.frame_dim
+    dim, frame_dim = args.dim, args.frame_dim
     vectors = _clustered(args.n, dim, rng)
     with session_scope() as s:
         model = ModelVersion(

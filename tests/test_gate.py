@@ -24,8 +24,8 @@ def library(media_dir: Path) -> list[Path]:
 
 
 # A model that gives every video and frame the same (zero) description: no ranking at all.
-# (Frame thumbnails are not weights, so zeroing cannot blank them: it has none.)
-BROKEN = dataclasses.replace(INITIAL_CONFIG, frame_thumbnail=0)
+# (Thumbnails are not weights, so zeroing cannot blank them: it has none.)
+BROKEN = dataclasses.replace(INITIAL_CONFIG, frame_thumbnail=0, video_thumbnail_weight=0.0)
 
 
 def _broken() -> VideoEncoder:

@@ -423,6 +423,41 @@ def test_mirror_matched_thumbnails_match_a_frame_and_its_mirror_images() -> None
         EncoderConfig(**small, frame_thumbnail=8, frame_thumbnail_mirrors=True, frame_thumbnail_fold=True)
 
 
+def test_the_video_thumbnail_scores_a_mirrored_or_brightened_copy_as_its_source() -> None:
+    """With ``video_thumbnail_weight`` w the served vector is the network's (weight 1 - w)
+    and the clip's mean thumbnail, mirror-invariant (weight w): a mirrored copy's part is
+    its source's, and so is a copy under a brightness and contrast change (thumbnails are
+    centred and unit length); the same from describe, embed and describe_stream."""
+    small = {"frame_size": 32, "embed_dim": 16, "projector_hidden": 16, "frame_dim": 8, "frame_thumbnail": 8}
+    plain = initial_encoder(EncoderConfig(**small, frame_thumbnail_mirrors=True))
+    config = EncoderConfig(**small, frame_thumbnail_mirrors=True, video_thumbnail_weight=0.3)
+    encoder = initial_encoder(config)
+    assert config.output_dim == plain.config.output_dim + 64
+    rng = np.random.default_rng(8)
+    clip = rng.integers(30, 180, (5, 32, 32, 3), dtype=np.uint8)
+    brighter = np.rint(clip * 1.2 + 20).astype(np.uint8)  # (no level clipped)
+    copies = [clip[:, :, ::-1], clip[:, ::-1], clip[:, ::-1, ::-1], brighter]
+    vectors, frames = encoder.describe([clip, *copies, clip[:3]])
+    network, _ = plain.describe([clip, *copies, clip[:3]])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[:, :-64] / np.sqrt(0.7), network, atol=1e-5)  # the network's, weighted
+    thumbnail = vectors[:, -64:] / np.sqrt(0.3)
+    for copy in thumbnail[1:4]:
+        np.testing.assert_allclose(copy, thumbnail[0], atol=1e-5)  # mirrored: the same
+    np.testing.assert_allclose(thumbnail[4], thumbnail[0], atol=2e-3)  # brightened: up to rounding the levels
+    mean = frames[0][:, 8:].mean(0)
+    expected = np.concatenate([mean[:16], np.abs(mean[16:])])
+    np.testing.assert_allclose(thumbnail[0], expected / np.linalg.norm(expected), atol=1e-5)
+    # A shorter clip padded in the same batch is summarised on its own frames only.
+    alone, _ = encoder.describe([clip[:3]])
+    np.testing.assert_allclose(vectors[5], alone[0], atol=1e-5)
+    np.testing.assert_allclose(encoder.embed([clip]), vectors[:1], atol=1e-5)
+    streamed, _ = encoder.describe_stream([clip[:2], clip[2:]])
+    np.testing.assert_allclose(streamed, vectors[0], atol=1e-4)
+    with pytest.raises(ValueError, match="mirror-matched frame thumbnails"):
+        EncoderConfig(**small, video_thumbnail_weight=0.3)
+
+
 def test_default_families_keep_the_benchmarks_held_out_edits_out_of_training() -> None:
     from app.evaluate.edits import DEFAULT_EDITS, HELD_OUT_EDITS
     from app.learn.augment import FAMILIES

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from app.evaluate.served import SecondStage, calibrated_rows, second_stage, served_scores
-from app.index.mirrors import Mirrors, mirror_basis
+from app.index.mirrors import Mirrors, mirror_basis, mirror_invariant
 from app.index.params import IndexParams
 
 Clip = np.ndarray  # (T, S, S, 3) uint8 RGB frames, sampled at a fixed rate
@@ -144,12 +144,13 @@ def tiny_frames(clip: Clip, *, size: int = 16) -> np.ndarray:
 
 
 def tiny_frames_descriptor(clips: list[Clip], *, size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Each clip's :func:`tiny_frames` averaged over time, (N, size*size) L2-normalised,
-    and the frames themselves in their mirror components (:mod:`app.index.mirrors`)."""
-    frames = [tiny_frames(clip, size=size) for clip in clips]
-    out = np.stack([x.mean(axis=0) for x in frames]) if frames else np.zeros((0, size * size), np.float32)
+    """Each clip's :func:`tiny_frames` in their mirror components (:mod:`app.index.mirrors`),
+    and their mean over time, mirror-invariant, (N, size*size) L2-normalised, as the
+    encoders' served vectors carry their thumbnails."""
     basis = mirror_basis(size).astype(np.float32)
-    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6), [x @ basis.T for x in frames]
+    frames = [tiny_frames(clip, size=size) @ basis.T for clip in clips]
+    out = np.stack([mirror_invariant(x.mean(axis=0)) for x in frames]) if frames else np.zeros((0, size * size))
+    return (out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-6)).astype(np.float32), frames
 
 
 def tiny_frames_system(*, params: IndexParams, stage: SecondStage, ablation: bool = False,

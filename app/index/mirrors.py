@@ -51,6 +51,16 @@ def mirror_basis(n: int) -> np.ndarray:
     return basis
 
 
+def mirror_invariant(components: np.ndarray) -> np.ndarray:
+    """Rows (..., N^2) of thumbnails' mirror components (EE, EO, OE, OO) -> what is the
+    same for a thumbnail and its mirror images: the EE block, then the other blocks'
+    magnitudes (mirroring only changes their signs). For a mean over frames, whose odd
+    blocks change sign together under a mirror."""
+    components = np.asarray(components, dtype=np.float32)
+    block = components.shape[-1] // 4
+    return np.concatenate([components[..., :block], np.abs(components[..., block:])], axis=-1)
+
+
 @dataclass(frozen=True)
 class Mirrors:
     """Where a descriptor's mirror components lie: from ``start``, four blocks of

@@ -29,11 +29,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # app.learn.encoder.INITIAL_CONFIG: 64 px since the frame size was measured, thumbnails in
-# its frame descriptors since they were, matched under mirror images since that was. An
-# install that already serves an earlier one ("init-resnet18-seed0" at 224 px,
-# "init-resnet18-64px-seed0", "init-resnet18-64px-thumb16-seed0",
-# "init-resnet18-64px-thumb16fold-seed0") keeps serving it.
-INITIAL_MODEL_NAME = "init-resnet18-64px-thumb16mirrors-seed0"
+# its frame descriptors since they were, matched under mirror images since that was, and
+# in its served vectors since a library of hundreds was. An install that already serves
+# an earlier one ("init-resnet18-seed0" at 224 px, "init-resnet18-64px-seed0",
+# "init-resnet18-64px-thumb16-seed0", "init-resnet18-64px-thumb16fold-seed0",
+# "init-resnet18-64px-thumb16mirrors-seed0") keeps serving it.
+INITIAL_MODEL_NAME = "init-resnet18-64px-thumb16mirrors-vthumb-seed0"
 
 
 def active_model(*, session: Session) -> ModelVersion:

@@ -197,8 +197,9 @@ PRESETS: dict[str, TrainConfig] = {
     # cost recall), a low learning rate (3e-4 destroyed the initial features faster than
     # it learned), a 256-d projector (batch 16 cannot estimate a 1024-d correlation
     # matrix), crops keeping at least half the frame, a zoom-out now and then; served
-    # vectors are centred and whitened by the library's statistics; frame descriptors
-    # carry thumbnails, as the initial encoder's do (training does not touch them).
+    # vectors are centred and whitened by the library's statistics; frame descriptors and
+    # served vectors carry thumbnails, as the initial encoder's do (training does not touch
+    # them).
     "cpu-small": TrainConfig(
         encoder=EncoderConfig(
             backbone="resnet18",
@@ -208,6 +209,7 @@ PRESETS: dict[str, TrainConfig] = {
             library_norm="centre+whiten",
             frame_thumbnail=16,
             frame_thumbnail_mirrors=True,
+            video_thumbnail_weight=0.5,
         ),
         frames=4,
         view_shift_s=1.0,  # windows of 4 s sharing >= 3 moments: the frame-level term's pairs

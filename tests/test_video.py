@@ -157,8 +157,8 @@ def test_sizes_that_plan_a_width_decord_missizes_still_decode(media_dir: Path) -
     path = make_video(media_dir / "four-three.mp4", seconds=2, width=320, height=240,
                       extra_vf="drawbox=x=0:y=0:w=iw/2:h=ih:color=red:t=fill")  # fmt: skip
     wide = make_video(media_dir / "nine-eight.mp4", seconds=1, width=360, height=320)
-    for video, size in ((path, 36), (path, 54), (wide, 64)):
-        frames = sample_frames(video, size=size).frames
+    for clip, size in ((path, 36), (path, 54), (wide, 64)):
+        frames = sample_frames(clip, size=size).frames
         assert frames.shape[1:] == (size, size, 3)
     left = sample_frames(path, size=36).frames[0].astype(int)
     red = left[..., 0] > left[..., 2] + 40

@@ -77,20 +77,26 @@ def _probe_sources(paths: list[Path]) -> list[Source]:
         if info.duration_s < 1.0:
             logger.warning("skipping %s: %.2f s is too short", path, info.duration_s)
             continue
-        name = base = "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem.lower())
-        n = 2
-        while name in names:
-            name, n = f"{base}_{n}", n + 1
-        names.add(name)
-        sources.append(Source(name, path.resolve(), info.duration_s))
+        sources.append(Source(_unique_name(path.stem, names), path.resolve(), info.duration_s))
     return sources
 
 
-def _source_fingerprint(src: Source) -> dict[str, Any]:
-    """What the reuse check compares (cheap: no hashing); the ground truth records each
-    source's content hash too."""
-    st = src.path.stat()
-    return {"path": str(src.path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _unique_name(stem: str, taken: set[str], *, prefix: str = "") -> str:
+    """``prefix`` + ``stem`` made safe for file names and ids, numbered if ``taken``
+    holds it already; added to ``taken``."""
+    name = base = prefix + "".join(c if c.isalnum() or c in "-_" else "_" for c in stem.lower())
+    n = 2
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """What the reuse check compares of an input video (cheap: no hashing); the ground
+    truth records each file's content hash too."""
+    st = path.stat()
+    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _content(path: Path) -> dict[str, Any]:
@@ -154,14 +160,14 @@ def generate(
     spec = {
         "version": FORMAT_VERSION,
         "params": params,
-        "sources": [_source_fingerprint(s) for s in sources],
+        "sources": [_fingerprint(s.path) for s in sources],
     }
     extras = _deal_distractors(
         _find_videos(distractors) if distractors else [], seed=seed, per_part=distractors_per_part
     )
     if extras:  # (a benchmark without them keeps the spec it had)
         params["distractors_per_part"] = distractors_per_part
-        spec["distractors"] = [{**_source_fingerprint(Source("", path, 0.0)), "part": part} for path, part in extras]
+        spec["distractors"] = [{**_fingerprint(path), "part": part} for path, part in extras]
     if gt_path.exists():
         try:
             old = GroundTruth.load(gt_path)
@@ -215,20 +221,20 @@ def generate(
                 )  # fmt: skip
                 progress.advance(task)
         progress.update(task, description="adding distractors")
+        taken = {c.id for c in library}
         for path, part in extras:
-            clip = _add_distractor(path, part, out_dir / "distractors", taken={c.id for c in library})
+            clip = _add_distractor(path, part, out_dir / "distractors", taken=taken)
             if clip is not None:
                 library.append(clip)
             progress.advance(task)
     records = [SourceRecord(s.name, part, **_content(s.path)) for s, part in zip(sources, plan.parts, strict=True)]
     GroundTruth(library, queries, spec, records).save(gt_path)
-    n_neg = sum(q.positive is None for q in queries)
+    n_neg, n_distractors = sum(q.positive is None for q in queries), sum(c.distractor for c in library)
     logger.info(
         "benchmark: %d library clips from %d sources (test part: %s) and %d distractors, %d queries (%d negatives)"
         " in %.1f s",
-        len(library) - sum(c.distractor for c in library), len(sources),
-        ", ".join(r.name for r in records if r.part == TEST) or "none", sum(c.distractor for c in library),
-        len(queries), n_neg, time.perf_counter() - started,
+        len(library) - n_distractors, len(sources), ", ".join(r.name for r in records if r.part == TEST) or "none",
+        n_distractors, len(queries), n_neg, time.perf_counter() - started,
     )  # fmt: skip
     return gt_path
 
@@ -246,16 +252,14 @@ def _deal_distractors(paths: list[Path], *, seed: int, per_part: int | None) -> 
 
 def _add_distractor(path: Path, part: str, folder: Path, *, taken: set[str]) -> LibraryClip | None:
     """The library clip of one distractor, copied whole into ``folder`` (so the benchmark
-    holds its own files); None, logged, for a video that does not probe."""
+    holds its own files), its id not in ``taken`` (then added); None, logged, for a video
+    that does not probe."""
     try:
         info = video_io.probe(path)
     except video_io.VideoError as exc:
         logger.warning("skipping distractor %s: %s", path, exc.reason)
         return None
-    base = "distractor-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem.lower())
-    clip_id, n = base, 2
-    while clip_id in taken:
-        clip_id, n = f"{base}_{n}", n + 1
+    clip_id = _unique_name(path.stem, taken, prefix="distractor-")
     dst = folder / f"{clip_id}{path.suffix.lower()}"
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, dst)

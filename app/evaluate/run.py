@@ -109,14 +109,15 @@ def run(
                         baseline_names.append(label)
                     families[label] = score_by_family(scores, sub, resamples=resamples)
                     logger.info("%s on the %s part: %s", label, name, scored[label].metrics)
+            copied = {c.source for c in sub.library if not c.distractor}
             counts = {
                 "library": len(sub.library),
-                "sources": len({c.source for c in sub.library if not c.distractor}),
+                "sources": len(copied),
                 "distractors": sum(c.distractor for c in sub.library),
                 "queries": len(sub.queries),
                 "negatives": sum(q.positive is None for q in sub.queries),
             }
-            sources = sorted({s.name for s in sub.sources} or {c.source for c in sub.library if not c.distractor})
+            sources = sorted({s.name for s in sub.sources} or copied)
             parts[name] = PartReport(counts, sources, scored, families)
     report = Report(
         parts, seconds, baseline_names, list(HELD_OUT_EDITS),
